@@ -1,0 +1,182 @@
+"""UniPT (unipt.py) against the spec's fidelity checklist (../shared/specs/unipt.md §6), tiny CLIP on CPU."""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import clip
+import unipt
+from conftest import make_tiny_clip
+
+SOT, EOT = 49406, 49407
+
+
+def ids(*lengths, L=10, fill=5):
+    """Captions of `lengths` words: SOT, words, EOT, zero padding -> [B, L] long."""
+    out = torch.zeros(len(lengths), L, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        out[i, 0], out[i, 1:n + 1], out[i, n + 1] = SOT, torch.arange(fill, fill + n), EOT
+    return out
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(1)
+    return unipt.UniPT(make_tiny_clip(), num_frames=3)
+
+
+def video(B=2, T=3, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, T, 3, 32, 32, generator=g)
+
+
+def test_shapes_and_taps(model):
+    text, v = ids(3, 6), video()
+    assert model.encode_text(text).shape == (2, 32)
+    assert model.encode_frames(v).shape == (2, 3, 32)
+    assert model.encode_video(v, torch.ones(2, 3, dtype=torch.bool)).shape == (2, 32)
+    anchor, taps = unipt.frozen_text_taps(model.clip, text)
+    assert anchor.shape == (2, 32) and taps.shape == (3, 2, 10, 64)  # 2 blocks + embedding stage
+    anchor, taps = unipt.frozen_image_taps(model.clip, v.flatten(0, 1))
+    assert anchor.shape == (6, 32) and taps.shape == (3, 6, 17, 64)  # CLS + 4x4 patches
+
+
+def test_vitb32_trainable_count():
+    with torch.device("meta"):  # counts only: no memory, no init cost
+        m = unipt.UniPT(clip.CLIP(512, 224, 12, 768, 32, 77, 49408, 512, 8, 12), num_frames=12)
+    count = unipt.count_trainable
+    assert (count(m), count(m.image_adapter), count(m.text_adapter)) == (9_584_642, 5_644_289, 3_940_353)
+    assert all(not p.requires_grad for p in m.clip.parameters())
+    assert not m.logit_scale.requires_grad
+    groups = m.param_groups(0.2)
+    assert sum(p.numel() for g in groups for p in g["params"]) == 9_584_642
+    assert [g["weight_decay"] for g in groups] == [0.2, 0.0]
+
+
+def test_anchor_is_clips_embedding_and_no_graph_through_clip(model):
+    text, v = ids(3, 6), video()
+    frames = v.flatten(0, 1)
+    ta, th = unipt.frozen_text_taps(model.clip, text)
+    va, vh = unipt.frozen_image_taps(model.clip, frames)
+    assert torch.equal(ta, model.clip.encode_text(text)) and torch.equal(va, model.clip.encode_image(frames))
+    model.clip.requires_grad_(True)  # even a trainable CLIP builds no graph: the towers run under no_grad
+    for t in (*unipt.frozen_text_taps(model.clip, text), *unipt.frozen_image_taps(model.clip, frames)):
+        assert not t.requires_grad and t.grad_fn is None and not t.is_inference()
+    model.clip.requires_grad_(False)
+    loss = model.encode_text(text).sum() + model.encode_video(v, torch.ones(2, 3, dtype=torch.bool)).sum()
+    loss.backward()
+    assert all(p.grad is None for p in model.clip.parameters())
+    # checklist 13: every side parameter learns from step one, except the gate bias (a softmax shift)
+    for name, p in model.named_parameters():
+        if p.requires_grad and name.endswith("gate_layer.bias"):
+            assert p.grad.abs().max() < 1e-5, name
+        elif p.requires_grad:
+            assert p.grad is not None and p.grad.abs().max() > 0, name
+
+
+def test_gate_softmax_over_layers(model):
+    anchor, taps = unipt.frozen_text_taps(model.clip, ids(3, 6))
+    mask, eot = model.text_mask(ids(3, 6))
+    _, c = model.text_adapter(taps, anchor, mask, eot)
+    assert c.shape == (2, 3) and torch.allclose(c.sum(1), torch.ones(2)) and (c > 0).all()
+
+
+def test_residual_on_frozen_embedding(model):
+    text, v = ids(3, 6), video()
+    # default init is not the identity (spec §2.4): the side output moves the embedding
+    assert not torch.allclose(model.encode_text(text), model.clip.encode_text(text), atol=1e-4)
+    with torch.no_grad():
+        for side in (model.text_adapter, model.image_adapter):
+            side.upsample_layer[1].weight.zero_(), side.upsample_layer[1].bias.zero_()
+    assert torch.equal(model.encode_text(text), model.clip.encode_text(text))
+    assert torch.equal(model.encode_frames(v).flatten(0, 1), model.clip.encode_image(v.flatten(0, 1)))
+
+
+def test_text_padding_from_eot_not_id_zero(model):
+    text = ids(3, 6)
+    text[0, 2] = 0  # id 0 is "!" in CLIP's BPE: a word, not padding
+    mask, eot = model.text_mask(text)
+    assert eot.tolist() == [4, 7]
+    assert mask.tolist()[0] == [True] * 5 + [False] * 5 and mask[0, 2]
+    # the release's `ids != 0` mask drops the "!"; ours must give a different (unmasked) result
+    anchor, taps = unipt.frozen_text_taps(model.clip, text)
+    ours = model.text_adapter(taps, anchor, mask, eot)[0]
+    release = model.text_adapter(taps, anchor, text != 0, eot)[0]
+    assert torch.equal(model.encode_text(text), ours) and not torch.allclose(ours, release)
+    # more zero padding after EOT changes nothing (causal tower + EOT mask)
+    longer = torch.cat([text, torch.zeros(2, 6, dtype=torch.long)], 1)
+    torch.testing.assert_close(model.encode_text(longer), ours, atol=1e-6, rtol=1e-5)
+
+
+def test_padded_frames_do_not_change_the_video(model):
+    v, mask = video(), torch.tensor([[True, True, True], [True, False, False]])
+    out = model.encode_video(v, mask)
+    v2 = v.clone()
+    v2[1, 1:] = torch.randn(2, 3, 32, 32)
+    assert torch.equal(model.encode_video(v2, mask), out)
+    # meanP: masked mean of per-frame-normalised side outputs; a 1-frame video is that frame
+    frames = F.normalize(model.encode_frames(v), dim=-1)
+    torch.testing.assert_close(out[1], frames[1, 0])
+    torch.testing.assert_close(out[0], frames[0].mean(0))
+    torch.testing.assert_close(model.encode_video(v[1:, :1], mask[1:, :1])[0], out[1], atol=1e-6, rtol=1e-5)
+
+
+def test_l1_weights_no_softmax():
+    torch.manual_seed(0)
+    net = unipt.ParallelSideNetwork(num_taps=2, width=8, embed_dim=4)
+    taps, anchor = torch.zeros(2, 1, 3, 8), torch.randn(1, 4)
+    taps[:, 0, :, 0] = torch.tensor([1.0, 2.0, 3.0])  # token s carries s + 1 in feature 0
+    with torch.no_grad():
+        for p in net.downsample_layers:  # X_l,s = (s + 1) * ones(4)
+            p[1].weight.zero_(), p[1].weight[:, 0].fill_(1.0), p[1].bias.zero_()
+        net.downsample_layer[1].weight.zero_(), net.downsample_layer[1].bias.fill_(1.0)  # q = ones(4)
+        net.upsample_layer[1].weight.copy_(torch.eye(4)), net.upsample_layer[1].bias.zero_()
+    out, _ = net(taps, anchor)
+    # logits 4, 8, 12 -> alpha = 1/6, 2/6, 3/6 by L1 (softmax would put ~1 on the last token):
+    # y = (1 + 4 + 9) / 6 + X_0 = 7/3 + 1, identical in both layers, so z = y whatever c is
+    torch.testing.assert_close(out, anchor + 10 / 3)
+    with torch.no_grad():
+        net.downsample_layer[1].bias.fill_(-1.0)  # q = -1: every logit <= 0, alpha = 0 (checklist 6)
+    out, _ = net(taps, anchor)
+    torch.testing.assert_close(out, anchor + 1.0)  # y_l = X_l,0, the residual (CLS) token alone
+    out, _ = net(taps, anchor, torch.ones(1, 3, dtype=torch.bool), torch.tensor([2]))
+    torch.testing.assert_close(out, anchor + 3.0)  # text: the residual token sits at the EOT position
+
+
+def test_bf16_autocast_backbone_and_bad_input(model):
+    text = ids(3, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.encode_text(text)
+    assert out.dtype == torch.float32  # side network stays fp32
+    assert F.cosine_similarity(out, model.encode_text(text)).min() > 0.99
+    out.sum().backward()
+    assert all(p.grad is None for p in model.clip.parameters())
+    with pytest.raises(ValueError, match="token ids"):
+        model.encode_text(text.float())
+    with pytest.raises(ValueError, match="video_mask"):
+        model.encode_video(video(), torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="must divide"):
+        unipt.ParallelSideNetwork(3, 8, 32, D=3)
+
+
+@pytest.mark.skipif(not os.environ.get("UNIPT_REF"), reason="set UNIPT_REF to unipt_oracle.py's output")
+def test_matches_official_oracle():
+    ref = torch.load(os.environ["UNIPT_REF"], weights_only=False)
+    for name, a in ref["adapter"].items():
+        c, i = a["config"], a["inputs"]
+        net = unipt.ParallelSideNetwork(c["num_layer"], c["hidden_size"][0], c["embed_size"], c["downsample_D_factor"])
+        net.load_state_dict(a["state_dict"], strict=True)  # the official key names load unchanged
+        mask = None if i["mask"] is None else i["mask"].bool()
+        out, conf = net(i["hidden"], i["anchor"][:, 0], mask, i["position"])
+        torch.testing.assert_close(out, a["output"], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(conf, a["confidence"], atol=1e-5, rtol=1e-4)
+    e = ref["e2e"]
+    backbone = clip.CLIP(**e["clip_config"])
+    backbone.load_state_dict({k[5:]: v for k, v in e["state_dict"].items() if k.startswith("clip.")})
+    m = unipt.UniPT(backbone, num_frames=3)
+    m.load_state_dict(e["state_dict"], strict=True)
+    i = e["inputs"]
+    t = F.normalize(m.encode_text(i["input_ids"][:, 0]), dim=-1)
+    v = F.normalize(m.encode_video(i["video"][:, 0, :, 0], i["video_mask"][:, 0].bool()), dim=-1)
+    torch.testing.assert_close(m.logit_scale.exp() * t @ v.T, e["logits"], atol=1e-3, rtol=0)
