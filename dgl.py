@@ -1,0 +1,291 @@
+"""dgl.py: DGL, dynamic global-local prompt tuning of a frozen CLIP for text-video retrieval.
+
+DGL: Dynamic Global-Local Prompt Tuning for Text-Video Retrieval (Yang, Zhu, Wang, Yang; AAAI 2024),
+arXiv:2401.10588. Official code: knightyxp/DGL @ 9139fd1 (modules/clip.py `encode_prompt`, `encode_text`,
+`VisualTransformer.incorporate_prompt/forward_deep_prompt`, `ResidualAttentionBlock.forward`; params.py;
+scripts/*.sh; utils/optimization.py). The paper's full text was not readable here, so the method follows
+the official code (spec ../shared/specs/dgl.md §2, section numbers in the comments).
+
+Faithful to: one "shared latent space" generating the text prompts and the per-frame ("local") visual
+prompts of every layer, in both released variants (`latent="linear"`: 0.83M parameters, `"transformer"`:
+9.57M); deep text prompts (4 prefix after SOT + 4 postfix after the last word slot, no positional
+embedding, replaced before every layer, causal mask over all L + 8 tokens); local prompts after ln_pre
+between CLS and patches, replaced before every layer; 4 global prompts inserted once before block 0;
+global-local attention (a global prompt attends to every token of the video, a frame token to the
+global prompts and its own frame); video embedding = ln_post(global prompt 0) @ proj; every CLIP weight
+frozen, logit_scale included (clamped to [0.1, ln 100] as the training loop does); initialisation as the
+release; the official optimiser grouping (weight decay on every non-bias tensor).
+
+The prompts are "dynamic" only by name (spec §7.1): the generator has no input, so it produces the same
+learned prompts for every sample. This file therefore generates them once per call with batch 1 and
+expands them, and text and video are encoded fully independently.
+
+The postfix text prompts are dead (spec §7.2), reproduced on purpose: they sit after every EOT token, so
+under CLIP's causal mask they never reach the EOT feature and their gradients are exactly zero. In the
+linear variant `postfix_proj` (393,728 parameters, 48 % of the variant) never learns, although AdamW's
+decoupled weight decay still shrinks it. They are kept so parameter counts and numbers equal the release.
+
+Deliberate deviations (spec §7):
+  1. Prompts are generated inside each encoder, so text and video encode independently. The release
+     generates them only when text and video arrive together, which crashes its VATEX evaluation (§7.3).
+  2. Global-local attention is one SDPA call per layer over [global prompts; all frames] with a boolean
+     mask (§2.3.3), instead of two nn.MultiheadAttention calls (frame queries vs [G; own frame], global
+     queries vs [G; all frames]) and a Python loop over frames; same weights, equal to ~1e-6 (float
+     summation order). Tokens are stored frame-major, the release token-major (no positions: irrelevant).
+  3. `video_mask`: padded frames are removed from the global prompts' keys (§7.8). The release ignores
+     the mask (its loader repeats the last frame instead). No change when all frames are valid (MSR-VTT).
+  4. Sizes come from the CLIP config and the arguments instead of the release's literals (§7.7): prompt
+     width = vision width (768 hard-coded there), n_g and n_f may differ, the prompt depth is the vision
+     depth and the text tower uses the first `text layers` prompt sets (the release ties text depth to
+     `--unified_transformer_layers` and cannot run ViT-L/14). Same numbers for ViT-B/32 and ViT-B/16.
+  5. Optimiser and schedule are train.py's (AdamW, per-step warmup + cosine, clip 1.0), the same as the
+     release's AdamW path; the global batch of 512 is all-gathered as the release's 128 x 4 GPUs (§7.10).
+     The release's bugged shell flags (§7.4) and its tie-counting recall (§7.9) are not reproduced.
+
+Usage:
+    model = DGL(clip.load("ViT-B/32"), num_frames=12, latent="transformer")
+    t, v = model.encode_text(ids), model.encode_video(frames, frame_mask)      # [B, 512], [B, 512]
+    logits = model.logit_scale.exp() * F.normalize(t, dim=-1) @ F.normalize(v, dim=-1).T
+"""
+import math
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import clip
+
+RECIPE = dict(
+    lr=2e-3,             # scripts/msrvtt.sh lr=2e-3 (prompt parameters)
+    clip_lr=None,        # coef_lr=1e-3 scales CLIP groups that are frozen, i.e. empty
+    epochs=5,            # msrvtt.sh epochs=5
+    batch_size=512,      # msrvtt.sh batch_size=128 per GPU x 4 GPUs, embeddings all-gathered (§7.10)
+    frames=12,           # msrvtt.sh max_frames=12
+    words=32,            # msrvtt.sh max_words=32 (+ 8 prompt slots = 40 text tokens)
+    weight_decay=0.2,    # params.py --wd 0.2 on every non-bias tensor (utils/optimization.py)
+    warmup=0.1,          # params.py --warmup 0.1: linear warmup per step, then cosine to 0
+    grad_clip=1.0,       # main.py clip_grad_norm_(1.0)
+    betas=(0.9, 0.98),   # params.py --beta1 0.9 --beta2 0.98
+    eps=1e-6,            # params.py --eps 1e-6
+    latent="transformer",  # msrvtt.sh shared_latent_space=transformer (linear | transformer)
+    n_g=4,               # params.py global_visual_prompt_length: global video prompts
+    n_f=4,               # params.py local_each_frame_prompt_length: local prompts per frame
+    n_t=8,               # params.py text_prompt_length: n_t/2 prefix + n_t/2 postfix text prompts
+)
+
+DATASET_RECIPES = dict(
+    msvd=dict(),         # no DGL script for MSVD (a loader exists): MSR-VTT values
+    didemo=dict(),       # no DGL script for DiDeMo: MSR-VTT values (CLIP4Clip uses 64 frames / 64 words)
+    vatex=dict(lr=5e-3, epochs=10, latent="linear"),                  # scripts/vatex.sh, 64 x 8 GPUs
+    lsmdc=dict(lr=1e-2, epochs=10, latent="linear"),                  # scripts/lsmdc.sh, 64 x 8 GPUs
+    # scripts/activitynet.sh: 16 x 8 GPUs, 64 frames and words; the script says linear, the README's
+    # checkpoint transformer (§7.5): the script wins, --latent transformer gives the other.
+    activitynet=dict(lr=1e-2, epochs=10, batch_size=128, frames=64, words=64, latent="linear"),
+    # The synthetic default trains ~0.2M prompt parameters on a tiny frozen CLIP on 2 CPU cores in a few
+    # minutes: a frozen backbone forward+backward dominates the step, so a smaller batch gives more updates,
+    # and prompts from their small init need a larger lr than 2e-3 to move within a few hundred steps.
+    synthetic=dict(lr=1e-2, epochs=10, batch_size=32),
+)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Shared latent space: one source for the text and frame prompts of every layer (spec §2.1)
+
+
+class SharedLatentSpace(nn.Module):
+    """forward() -> (text prompts P_t [layers, n_t, Wt], frame prompts P_f [layers, 1 or T, n_f, Wv])."""
+
+    def __init__(self, latent, layers, width, text_width, num_frames, n_f, n_t, init_bound):
+        super().__init__()
+        self.latent, self.layers, self.width, self.n_t, self.n_f = latent, layers, width, n_t, n_f
+        if latent == "linear":
+            if n_t != 2 * n_f:
+                raise ValueError(f"latent='linear' maps the n_f={n_f} frame prompts to as many prefix and "
+                                 f"postfix text prompts, so n_t must be 2 * n_f = {2 * n_f}, got {n_t}")
+            # V: n_f vectors per layer, stored as the release's [1, n_f, layers * Wv]; U(-a, a) as G (§2.5)
+            self.V = nn.Parameter(torch.empty(1, n_f, layers * width).uniform_(-init_bound, init_bound))
+            self.prefix_proj = nn.Linear(width, text_width)  # W_pre
+            self.postfix_proj = nn.Linear(width, text_width)  # W_post (dead, see the docstring)
+        elif latent == "transformer":
+            if n_t % 2:
+                raise ValueError(f"n_t={n_t} must be even: n_t/2 prefix and n_t/2 postfix text prompts")
+            self.num_frames = num_frames
+            self.U = nn.Embedding(n_t + n_f * num_frames, layers * width)  # rows: n_t text, then T x n_f
+            self.block = clip.ResidualAttentionBlock(width, max(1, width // 64))  # one block, all layers
+            nn.init.xavier_uniform_(self.block.attn.in_proj_weight)  # nn.MultiheadAttention's defaults (§2.5)
+            nn.init.zeros_(self.block.attn.out_proj.bias)
+            self.text_mlp = nn.Sequential(OrderedDict([  # release: unified_prompt_mlp
+                ("c_fc", nn.Linear(width, 2 * width)),
+                ("gelu", clip.QuickGELU()),
+                ("c_proj", nn.Linear(2 * width, text_width)),
+            ]))
+        else:
+            raise ValueError(f"latent must be 'linear' or 'transformer', got {latent!r}")
+
+    def forward(self):
+        L, W, n_t, n_f = self.layers, self.width, self.n_t, self.n_f
+        if self.latent == "linear":
+            V = self.V.view(n_f, L, W).transpose(0, 1)  # [L, n_f, W]: layer l = V[0, :, l*W:(l+1)*W]
+            P_t = torch.cat([self.prefix_proj(V), self.postfix_proj(V)], dim=1)  # [L, 2 n_f, Wt]
+            return P_t, V[:, None]  # the same n_f prompts for every frame: [L, 1, n_f, W]
+        U = self.U.weight.view(-1, L, W).transpose(0, 1)  # [L, n_t + T n_f, W], same slicing as V
+        Z = self.block(U)  # each layer's tokens attend among themselves, no mask
+        P_t = self.text_mlp(Z[:, :n_t])  # [L, n_t, Wt]
+        return P_t, Z[:, n_t:].reshape(L, self.num_frames, n_f, W)  # frame t: rows n_t+n_f t.. [L, T, n_f, W]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Global-local video attention mask (spec §2.3.3)
+
+
+def global_local_mask(n_g, T, S, video_mask=None):
+    """True = may attend, over [n_g global prompts; T frames x S tokens]. A global prompt sees every token,
+    a frame token sees the global prompts and its own frame. With video_mask [B, T] (False = padded frame)
+    the global prompts also skip padded frames: [B, N, N]; otherwise [N, N]. N = n_g + T*S."""
+    device = None if video_mask is None else video_mask.device
+    frame = torch.arange(T, device=device).repeat_interleave(S)  # [T*S] frame index of every token
+    frame = torch.cat([torch.full((n_g,), -1, device=device), frame])  # [N], -1 = global prompt
+    is_global = frame < 0
+    mask = (frame[:, None] == frame[None, :]) | is_global[:, None] | is_global[None, :]  # [N, N]
+    if video_mask is None or bool(video_mask.all()):
+        return mask
+    key_valid = torch.cat([video_mask.new_ones(video_mask.shape[0], n_g),
+                           video_mask.repeat_interleave(S, dim=1)], dim=1)  # [B, N]
+    return mask & (key_valid[:, None, :] | ~is_global[None, :, None])  # [B, N, N]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The method: frozen CLIP + shared latent space + global prompts
+
+
+class DGL(nn.Module):
+    def __init__(self, clip_model, num_frames, *, latent="transformer", n_g=4, n_f=4, n_t=8):
+        super().__init__()
+        self.clip = clip_model.requires_grad_(False)  # every CLIP tensor frozen, logit_scale included
+        visual, text = clip_model.visual, clip_model.transformer
+        if text.layers > visual.transformer.layers:
+            raise ValueError(f"the text tower has {text.layers} layers, more than the {visual.transformer.layers} "
+                             "prompted vision layers")
+        self.num_frames, self.n_g, self.n_f, self.n_t = num_frames, n_g, n_f, n_t
+        width, p = visual.transformer.width, visual.patch_size
+        bound = math.sqrt(6.0 / (3 * p * p + width))  # VPT's uniform init, 0.0395 for ViT-B/32 (§2.5)
+        self.global_prompts = nn.Parameter(torch.empty(1, n_g, width).uniform_(-bound, bound))  # G
+        self.latent_space = SharedLatentSpace(latent, visual.transformer.layers, width, text.width,
+                                              num_frames, n_f, n_t, bound)
+
+    @property
+    def logit_scale(self):
+        # frozen; main.py clamps it to [0.1, ln 100] after every step, a no-op for OpenAI's 4.6052 (scale 100)
+        return self.clip.logit_scale.clamp(0.1, math.log(100))
+
+    def encode_text(self, text):
+        """Ids [B, L] -> [B, E]: deep prefix/postfix prompts in the causal text tower (§2.2)."""
+        if text.dim() != 2 or text.dtype.is_floating_point:
+            raise ValueError(f"text must be integer token ids [B, L], got {tuple(text.shape)} {text.dtype}")
+        text = text.long()
+        B, L = text.shape
+        P_t, _ = self.latent_space()  # [layers, n_t, Wt]
+        pre = self.n_t // 2
+        x = self.clip.embed_text(text)  # [B, L, Wt]; prompts get no positional embedding
+        P_t = P_t.to(x.dtype)
+        x = torch.cat([x[:, :1], P_t[0, None, :pre].expand(B, -1, -1), x[:, 1:],
+                       P_t[0, None, pre:].expand(B, -1, -1)], dim=1)  # [B, 1+pre+(L-1)+post, Wt]
+        for l, block in enumerate(self.clip.transformer.resblocks):
+            if l > 0:  # step 3: overwrite the prompt slots with layer-l prompts (VPT-deep)
+                x = torch.cat([x[:, :1], P_t[l, None, :pre].expand(B, -1, -1), x[:, 1 + pre:L + pre],
+                               P_t[l, None, pre:].expand(B, -1, -1)], dim=1)  # [B, L + n_t, Wt]
+            x = block(x, is_causal=True)  # the postfix slots follow every EOT: they never reach it (§7.2)
+        eot = text.argmax(dim=-1) + pre  # EOT has the largest id (first max); shifted by the prefix
+        return self.clip.text_head(x[torch.arange(B, device=x.device), eot])  # [B, E]
+
+    def encode_video(self, video, video_mask=None):
+        """Video [B, T, 3, H, W], video_mask [B, T] bool -> [B, E]: global-local attention (§2.3)."""
+        if video.dim() != 5 or (video_mask is not None and video_mask.shape != video.shape[:2]):
+            raise ValueError(f"expected video [B, T, 3, H, W] and video_mask [B, T], got {tuple(video.shape)} "
+                             f"and {None if video_mask is None else tuple(video_mask.shape)}")
+        B, T = video.shape[:2]
+        if self.latent_space.latent == "transformer" and T != self.num_frames:
+            raise ValueError(f"latent='transformer' generates prompts for num_frames={self.num_frames} "
+                             f"frames, got videos of {T}")
+        _, P_f = self.latent_space()  # [layers, 1 or T, n_f, Wv]
+        n_g, n_f = self.n_g, self.n_f
+        x = self.clip.visual.embed(video.flatten(0, 1))  # [B*T, 1+P, Wv], after ln_pre
+        W = x.shape[-1]
+        x = x.view(B, T, -1, W)  # [B, T, 1+P, Wv]
+        P_f = P_f.to(x.dtype)
+        # step 2: [CLS, n_f local prompts, patches] per frame (no positional embedding on the prompts)
+        x = torch.cat([x[:, :, :1], P_f[0].expand(B, T, n_f, W), x[:, :, 1:]], dim=2)  # [B, T, S, Wv]
+        S = x.shape[2]
+        g = self.global_prompts.to(x.dtype).expand(B, n_g, W)  # [B, n_g, Wv]
+        x = torch.cat([g, x.reshape(B, T * S, W)], dim=1)  # [B, n_g + T*S, Wv]
+        mask = global_local_mask(n_g, T, S, video_mask)
+        for l, block in enumerate(self.clip.visual.transformer.resblocks):
+            if l > 0:  # step 4: new local prompts every layer; G and CLS/patches are carried
+                g, f = x[:, :n_g], x[:, n_g:].view(B, T, S, W)  # [B, n_g, Wv], [B, T, S, Wv]
+                f = torch.cat([f[:, :, :1], P_f[l].expand(B, T, n_f, W), f[:, :, 1 + n_f:]], dim=2)
+                x = torch.cat([g, f.view(B, T * S, W)], dim=1)  # [B, n_g + T*S, Wv]
+            x = x + block.attention(x, mask)  # step 3: one SDPA call, global-local mask
+            x = x + block.feed_forward(x)
+        return self.clip.visual.head(x[:, 0])  # step 5: ln_post(global prompt 0) @ proj -> [B, E]
+
+    def param_groups(self, weight_decay):
+        """utils/optimization.py: decay on every trainable tensor whose name has no 'bias' (LN weights too)."""
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        return [dict(params=[p for n, p in named if "bias" not in n], weight_decay=weight_decay),
+                dict(params=[p for n, p in named if "bias" in n], weight_decay=0.0)]
+
+    def load_official_state_dict(self, state_dict):
+        """Load a knightyxp/DGL state dict (CLIP4Clip's `clip.`/`module.` prefixes optional): release
+        names are mapped to this file's; the frozen CLIP tensors keep OpenAI's names."""
+        mapped = {}
+        for k, v in state_dict.items():
+            for prefix in ("module.", "clip."):
+                k = k[len(prefix):] if k.startswith(prefix) else k
+            if k == "visual.position_ids":  # an unused buffer of the release's CLIP
+                continue
+            for old, new in OFFICIAL_NAMES.items():
+                if k.startswith(old):
+                    k = new + k[len(old):]
+                    break
+            else:
+                k = "clip." + k
+            mapped[k] = v
+        missing, unexpected = self.load_state_dict(mapped, strict=False)
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        if unexpected or trainable & set(missing):
+            raise ValueError(f"official state dict does not fit: unexpected {unexpected}, missing trainable "
+                             f"{sorted(trainable & set(missing))}")
+        return missing
+
+
+OFFICIAL_NAMES = {  # release name -> name here
+    "visual.prompt_embeddings": "global_prompts",
+    "visual_prompt_embedding": "latent_space.V",
+    "prefix_text_prompt_proj_layer.": "latent_space.prefix_proj.",
+    "postfix_text_prompt_proj_layer.": "latent_space.postfix_proj.",
+    "unified_prompt_embedding.": "latent_space.U.",
+    "PromptTransformer.resblocks.0.": "latent_space.block.",
+    "unified_prompt_mlp.": "latent_space.text_mlp.",
+}
+
+
+def count_trainable(module):
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    ids = clip.tokenize(["a red circle moves to the left", "a blue square grows"], context_length=12)
+    video, mask = torch.randn(2, 3, 3, 32, 32), torch.tensor([[True, True, True], [True, True, False]])
+    for latent in ("linear", "transformer"):
+        model = DGL(clip.CLIP(32, 32, 2, 64, 8, 77, 49408, 64, 1, 2), num_frames=3, latent=latent)  # TINY
+        t, v = model.encode_text(ids), model.encode_video(video, mask)
+        print(f"tiny {latent}: text {tuple(t.shape)} video {tuple(v.shape)} trainable {count_trainable(model):,}")
+    for latent in ("linear", "transformer"):
+        with torch.device("meta"):  # counts only
+            b32 = DGL(clip.CLIP(512, 224, 12, 768, 32, 77, 49408, 512, 8, 12), num_frames=12, latent=latent)
+        frozen = sum(p.numel() for p in b32.clip.parameters())
+        n = count_trainable(b32)
+        print(f"ViT-B/32 {latent} (12 frames): trainable {n:,} = {100 * n / frozen:.3f} % of the frozen CLIP "
+              f"({frozen:,})")
