@@ -1,0 +1,557 @@
+"""data.py: video-text retrieval data for nanoTVR: benchmark readers, frame decoding, a synthetic set, loaders.
+
+Readers turn each benchmark's annotation files (the files CLIP4Clip @ 508ffa3 and DGL @ 9139fd1 read; see
+pipeline spec §2) into a `Split`: one path per video, the captions, and caption -> video. Multi-caption test
+sets (MSVD, VATEX) are several captions pointing at one video; paragraph sets (DiDeMo, ActivityNet) join a
+video's sentences into one caption. `VideoTextDataset` serves any Split:
+  pairs  (training)  one item per caption: video uint8 [T,3,S,S], video_mask bool [T], text long [L]
+  videos (eval)      one item per video;   texts (eval) one item per caption.
+Frames: T equal segments over the clip, the centre frame of each at eval, a random frame inside each for
+training (DGL's sampling); only those frames are decoded (OpenCV), resized and centre-cropped as CLIP does
+(clip.resize_crop). Clips with fewer than T frames keep all of them, zero-padded, video_mask False there.
+Deviations: (1) CLIP4Clip samples 1 frame/s then `linspace`s 12 of them; we sample segments of all frames.
+(2) DiDeMo's 0-31 s window and ActivityNet's [0, duration] are the whole file here (DiDeMo clips are <= 30 s
+long, except a few). (3) Videos leave the loader uint8; train.py normalises on the GPU (clip.normalize).
+
+  python data.py --cache DIR --data msrvtt --data_path ANN --video_path VIDEOS   # optional frame cache
+"""
+import csv
+import json
+import os
+import pickle
+import re
+import shutil
+import sys
+import tempfile
+import multiprocessing as mp
+from collections import defaultdict
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+import clip
+
+DATASETS = ("synthetic", "msrvtt", "msrvtt7k", "msvd", "vatex", "didemo", "activitynet", "lsmdc")
+
+
+@dataclass
+class Split:
+    name: str
+    videos: list         # absolute video file paths, one per video
+    captions: list       # caption strings
+    caption_video: list  # caption i describes videos[caption_video[i]]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Readers: (annotation dir, split) -> ordered video ids and (video id, caption) pairs
+
+def _need(root, name, hint):
+    path = os.path.join(root or "", name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{name} not found in --data_path {root!r}. {hint}")
+    return path
+
+
+def _lines(path):
+    with open(path) as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def _read_msrvtt(root, split, train_csv="9k"):
+    hint = "Get CLIP4Clip's msrvtt_data.zip (see README, 'Data sets')."
+    if split in ("test", "still"):  # 1k-A: key,vid_key,video_id,sentence; one caption per video
+        name = "MSRVTT_JSFUSION_test.csv" if split == "test" else "synthetic_still.csv"
+        with open(_need(root, name, hint), newline="") as f:
+            rows = list(csv.DictReader(f))
+        return [r["video_id"] for r in rows], [(r["video_id"], r["sentence"]) for r in rows]
+    if split != "train":
+        raise ValueError(f"MSR-VTT has splits train/test, not {split!r}")
+    with open(_need(root, f"MSRVTT_train.{train_csv}.csv", hint), newline="") as f:
+        ids = [r["video_id"] for r in csv.DictReader(f)]
+    with open(_need(root, "MSRVTT_data.json", hint)) as f:
+        by_video = defaultdict(list)
+        for s in json.load(f)["sentences"]:
+            by_video[s["video_id"]].append(s["caption"])
+    # every caption of every train video (CLIP4Clip --expand_msrvtt_sentences, DGL): 9k -> 180,000 pairs
+    return ids, [(v, c) for v in ids for c in by_video[v]]
+
+
+def _read_msvd(root, split):
+    ids = _lines(_need(root, f"{split}_list.txt", "Get CLIP4Clip's msvd_data.zip."))
+    with open(_need(root, "raw-captions.pkl", "Get CLIP4Clip's msvd_data.zip."), "rb") as f:
+        caps = pickle.load(f)  # id -> list of token lists, e.g. [["a", "man", "is", "cooking"], ...]
+    return ids, [(v, t if isinstance(t, str) else " ".join(t)) for v in ids for t in caps[v]]
+
+
+def _read_vatex(root, split):
+    ids = _lines(_need(root, f"{'train' if split == 'train' else 'test'}_list.txt", "Get DGL's VATEX files."))
+    with open(_need(root, "ref_captions.json", "Get DGL's VATEX files.")) as f:
+        caps = json.load(f)  # id -> list of English captions
+    return ids, [(v, c) for v in ids for c in caps[v]]
+
+
+def _read_didemo(root, split):
+    ids = _lines(_need(root, f"{split}_list.txt", "Get CLIP4Clip's DiDeMo annotations."))
+    with open(_need(root, f"{split}_data.json", "Get CLIP4Clip's DiDeMo annotations.")) as f:
+        sentences = defaultdict(list)  # items {video, description, times: 5-s chunk indices per annotator}
+        for item in json.load(f):
+            sentences[item["video"]].append(item["description"].strip())
+    ids = [v for v in ids if v in sentences]  # CLIP4Clip keeps listed videos that have descriptions
+    return ids, [(v, " ".join(sentences[v])) for v in ids]  # paragraph <-> whole video
+
+
+def _read_activitynet(root, split):
+    name = "train.json" if split == "train" else "val_1.json"  # val_1 is the test set of every paper
+    with open(_need(root, name, "Get the ActivityNet Captions annotations (see README).")) as f:
+        data = json.load(f)  # "v_<youtube id>" -> {duration, timestamps, sentences}; file is <id>.mp4
+    ids = [k[2:] if k.startswith("v_") else k for k in data]
+    return ids, [(v, " ".join(s.strip() for s in d["sentences"])) for v, d in zip(ids, data.values())]
+
+
+def _read_lsmdc(root, split):
+    name = {"train": "LSMDC16_annos_training.csv", "val": "LSMDC16_annos_val.csv",
+            "test": "LSMDC16_challenge_1000_publictect.csv"}[split]
+    pairs = []
+    with open(_need(root, name, "LSMDC needs a signed licence from the MPII (see README)."), newline="") as f:
+        for n, line in enumerate(f, 1):  # clip_id \t 4 timestamps \t sentence; ids repeat in training
+            parts = line.rstrip("\r\n").split("\t")
+            if line.strip() and len(parts) < 6:
+                raise ValueError(f"{name}:{n}: expected 6 tab-separated fields, got {len(parts)}")
+            if line.strip():
+                pairs.append((parts[0], "\t".join(parts[5:])))
+    return list(dict.fromkeys(v for v, _ in pairs)), pairs
+
+
+READERS = dict(msrvtt=_read_msrvtt, msrvtt7k=lambda r, s: _read_msrvtt(r, s, "7k"), msvd=_read_msvd,
+               vatex=_read_vatex, didemo=_read_didemo, activitynet=_read_activitynet, lsmdc=_read_lsmdc)
+
+
+def _video_index(video_path):
+    """file name and name-without-extension -> path, for every file under video_path (any depth/extension:
+    LSMDC nests clips per movie, DiDeMo keeps extensions in its ids and some copies add '.mp4')."""
+    if not video_path or not os.path.isdir(video_path):
+        raise FileNotFoundError(f"--video_path {video_path!r} is not a directory of videos")
+    index = {}
+    for root, _, files in os.walk(video_path):
+        for name in sorted(files):
+            path = os.path.abspath(os.path.join(root, name))
+            index.setdefault(name.rsplit(".", 1)[0], path)
+            index[name] = path
+    return index
+
+
+def read_split(data, split, data_path=None, video_path=None, allow_missing=False):
+    """Read a benchmark split into a Split; every listed video must exist (or allow_missing=True)."""
+    if data not in DATASETS:
+        raise ValueError(f"unknown data set {data!r}; choose from {', '.join(DATASETS)}")
+    if data == "synthetic":
+        data_path = ensure_synthetic(data_path)
+        video_path = video_path or os.path.join(data_path, "videos")
+        ids, pairs = _read_msrvtt(data_path, split)
+    else:
+        if split == "still":
+            raise ValueError("split 'still' exists only for data='synthetic'")
+        ids, pairs = READERS[data](data_path, split)
+    ids = list(dict.fromkeys(ids))
+    index = _video_index(video_path)
+    present = [v for v in ids if v in index]
+    if len(present) < len(ids):
+        missing = [v for v in ids if v not in index]
+        msg = (f"{len(missing)} of {len(ids)} {data} {split} videos are missing under --video_path "
+               f"{video_path}, e.g. {', '.join(missing[:5])}. Check --video_path (files are matched by name "
+               f"with any extension, in any subfolder) and the download (README, 'Data sets')")
+        if not allow_missing:
+            raise FileNotFoundError(msg + ", or pass --allow_missing to use the videos that are present.")
+        print(f"WARNING: {msg}. --allow_missing: using the {len(present)} present videos only"
+              + ("; test metrics are NOT comparable to published ones" if split != "train" else ""),
+              file=sys.stderr, flush=True)
+    position = {v: i for i, v in enumerate(present)}
+    kept = [(position[v], c) for v, c in pairs if v in position]
+    if not kept:
+        raise ValueError(f"{data} {split}: no captions left for the videos found")
+    uncaptioned = len(present) - len({i for i, _ in kept})
+    if uncaptioned:
+        raise ValueError(f"{data} {split}: {uncaptioned} listed videos have no caption in the annotations")
+    return Split(name=f"{data}-{split}", videos=[index[v] for v in present],
+                 captions=[c for _, c in kept], caption_video=[i for i, _ in kept])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Text
+
+_SPECIAL = re.compile(r"<\|(startoftext|endoftext)\|>", re.IGNORECASE)
+
+
+def sanitize(caption):
+    """Remove literal <|startoftext|>/<|endoftext|> from a caption: the tokenizer would turn them into the
+    special ids, and EOT pooling (argmax) would stop there. Clean as the tokenizer does first (ftfy, HTML
+    unescaping can create them) and repeat until nothing changes."""
+    previous = None
+    while caption != previous:
+        previous, caption = caption, _SPECIAL.sub(" ", clip._clean(caption))
+    return caption
+
+
+def tokenize(caption, words):
+    """caption -> long [words]: [SOT] ids [EOT] zero-padded, truncated keeping EOT (= CLIP4Clip's max_words)."""
+    return clip.tokenize(sanitize(caption), context_length=words, truncate=True)[0].long()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Frames
+
+class VideoError(RuntimeError):
+    pass
+
+
+SEEK_GAP = 32  # frames: seek instead of grabbing when the next wanted frame is further than this
+
+
+def sample_indices(n, frames, train):
+    """T equal segments over n frames: the centre of each (eval) or a random frame inside it (training).
+    Fewer than T frames: all of them (the caller masks the rest)."""
+    if n <= frames:
+        return list(range(n))
+    edges = [k * n / frames for k in range(frames + 1)]
+    if not train:
+        return [int((edges[k] + edges[k + 1]) / 2) for k in range(frames)]
+    lo = [int(e) for e in edges[:-1]]
+    hi = [int(e) for e in edges[1:]]  # segment k is [lo_k, hi_k); n >= T makes it non-empty
+    return [a + int(torch.randint(b - a, ())) for a, b in zip(lo, hi)]
+
+
+def _grab(cap, indices):
+    """Read the frames at sorted `indices`; returns (RGB frames, frames read before the stream ended)."""
+    out, pos = [], 0
+    for i in indices:
+        if i - pos > SEEK_GAP:
+            cap.set(cv2.CAP_PROP_POS_FRAMES, i)
+            pos = i
+        while pos < i and cap.grab():
+            pos += 1
+        ok, frame = cap.read() if pos == i else (False, None)
+        if not ok:
+            return out, pos
+        out.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+        pos += 1
+    return out, pos
+
+
+def read_frames(path, frames, train, fps=None):
+    """Decode T sampled frames (or, with fps, every frame resampled to <= fps; fps=0: every frame)
+    -> uint8 [t, H, W, 3] RGB; raises VideoError."""
+    for attempt in range(2):
+        cap = cv2.VideoCapture(path)
+        n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) if cap.isOpened() else 0
+        if attempt:  # the header over-reported its frame count: use what the stream really holds
+            n = real
+        if n <= 0:
+            cap.release()
+            raise VideoError(f"cannot read video {path} (not a video, or no frames)")
+        if fps is not None:
+            step = max((cap.get(cv2.CAP_PROP_FPS) or fps) / fps, 1.0) if fps else 1.0
+            idx = sorted({int(round(k * step)) for k in range(int(n / step) + 1)} - {n})
+        else:
+            idx = sample_indices(n, frames, train)
+        out, real = _grab(cap, idx)
+        cap.release()
+        if len(out) == len(idx):
+            return np.stack(out)
+        if real == 0:
+            break
+    raise VideoError(f"cannot decode video {path} ({len(out)} of {len(idx)} frames)")
+
+
+def cache_file(cache_dir, video):
+    return os.path.join(cache_dir, os.path.basename(video) + ".npy")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Synthetic set: coloured shapes that move, grow/shrink, appear/disappear, in one or two phases, written as
+# real .mp4 files plus MSR-VTT annotation files. Test = pairs of clips that are each other's time reversal
+# ("moves left then grows" / "shrinks then moves right"): same frames in opposite order, so a model that
+# averages frames scores at most 50% on them; every test caption is unique, 200 clips: chance R@1 = 0.5%.
+
+SYNTHETIC_VERSION = 1
+COLOURS = dict(red=(40, 40, 230), green=(40, 200, 40), blue=(230, 80, 30), yellow=(30, 220, 230))  # BGR
+SHAPES = ("circle", "square", "triangle")
+PHRASES = dict(left=("moves to the left", "moves left", "goes left"),
+               right=("moves to the right", "moves right", "goes right"),
+               up=("moves up", "goes up", "rises"), down=("moves down", "goes down", "falls"),
+               grows=("grows", "gets bigger", "becomes larger"), shrinks=("shrinks", "gets smaller", "becomes smaller"),
+               appears=("appears", "fades in", "shows up"), disappears=("disappears", "fades out", "vanishes"))
+REVERSE = dict(left="right", right="left", up="down", down="up", grows="shrinks", shrinks="grows",
+               appears="disappears", disappears="appears")
+# one motion, or two in order; "appears" only first, "disappears" only last, no pair that is its own reversal
+MOTIONS = [(m,) for m in PHRASES] + [(a, b) for a in PHRASES for b in PHRASES if a != b and b != REVERSE[a]
+                                     and a != "disappears" and b != "appears" and (a, b) != ("appears", "disappears")]
+
+
+def reverse(motions):
+    return tuple(REVERSE[m] for m in reversed(motions))
+
+
+def caption(colour, shape, motions, variant=0):
+    subject = ("a", "the", "a")[variant % 3] + f" {colour} {shape}"
+    then = (" and then ", ", then ", " and after that ")[variant % 3]
+    return subject + " " + then.join(PHRASES[m][variant % 3] for m in motions)
+
+
+def render(rng, colour, shape, motions, n_frames, size=64):
+    """-> list of BGR uint8 [size, size, 3] frames. Phases split the clip evenly; x, y, radius, opacity."""
+    dist, (small, mid, big) = rng.uniform(16, 24), rng.uniform(4, 6) + np.array([0, 3, 7])
+    state = np.array([0.0, 0.0, small if "grows" in motions else big if "shrinks" in motions else mid,
+                      0.0 if motions[0] == "appears" else 1.0])
+    delta = dict(left=(-dist, 0, 0, 0), right=(dist, 0, 0, 0), up=(0, -dist, 0, 0), down=(0, dist, 0, 0),
+                 grows=(0, 0, big - small, 0), shrinks=(0, 0, small - big, 0), appears=(0, 0, 0, 1),
+                 disappears=(0, 0, 0, -1))
+    states = []
+    for f in range(n_frames):
+        s = f / (n_frames - 1) * len(motions)   # global time in phase units
+        p = min(int(s), len(motions) - 1)
+        states.append(state + sum(np.array(delta[m]) for m in motions[:p]) + (s - p) * np.array(delta[motions[p]]))
+    states = np.array(states)  # [n_frames, 4]
+    lo, hi = (states[:, :2] - states[:, 2:3]).min(0), (states[:, :2] + states[:, 2:3]).max(0)
+    states[:, :2] += rng.uniform(2 - lo, np.maximum(2 - lo, size - 2 - hi))  # keep the path inside the frame
+    background = np.full((size, size, 3), rng.integers(0, 60), np.uint8)
+    frames = []
+    for x, y, r, alpha in states:
+        shape_img = background.copy()
+        X, Y, R = int(x * 16), int(y * 16), int(r * 16)  # 4 fractional bits for smooth motion
+        if shape == "circle":
+            cv2.circle(shape_img, (X, Y), R, COLOURS[colour], -1, cv2.LINE_AA, 4)
+        elif shape == "square":
+            cv2.rectangle(shape_img, (X - R, Y - R), (X + R, Y + R), COLOURS[colour], -1, cv2.LINE_AA, 4)
+        else:
+            pts = np.array([[X, Y - R], [X - R, Y + R * 4 // 5], [X + R, Y + R * 4 // 5]], np.int32)
+            cv2.fillPoly(shape_img, [pts], COLOURS[colour], cv2.LINE_AA, 4)
+        frames.append(cv2.addWeighted(shape_img, float(alpha), background, 1 - float(alpha), 0))
+    return frames
+
+
+def _write_video(path, frames, fps=8):
+    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), fps, frames[0].shape[1::-1])
+    if not writer.isOpened():
+        raise RuntimeError(f"this OpenCV cannot write mp4v video ({path})")
+    for frame in frames:
+        writer.write(frame)
+    writer.release()
+
+
+def make_synthetic(root, seed=0, n_train=1500, n_test_pairs=100, size=64):
+    """Generate the synthetic set into root (MSR-VTT layout + synthetic_still.csv + videos/videoN.mp4)."""
+    os.makedirs(os.path.join(root, "videos"))
+    objects = [(c, s) for c in COLOURS for s in SHAPES]
+    classes = sorted({(c, s, min(m, reverse(m))) for c, s in objects for m in MOTIONS})  # reversal classes
+    test = [classes[k] for k in np.random.default_rng(seed).permutation(len(classes))[:n_test_pairs]]
+    videos, sentences, test_rows, still_rows = [], [], [], []
+    for i in range(n_train + 2 * n_test_pairs):
+        rng = np.random.default_rng([seed, i])
+        vid, n_frames = f"video{i}", int(rng.integers(16, 25))
+        if i < n_train:
+            (colour, shape), motions = objects[rng.integers(len(objects))], MOTIONS[rng.integers(len(MOTIONS))]
+            frames = render(rng, colour, shape, motions, n_frames, size)
+            caps = [caption(colour, shape, motions, k) for k in range(3)]
+            if "appears" not in motions and "disappears" not in motions:  # object visible in every frame
+                still_rows.append([f"still{len(still_rows)}", vid, vid, f"a {colour} {shape}"])
+        else:
+            colour, shape, motions = test[(i - n_train) // 2]
+            if (i - n_train) % 2 == 0:
+                frames = render(rng, colour, shape, motions, n_frames, size)
+            else:  # the previous clip played backwards
+                frames, motions = frames[::-1], reverse(motions)
+            caps = [caption(colour, shape, motions)]
+            test_rows.append([f"ret{len(test_rows)}", f"msr{i}", vid, caps[0]])
+        _write_video(os.path.join(root, "videos", vid + ".mp4"), frames)
+        videos.append({"video_id": vid, "category": 0, "url": "", "start time": 0.0, "end time": n_frames / 8,
+                       "split": "train" if i < n_train else "test", "id": i})
+        sentences += [{"caption": c, "video_id": vid, "sen_id": len(sentences) + k} for k, c in enumerate(caps)]
+    with open(os.path.join(root, "MSRVTT_data.json"), "w") as f:
+        json.dump({"info": {"nanotvr_synthetic": SYNTHETIC_VERSION, "seed": seed}, "videos": videos,
+                   "sentences": sentences}, f)
+    for name, header, rows in [("MSRVTT_train.9k.csv", ["video_id"], [[f"video{i}"] for i in range(n_train)]),
+                               ("MSRVTT_JSFUSION_test.csv", ["key", "vid_key", "video_id", "sentence"], test_rows),
+                               ("synthetic_still.csv", ["key", "vid_key", "video_id", "sentence"], still_rows)]:
+        with open(os.path.join(root, name), "w", newline="") as f:
+            csv.writer(f).writerows([header] + rows)
+
+
+def ensure_synthetic(root=None, **kwargs):
+    """The synthetic set's directory, generated on first use: in a temporary directory renamed into place,
+    so an interrupted run or several DDP ranks generating at once never leave a half-written set."""
+    if root is None:
+        cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = os.path.join(cache, "nanotvr", f"synthetic-{SYNTHETIC_VERSION}")
+    if os.path.isdir(root):
+        return root
+    os.makedirs(os.path.dirname(os.path.abspath(root)), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".synthetic-", dir=os.path.dirname(os.path.abspath(root)))
+    try:
+        print(f"generating the synthetic data set into {root} (once)", file=sys.stderr, flush=True)
+        make_synthetic(os.path.join(tmp, "set"), **kwargs)
+        os.rename(os.path.join(tmp, "set"), root)
+    except OSError:
+        if not os.path.isdir(root):  # another process won the rename: use its copy
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+# ----------------------------------------------------------------------------------------------------
+# Dataset and loaders
+
+class VideoTextDataset(Dataset):
+    """One Split served as training pairs, eval videos or eval texts (module docstring)."""
+
+    def __init__(self, split, *, frames, words, size, train, mode="pairs", frame_cache=None):
+        if mode not in ("pairs", "videos", "texts"):
+            raise ValueError(f"mode must be pairs, videos or texts, not {mode!r}")
+        self.split, self.frames, self.words, self.size, self.train, self.mode = split, frames, words, size, train, mode
+        self.frame_cache = frame_cache
+        if frame_cache and mode != "texts":
+            missing = [v for v in split.videos if not os.path.isfile(cache_file(frame_cache, v))]
+            if missing:
+                msg = (f"{len(missing)} of {len(split.videos)} videos have no frame cache in {frame_cache}, e.g. "
+                       f"{cache_file(frame_cache, missing[0])}. Build it with `python data.py --cache "
+                       f"{frame_cache} --data ... --data_path ... --video_path ...`")
+                if len(missing) == len(split.videos):
+                    raise FileNotFoundError(msg + ", or drop frame_cache.")
+                print(f"WARNING: {msg}; decoding those from the video files.", file=sys.stderr, flush=True)
+        # shared with worker processes: one flag per video (log each bad video once) and a substitution count
+        self._bad = mp.Array("b", len(split.videos))
+        self._substituted = mp.Value("l", 0)
+
+    def __len__(self):
+        return len(self.split.videos) if self.mode == "videos" else len(self.split.captions)
+
+    @property
+    def corrupt_videos(self):
+        """Paths of the videos found unreadable so far (in any worker)."""
+        return [v for v, bad in zip(self.split.videos, self._bad[:]) if bad]
+
+    @property
+    def substitutions(self):
+        """How many training items were replaced because their video could not be read."""
+        return self._substituted.value
+
+    def load_video(self, v):
+        """-> uint8 [T, 3, size, size], bool [T]; raises VideoError."""
+        path = self.split.videos[v]
+        if self.frame_cache and os.path.isfile(cache_file(self.frame_cache, path)):
+            try:
+                cached = np.load(cache_file(self.frame_cache, path), mmap_mode="r")  # [N, 3, S, S]
+            except (OSError, ValueError) as e:
+                raise VideoError(f"cannot read frame cache of {path}: {e}") from e
+            x = torch.from_numpy(np.ascontiguousarray(cached[sample_indices(len(cached), self.frames, self.train)]))
+            x = clip.resize_crop(x, self.size) if x.shape[-1] != self.size else x
+        else:
+            x = clip.resize_crop(read_frames(path, self.frames, self.train), self.size)  # [t, 3, S, S]
+        video = torch.zeros(self.frames, 3, self.size, self.size, dtype=torch.uint8)  # pad: zeros, masked
+        video[:len(x)] = x
+        mask = torch.arange(self.frames) < len(x)
+        return video, mask
+
+    def _mark_bad(self, v, error):
+        with self._bad.get_lock():
+            first = not self._bad[v]
+            self._bad[v] = 1
+        if first:
+            print(f"WARNING: skipping unreadable video ({error}); substituting the next caption's video",
+                  file=sys.stderr, flush=True)
+
+    def __getitem__(self, i):
+        if self.mode == "texts":
+            return dict(text=tokenize(self.split.captions[i], self.words), caption_index=i)
+        if self.mode == "videos":
+            try:
+                video, mask = self.load_video(i)
+            except VideoError as e:  # a missing test video would silently change the metrics
+                raise VideoError(f"{e}. Evaluation needs every test video: re-download or re-encode it") from e
+            return dict(video=video, video_mask=mask, video_index=i)
+        n, j = len(self.split.captions), i
+        for _ in range(n):  # training: replace an unreadable pair by the next caption whose video reads
+            v = self.split.caption_video[j]
+            if not self._bad[v]:
+                try:
+                    video, mask = self.load_video(v)
+                    break
+                except VideoError as e:
+                    if not self.train:
+                        raise
+                    self._mark_bad(v, e)
+            j = (j + 1) % n
+        else:
+            raise VideoError(f"no readable video in {self.split.name}")
+        if j != i:
+            with self._substituted.get_lock():
+                self._substituted.value += 1
+        return dict(video=video, video_mask=mask, text=tokenize(self.split.captions[j], self.words),
+                    video_index=v, caption_index=j)
+
+
+def _worker_init(_):
+    cv2.setNumThreads(1)  # one decoding thread per worker: workers are the parallelism
+    torch.set_num_threads(1)
+
+
+def make_loader(dataset, *, batch_size, shuffle, num_workers, distributed=False, drop_last=False, seed=0):
+    """DataLoader with pinned memory and persistent workers; a DistributedSampler under DDP (the caller
+    calls loader.sampler.set_epoch(epoch))."""
+    sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last) if distributed else None
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                      num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                      persistent_workers=num_workers > 0, drop_last=drop_last, worker_init_fn=_worker_init,
+                      generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Optional frame cache (spec §6): decode each video once to uint8 frames at <= 3 fps, short side `size`,
+# centre-cropped (DGL's compress_video.py re-encodes to 3 fps / short side 224; the crop is the one every
+# load would do, as nothing here crops randomly). Later epochs read a memory-mapped .npy instead of decoding.
+
+def _cache_one(job):
+    video, dest, size, fps = job
+    if os.path.isfile(dest):
+        return None
+    try:
+        frames = clip.resize_crop(read_frames(video, 0, False, fps=fps), size).numpy()  # [N, 3, S, S]
+    except VideoError as e:
+        return str(e)
+    tmp = dest + f".{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        np.save(f, frames)
+    os.replace(tmp, dest)  # atomic: an interrupted run never leaves a truncated cache file
+    return None
+
+
+def build_frame_cache(videos, cache_dir, size=224, fps=3.0, workers=1):
+    """Decode every video once into cache_dir/<file name>.npy; returns the error messages of unreadable ones."""
+    os.makedirs(cache_dir, exist_ok=True)
+    jobs = [(v, cache_file(cache_dir, v), size, fps) for v in videos]
+    with mp.get_context("spawn").Pool(workers, initializer=_worker_init, initargs=(0,)) as pool:
+        errors = [e for e in pool.imap_unordered(_cache_one, jobs, chunksize=8) if e]
+    for e in errors:
+        print("WARNING:", e, file=sys.stderr)
+    return errors
+
+
+if __name__ == "__main__":
+    import argparse
+    p = argparse.ArgumentParser(description="Build the frame cache of a data set (train and test videos).")
+    p.add_argument("--cache", required=True, help="output directory; pass it to train.py as --frame_cache")
+    p.add_argument("--data", default="synthetic", choices=DATASETS)
+    p.add_argument("--data_path")
+    p.add_argument("--video_path")
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--fps", type=float, default=3.0, help="<= this many frames per second; 0: all frames")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--allow_missing", action="store_true")
+    a = p.parse_args()
+    videos = {v for s in ("train", "test") for v in read_split(a.data, s, a.data_path, a.video_path,
+                                                               a.allow_missing).videos}
+    errors = build_frame_cache(sorted(videos), a.cache, a.size, a.fps, a.workers)
+    print(f"cached {len(videos) - len(errors)} of {len(videos)} videos in {a.cache}")

@@ -1,0 +1,165 @@
+"""data.py: MSR-VTT reader, frame sampling and masks, corrupt and missing videos, text, synthetic set, cache."""
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import clip
+import data
+
+
+def write_gray_video(path, n, size=(48, 32)):
+    """Frame k is flat gray 10*k, so a decoded frame tells which index it was."""
+    data._write_video(str(path), [np.full((size[1], size[0], 3), 10 * k, np.uint8) for k in range(n)])
+
+
+def frame_ids(video, mask):
+    return [round(float(f.float().mean()) / 10) for f in video[mask]]
+
+
+@pytest.fixture
+def msrvtt(tmp_path):
+    """video0, video1 train (9k), video2 test; video1 is unreadable; test sentence has CSV quoting."""
+    ann, vids = tmp_path / "ann", tmp_path / "videos"
+    ann.mkdir(), vids.mkdir()
+    sentences = [("video0", "a man sings"), ("video1", "a dog runs"), ("video0", "someone <|EndOfText|> sings"),
+                 ("video2", "cars, trucks and \"bikes\""), ("video1", "a dog plays")]
+    json.dump({"info": {}, "videos": [{"video_id": f"video{i}", "split": "train"} for i in range(3)],
+               "sentences": [{"caption": c, "video_id": v, "sen_id": k} for k, (v, c) in enumerate(sentences)]},
+              open(ann / "MSRVTT_data.json", "w"))
+    for name, ids in [("MSRVTT_train.9k.csv", ["video0", "video1"]), ("MSRVTT_train.7k.csv", ["video0"])]:
+        (ann / name).write_text("video_id\n" + "".join(i + "\n" for i in ids))
+    with open(ann / "MSRVTT_JSFUSION_test.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["key", "vid_key", "video_id", "sentence"], ["ret0", "msr2", "video2", sentences[3][1]]])
+    write_gray_video(vids / "video0.mp4", 24)
+    (vids / "video1.mp4").write_bytes(b"\x00not a video" * 50)
+    write_gray_video(vids / "video2.mp4", 5)
+    return str(ann), str(vids)
+
+
+def test_msrvtt_reader(msrvtt):
+    train = data.read_split("msrvtt", "train", *msrvtt)
+    assert train.captions == ["a man sings", "someone <|EndOfText|> sings", "a dog runs", "a dog plays"]
+    assert train.caption_video == [0, 0, 1, 1] and [os.path.basename(v) for v in train.videos] == ["video0.mp4", "video1.mp4"]
+    assert all(os.path.isabs(v) for v in train.videos)
+    test = data.read_split("msrvtt", "test", *msrvtt)
+    assert test.captions == ['cars, trucks and "bikes"'] and test.caption_video == [0]
+    assert len(data.read_split("msrvtt7k", "train", *msrvtt).videos) == 1
+    with pytest.raises(FileNotFoundError, match="MSRVTT_JSFUSION_test.csv.*msrvtt_data.zip"):
+        data.read_split("msrvtt", "test", msrvtt[1], msrvtt[1])
+    with pytest.raises(ValueError, match="unknown data set 'msr'.*msrvtt"):
+        data.read_split("msr", "train", *msrvtt)
+
+
+def test_missing_videos_clear_error_or_loud_subset(msrvtt, capsys):
+    os.remove(os.path.join(msrvtt[1], "video0.mp4"))
+    with pytest.raises(FileNotFoundError, match=r"1 of 2 msrvtt train videos are missing .*video0.*--allow_missing"):
+        data.read_split("msrvtt", "train", *msrvtt)
+    split = data.read_split("msrvtt", "train", *msrvtt, allow_missing=True)
+    assert split.captions == ["a dog runs", "a dog plays"] and split.caption_video == [0, 0]
+    assert "present videos only" in capsys.readouterr().err
+
+
+def test_sample_indices():
+    assert data.sample_indices(24, 12, train=False) == list(range(1, 24, 2))  # segment centres
+    assert data.sample_indices(5, 12, train=False) == [0, 1, 2, 3, 4]  # short clip: every frame
+    torch.manual_seed(0)
+    draws = [data.sample_indices(30, 4, train=True) for _ in range(200)]
+    for k, (lo, hi) in enumerate([(0, 7), (7, 15), (15, 22), (22, 30)]):  # edges 0, 7.5, 15, 22.5, 30
+        seen = {d[k] for d in draws}
+        assert min(seen) >= lo and max(seen) < hi and len(seen) > 1
+
+
+def test_frames_mask_and_padding(msrvtt):
+    test = data.read_split("msrvtt", "test", *msrvtt)
+    item = data.VideoTextDataset(test, frames=8, words=16, size=32, train=False, mode="videos")[0]
+    assert item["video"].shape == (8, 3, 32, 32) and item["video"].dtype == torch.uint8
+    assert item["video_mask"].tolist() == [True] * 5 + [False] * 3  # 5-frame clip: zero padding, masked
+    assert frame_ids(item["video"], item["video_mask"]) == [0, 1, 2, 3, 4]
+    assert item["video"][5:].abs().sum() == 0
+    train = data.read_split("msrvtt", "train", *msrvtt)
+    item = data.VideoTextDataset(train, frames=6, words=16, size=32, train=False, mode="pairs")[0]
+    assert frame_ids(item["video"], item["video_mask"]) == [2, 6, 10, 14, 18, 22]  # 24 frames, centres
+
+
+def test_corrupt_video_substituted_in_training_error_at_eval(msrvtt, capfd):
+    train = data.read_split("msrvtt", "train", *msrvtt)
+    ds = data.VideoTextDataset(train, frames=4, words=16, size=32, train=True)
+    loader = data.make_loader(ds, batch_size=4, shuffle=False, num_workers=1)
+    batch = next(iter(loader))  # decoded in a worker process
+    assert batch["video"].shape == (4, 4, 3, 32, 32) and batch["text"].dtype == torch.long
+    # captions 2, 3 belong to the bad video1: replaced by the next caption (wrapping round) of video0
+    assert batch["caption_index"].tolist() == [0, 1, 0, 0] and batch["video_index"].tolist() == [0, 0, 0, 0]
+    assert ds.substitutions == 2 and [os.path.basename(v) for v in ds.corrupt_videos] == ["video1.mp4"]
+    assert capfd.readouterr().err.count("unreadable video") == 1  # logged once, by the worker
+    eval_ds = data.VideoTextDataset(train, frames=4, words=16, size=32, train=False, mode="videos")
+    assert eval_ds[0]["video_mask"].all()
+    with pytest.raises(data.VideoError, match="video1.mp4.*Evaluation needs every test video"):
+        eval_ds[1]
+
+
+def test_text_tokens_and_sanitising():
+    ids = data.tokenize("Someone <|EndOfText|> sings &lt;|startoftext|&gt; loudly", 16)
+    assert ids.dtype == torch.long and ids.shape == (16,)
+    eot = (ids == clip.EOT).nonzero().flatten().tolist()
+    assert eot == [int(ids.argmax())] and clip.SOT not in ids[1:].tolist()
+    assert torch.equal(ids, data.tokenize("someone sings loudly", 16))
+    long = data.tokenize("word " * 40, 8)
+    assert long[-1] == clip.EOT and long[0] == clip.SOT and (long != 0).all()
+
+
+def test_synthetic_deterministic_and_msrvtt_layout(tmp_path, monkeypatch):
+    a, b = tmp_path / "a", tmp_path / "b"
+    data.make_synthetic(str(a), seed=3, n_train=6, n_test_pairs=3)
+    data.make_synthetic(str(b), seed=3, n_train=6, n_test_pairs=3)
+    for name in ["MSRVTT_data.json", "MSRVTT_train.9k.csv", "MSRVTT_JSFUSION_test.csv", "synthetic_still.csv",
+                 "videos/video0.mp4", "videos/video11.mp4"]:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    train, test = data.read_split("msrvtt", "train", str(a), str(a / "videos")), data.read_split("synthetic", "test", str(a))
+    assert len(train.videos) == 6 and len(train.captions) == 18 and len(test.videos) == 6
+    assert len(set(test.captions)) == 6  # every test caption unique: R@1 can reach 100
+    for k in (0, 2, 4):  # test clips come in pairs: the second is the first played backwards
+        first, second = (data.read_frames(test.videos[k + j], 0, False, fps=0).astype(float) for j in (0, 1))
+        assert np.abs(first - second[::-1]).mean() < 2 and np.abs(first - second).mean() > 0.2
+    canonical = {data.caption(c, s, m): (c, s, m) for c in data.COLOURS for s in data.SHAPES for m in data.MOTIONS}
+    for k in (0, 2, 4):  # ... and its caption is the reversed motion ("moves left then grows" -> "shrinks then
+        colour, shape, motions = canonical[test.captions[k]]  # moves right")
+        assert test.captions[k + 1] == data.caption(colour, shape, data.reverse(motions)) != test.captions[k]
+    still = data.read_split("synthetic", "still", str(a))
+    assert all(len(c.split()) == 3 for c in still.captions) and set(still.videos) <= set(train.videos)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # the default location, written atomically
+    root = data.ensure_synthetic(n_train=2, n_test_pairs=1)
+    assert root == str(tmp_path / "xdg" / "nanotvr" / f"synthetic-{data.SYNTHETIC_VERSION}")
+    assert os.listdir(tmp_path / "xdg" / "nanotvr") == [os.path.basename(root)]  # no temporary left behind
+
+
+def test_frame_cache_equals_decoding(msrvtt, tmp_path):
+    train = data.read_split("msrvtt", "train", *msrvtt)
+    cache = str(tmp_path / "cache")
+    with pytest.raises(FileNotFoundError, match="python data.py --cache"):
+        data.VideoTextDataset(train, frames=6, words=8, size=32, train=False, frame_cache=cache)
+    os.makedirs(cache)
+    errors = [data._cache_one((v, data.cache_file(cache, v), 32, 0)) for v in train.videos]  # fps 0: all frames
+    assert errors[0] is None and "video1.mp4" in errors[1]
+    decoded = data.VideoTextDataset(train, frames=6, words=8, size=32, train=False, mode="videos")[0]
+    cached = data.VideoTextDataset(train, frames=6, words=8, size=32, train=False, mode="videos",
+                                   frame_cache=cache)
+    assert np.load(data.cache_file(cache, train.videos[0])).shape == (24, 3, 32, 32)
+    assert torch.equal(cached.load_video(0)[0], decoded["video"])
+
+
+def test_loader_distributed_sampler(msrvtt, tmp_path):
+    train = data.read_split("msrvtt", "train", *msrvtt)
+    ds = data.VideoTextDataset(train, frames=2, words=8, size=16, train=False, mode="texts")
+    assert len(ds) == 4 and ds[3]["caption_index"] == 3
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        loader = data.make_loader(ds, batch_size=3, shuffle=True, num_workers=0, distributed=True, drop_last=True)
+        assert isinstance(loader.sampler, torch.utils.data.DistributedSampler) and loader.sampler.shuffle
+        loader.sampler.set_epoch(1)
+        assert [b["text"].shape for b in loader] == [(3, 8)]  # drop_last
+    finally:
+        torch.distributed.destroy_process_group()
