@@ -129,14 +129,17 @@ READERS = dict(msrvtt=_read_msrvtt, msrvtt7k=lambda r, s: _read_msrvtt(r, s, "7k
                vatex=_read_vatex, didemo=_read_didemo, activitynet=_read_activitynet, lsmdc=_read_lsmdc)
 
 
+VIDEO_EXTS = {"mp4", "avi", "mkv", "webm", "mov", "3gp", "mpg", "mpeg", "m4v", "wmv", "flv"}
+
+
 def _video_index(video_path):
     """file name and name-without-extension -> path, for every file under video_path (any depth/extension:
     LSMDC nests clips per movie, DiDeMo keeps extensions in its ids and some copies add '.mp4')."""
     if not video_path or not os.path.isdir(video_path):
         raise FileNotFoundError(f"--video_path {video_path!r} is not a directory of videos")
-    index = {}
+    index, video_first = {}, lambda n: (n.rsplit(".", 1)[-1].lower() not in VIDEO_EXTS, n)
     for root, _, files in os.walk(video_path):
-        for name in sorted(files):
+        for name in sorted(files, key=video_first):  # 'x.mp4' wins 'x' over a stray 'x.json'
             path = os.path.abspath(os.path.join(root, name))
             index.setdefault(name.rsplit(".", 1)[0], path)
             index[name] = path
