@@ -1,0 +1,187 @@
+"""clip.py loading: config inference, strict loads (plain files, TorchScript archives), OpenAI's four configs,
+ResNet refusal, downloads (SHA256, atomic rename, re-fetch, offline message, XDG_CACHE_HOME), the oracle.
+
+tests/fixtures/clip_manifests.json holds facts produced once by openai/CLIP@d05afc4's own CLIP class on the
+meta device (shared/oracles/clip_oracle.py): every state-dict key, its shape and the parameter count.
+"""
+import hashlib
+import io
+import json
+import os
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+from torch import nn
+
+import clip
+from conftest import TINY, make_tiny_clip
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+N_PARAMS = {"ViT-B/32": 151_277_313, "ViT-B/16": 149_620_737, "ViT-L/14": 427_616_513, "ViT-L/14@336px": 427_944_193}
+# a second tiny config: 2 heads per tower, 48 px / 16 px patches (3x3 grid), 32-token context, 3 text layers
+TINY2 = dict(TINY, embed_dim=16, image_resolution=48, vision_width=128, vision_patch_size=16, context_length=32,
+             transformer_width=128, transformer_heads=2, transformer_layers=3)
+
+
+def assert_same_model(a, b):
+    torch.manual_seed(1)
+    res = a.visual.input_resolution
+    img = torch.randn(2, 3, res, res)
+    txt = clip.tokenize(["a red circle moves left", "a dog"], a.context_length)
+    assert a.state_dict().keys() == b.state_dict().keys()
+    with torch.no_grad():
+        torch.testing.assert_close(a.encode_image(img), b.encode_image(img), rtol=0, atol=0)
+        torch.testing.assert_close(a.encode_text(txt), b.encode_text(txt), rtol=0, atol=0)
+
+@pytest.mark.parametrize("config", [TINY, TINY2], ids=["tiny", "tiny2"])
+def test_build_model_infers_config_and_loads_strictly(config):
+    model = make_tiny_clip(**config)
+    sd = dict(model.state_dict(), input_resolution=torch.tensor(32), context_length=torch.tensor(77),
+              vocab_size=torch.tensor(49408))  # archive-only keys OpenAI's .pt files carry
+    built = clip.build_model(sd)
+    assert not built.training and all(p.dtype == torch.float32 for p in built.parameters())
+    assert built.visual.transformer.resblocks[0].attn.heads == max(config["vision_width"] // 64, 1)
+    assert built.transformer.resblocks[0].attn.heads == config["transformer_heads"]
+    assert_same_model(model, built)
+
+
+def test_load_plain_state_dict_file(tmp_path):
+    model = make_tiny_clip(**TINY2)
+    torch.save(model.state_dict(), tmp_path / "plain.pt")
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "wrapped.pt")
+    assert_same_model(model, clip.load(str(tmp_path / "plain.pt")))
+    assert_same_model(model, clip.load(str(tmp_path / "wrapped.pt")))
+
+
+class Archive(nn.Module):
+    """Like OpenAI's .pt files: a TorchScript module holding CLIP's fp16 weights under OpenAI's names."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("load() must not run archived code")
+
+
+def test_load_torchscript_archive(tmp_path):
+    model = make_tiny_clip(**TINY2)
+    root = Archive()
+    for name, t in model.state_dict().items():
+        *path, leaf = name.split(".")
+        mod = root
+        for p in path:
+            if not hasattr(mod, p):
+                mod.add_module(p, nn.Module())
+            mod = getattr(mod, p)
+        mod.register_parameter(leaf, nn.Parameter(t.half(), requires_grad=False))
+    root.register_buffer("input_resolution", torch.tensor(48))
+    torch.jit.save(torch.jit.script(root), str(tmp_path / "ViT-tiny.pt"))
+    loaded = clip.load(str(tmp_path / "ViT-tiny.pt"))
+    model.load_state_dict({k: v.half().float() for k, v in model.state_dict().items()})  # what the archive holds
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    assert_same_model(model, loaded)
+
+
+@pytest.mark.parametrize("name", list(N_PARAMS))
+def test_real_configs_match_openai_manifest(name):
+    with open(os.path.join(FIXTURES, "clip_manifests.json")) as f:
+        manifest = json.load(f)[name]
+    with torch.device("meta"):  # shapes only, no memory
+        model = clip.CLIP(**manifest["config"])
+        rebuilt = clip.build_model(model.state_dict())  # config inference on the real shapes
+    for m in (model, rebuilt):
+        assert {k: list(v.shape) for k, v in m.state_dict().items()} == manifest["shapes"]
+        assert sum(p.numel() for p in m.parameters()) == manifest["n_params"] == N_PARAMS[name]
+    assert name in clip.available_models()
+
+
+def test_resnet_checkpoint_refused():
+    sd = {k: v for k, v in make_tiny_clip().state_dict().items() if not k.startswith("visual.")}
+    sd.update({"visual.conv1.weight": torch.zeros(32, 3, 3, 3), "visual.layer1.0.conv1.weight": torch.zeros(64, 64, 1, 1),
+               "visual.attnpool.positional_embedding": torch.zeros(50, 2048)})  # RN50-like names
+    with pytest.raises(ValueError, match="ResNet"):
+        clip.build_model(sd)
+    with pytest.raises(ValueError, match="ViT"):
+        clip.CLIP(**dict(TINY, vision_layers=(3, 4, 6, 3)))
+
+
+
+
+# ---- downloads (urlopen monkeypatched: no network) ---------------------------------------------------
+
+@pytest.fixture
+def cache(monkeypatch, tmp_path):
+    """XDG_CACHE_HOME in tmp_path and a fake entry "tiny" in the model table whose bytes are a tiny CLIP."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    buf = io.BytesIO()
+    torch.save(make_tiny_clip().state_dict(), buf)
+    data = buf.getvalue()
+    monkeypatch.setitem(clip._MODELS, "tiny", ("tiny.pt", hashlib.sha256(data).hexdigest()))
+    served = []
+
+    def serve(payload):  # urlopen replacement; records every URL it is asked for
+        def urlopen(url, *args, **kwargs):
+            served.append(url)
+            if isinstance(payload, Exception):
+                raise payload
+            return io.BytesIO(payload)
+        monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    return dict(dir=tmp_path / "xdg" / "clip", data=data, served=served, serve=serve)
+
+
+def test_download_verifies_renames_and_reuses_the_cache(cache):
+    assert clip.default_cache_dir() == str(cache["dir"])  # XDG_CACHE_HOME respected
+    cache["serve"](cache["data"])
+    assert_same_model(make_tiny_clip(), clip.load("tiny"))
+    assert os.listdir(cache["dir"]) == ["tiny.pt"] and len(cache["served"]) == 1
+    assert cache["served"][0].endswith(f"/{clip._MODELS['tiny'][1]}/tiny.pt")  # the hash is in OpenAI's URL
+    cache["serve"](urllib.error.URLError("offline"))  # a verified cached file needs no network
+    clip.load("tiny")
+    assert len(cache["served"]) == 1
+
+
+def test_wrong_hash_raises_and_leaves_no_file(cache):
+    cache["serve"](cache["data"][:-1] + b"!")
+    with pytest.raises(RuntimeError, match="SHA256"):
+        clip.load("tiny")
+    assert os.listdir(cache["dir"]) == []  # neither tiny.pt nor a temporary .part file
+
+
+def test_cached_file_with_wrong_hash_is_fetched_again(cache):
+    os.makedirs(cache["dir"])
+    (cache["dir"] / "tiny.pt").write_bytes(b"truncated download")
+    cache["serve"](cache["data"])
+    assert_same_model(make_tiny_clip(), clip.load("tiny"))
+    assert len(cache["served"]) == 1 and clip.sha256_of(cache["dir"] / "tiny.pt") == clip._MODELS["tiny"][1]
+
+
+@pytest.mark.parametrize("error", [urllib.error.URLError("no route to host"),
+                                   urllib.error.HTTPError("https://x", 404, "Not Found", None, None)])
+def test_offline_or_404_error_says_where_to_put_the_file(cache, error):
+    cache["serve"](error)
+    with pytest.raises(RuntimeError) as e:
+        clip.load("ViT-B/32")
+    msg = str(e.value)
+    assert "ViT-B-32.pt" in msg and clip._MODELS["ViT-B/32"][1] in msg and str(cache["dir"] / "ViT-B-32.pt") in msg
+    assert os.listdir(cache["dir"]) == []
+
+
+def test_cache_dir_without_xdg(monkeypatch, tmp_path):
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert clip.default_cache_dir() == str(tmp_path / ".cache" / "clip")
+    with pytest.raises(FileNotFoundError, match="ViT-B/32"):  # neither a file nor a known name
+        clip.load(str(tmp_path / "missing.pt"))
+
+
+@pytest.mark.skipif(not os.environ.get("CLIP_REF"), reason="set CLIP_REF to clip_oracle.py's output")
+def test_matches_official_oracle():
+    ref = torch.load(os.environ["CLIP_REF"], weights_only=False)
+    model = clip.build_model({k: v.float() for k, v in ref["state_dict"].items()})
+    out = ref["outputs"]
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(ref["images"]), out["image_features"], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(model.encode_text(ref["tokens77"]), out["text_features"], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(model.encode_text(ref["tokens32"]), out["text_features_ctx32"], atol=2e-5, rtol=1e-4)
+        tokens = model.visual.head(model.visual.transformer(model.visual.embed(ref["images"])))
+        torch.testing.assert_close(tokens, out["image_tokens"], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(model(ref["images"], ref["tokens77"])[0], out["logits_per_image"], atol=2e-4, rtol=1e-4)
