@@ -55,7 +55,7 @@ def bench(name, split, size, frames, repeats, tmp):
         rows.append((f"decode {frames} frames ({'random' if train else 'centre'} in segments)",
                      time_per_clip(ds.load_video, items, repeats)))
     build = time_per_clip(lambda v: data._cache_one((split.videos[v], data.cache_file(cache, split.videos[v]),
-                                                     size, 3.0)), items, 1)
+                                                     size, 3.0, None)), items, 1)
     rows.append(("build cache (one-off: <=3 fps, all frames)", build))
     for train in (False, True):
         ds = data.VideoTextDataset(split, frames=frames, words=32, size=size, train=train, mode="videos",

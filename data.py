@@ -10,8 +10,7 @@ Frames: T equal segments over the clip, the centre frame of each at eval, a rand
 training (DGL's sampling); only those frames are decoded (OpenCV), resized and centre-cropped as CLIP does
 (clip.resize_crop). Clips with fewer than T frames keep all of them, zero-padded, video_mask False there.
 Deviations: (1) CLIP4Clip samples 1 frame/s then `linspace`s 12 of them; we sample segments of all frames.
-(2) DiDeMo's 0-31 s window and ActivityNet's [0, duration] are the whole file here (DiDeMo clips are <= 30 s
-long, except a few). (3) Videos leave the loader uint8; train.py normalises on the GPU (clip.normalize).
+(2) Clips shorter than T are zero-padded and masked (CLIP4Clip); DGL repeats the last frame. (3) Videos leave the loader uint8; train.py normalises on the GPU (clip.normalize).
 
   python data.py --cache DIR --data msrvtt --data_path ANN --video_path VIDEOS   # optional frame cache
 """
@@ -43,6 +42,7 @@ class Split:
     videos: list         # absolute video file paths, one per video
     captions: list       # caption strings
     caption_video: list  # caption i describes videos[caption_video[i]]
+    max_seconds: float = None  # sample frames from the first max_seconds only (DiDeMo: 31, as CLIP4Clip)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -155,8 +155,8 @@ def read_split(data, split, data_path=None, video_path=None, allow_missing=False
         video_path = video_path or os.path.join(data_path, "videos")
         ids, pairs = _read_msrvtt(data_path, split)
     else:
-        if split == "still":
-            raise ValueError("split 'still' exists only for data='synthetic'")
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"split must be train, val or test ('still' only for synthetic), not {split!r}")
         ids, pairs = READERS[data](data_path, split)
     ids = list(dict.fromkeys(ids))
     index = _video_index(video_path)
@@ -178,8 +178,9 @@ def read_split(data, split, data_path=None, video_path=None, allow_missing=False
     uncaptioned = len(present) - len({i for i, _ in kept})
     if uncaptioned:
         raise ValueError(f"{data} {split}: {uncaptioned} listed videos have no caption in the annotations")
-    return Split(name=f"{data}-{split}", videos=[index[v] for v in present],
-                 captions=[c for _, c in kept], caption_video=[i for i, _ in kept])
+    # DiDeMo's annotations cover the first 30 s (longer videos were cut for annotation): CLIP4Clip reads 0-31 s
+    return Split(name=f"{data}-{split}", videos=[index[v] for v in present], captions=[c for _, c in kept],
+                 caption_video=[i for i, _ in kept], max_seconds=31.0 if data == "didemo" else None)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -227,44 +228,50 @@ def sample_indices(n, frames, train):
 
 
 def _grab(cap, indices):
-    """Read the frames at sorted `indices`; returns (RGB frames, frames read before the stream ended)."""
-    out, pos = [], 0
+    """Read the frames at sorted `indices` -> (RGB frames, number of frames known to exist)."""
+    out, pos, known = [], 0, 0
     for i in indices:
         if i - pos > SEEK_GAP:
             cap.set(cv2.CAP_PROP_POS_FRAMES, i)
             pos = i
         while pos < i and cap.grab():
-            pos += 1
+            pos = known = pos + 1
         ok, frame = cap.read() if pos == i else (False, None)
         if not ok:
-            return out, pos
+            return out, known
         out.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
-        pos += 1
-    return out, pos
+        pos = known = pos + 1
+    return out, known
 
 
-def read_frames(path, frames, train, fps=None):
-    """Decode T sampled frames (or, with fps, every frame resampled to <= fps; fps=0: every frame)
-    -> uint8 [t, H, W, 3] RGB; raises VideoError."""
-    for attempt in range(2):
-        cap = cv2.VideoCapture(path)
-        n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) if cap.isOpened() else 0
-        if attempt:  # the header over-reported its frame count: use what the stream really holds
-            n = real
-        if n <= 0:
-            cap.release()
-            raise VideoError(f"cannot read video {path} (not a video, or no frames)")
-        if fps is not None:
-            step = max((cap.get(cv2.CAP_PROP_FPS) or fps) / fps, 1.0) if fps else 1.0
-            idx = sorted({int(round(k * step)) for k in range(int(n / step) + 1)} - {n})
-        else:
-            idx = sample_indices(n, frames, train)
-        out, real = _grab(cap, idx)
+def read_frames(path, frames, train, fps=None, max_seconds=None):
+    """Decode T sampled frames (or, with fps, every frame resampled to <= fps; fps=0: every frame) of the
+    first max_seconds (None: all) -> uint8 [t, H, W, 3] RGB; raises VideoError."""
+    cap = cv2.VideoCapture(path)
+    if not cap.isOpened():
+        raise VideoError(f"cannot open video {path}")
+    n, rate = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)), cap.get(cv2.CAP_PROP_FPS) or 30.0
+    step = max(rate / fps, 1.0) if fps else 1.0
+    if n <= 0:  # some containers store no frame count: count by grabbing
+        n = 0
+        while cap.grab():
+            n += 1
         cap.release()
-        if len(out) == len(idx):
+        cap = cv2.VideoCapture(path)
+    n = min(n, int(max_seconds * rate)) if max_seconds else n
+    out, idx = [], []
+    for attempt in range(2):
+        if fps is None:
+            idx = sample_indices(n, frames, train)
+        else:
+            idx = sorted({int(round(k * step)) for k in range(int(n / step) + 1)} - {n})
+        out, known = _grab(cap, idx) if idx else ([], 0)
+        cap.release()
+        if out and len(out) == len(idx):
             return np.stack(out)
-        if real == 0:
+        if known == 0 or attempt:
             break
+        n, cap = known, cv2.VideoCapture(path)  # the header promised more frames than the stream holds
     raise VideoError(f"cannot decode video {path} ({len(out)} of {len(idx)} frames)")
 
 
@@ -452,7 +459,8 @@ class VideoTextDataset(Dataset):
             x = torch.from_numpy(np.ascontiguousarray(cached[sample_indices(len(cached), self.frames, self.train)]))
             x = clip.resize_crop(x, self.size) if x.shape[-1] != self.size else x
         else:
-            x = clip.resize_crop(read_frames(path, self.frames, self.train), self.size)  # [t, 3, S, S]
+            x = read_frames(path, self.frames, self.train, max_seconds=self.split.max_seconds)
+            x = clip.resize_crop(x, self.size)  # [t, 3, S, S]
         video = torch.zeros(self.frames, 3, self.size, self.size, dtype=torch.uint8)  # pad: zeros, masked
         video[:len(x)] = x
         mask = torch.arange(self.frames) < len(x)
@@ -517,11 +525,11 @@ def make_loader(dataset, *, batch_size, shuffle, num_workers, distributed=False,
 # load would do, as nothing here crops randomly). Later epochs read a memory-mapped .npy instead of decoding.
 
 def _cache_one(job):
-    video, dest, size, fps = job
+    video, dest, size, fps, max_seconds = job
     if os.path.isfile(dest):
         return None
     try:
-        frames = clip.resize_crop(read_frames(video, 0, False, fps=fps), size).numpy()  # [N, 3, S, S]
+        frames = clip.resize_crop(read_frames(video, 0, False, fps, max_seconds), size).numpy()  # [N, 3, S, S]
     except VideoError as e:
         return str(e)
     tmp = dest + f".{os.getpid()}.tmp"
@@ -531,10 +539,10 @@ def _cache_one(job):
     return None
 
 
-def build_frame_cache(videos, cache_dir, size=224, fps=3.0, workers=1):
+def build_frame_cache(videos, cache_dir, size=224, fps=3.0, workers=1, max_seconds=None):
     """Decode every video once into cache_dir/<file name>.npy; returns the error messages of unreadable ones."""
     os.makedirs(cache_dir, exist_ok=True)
-    jobs = [(v, cache_file(cache_dir, v), size, fps) for v in videos]
+    jobs = [(v, cache_file(cache_dir, v), size, fps, max_seconds) for v in videos]
     with mp.get_context("spawn").Pool(workers, initializer=_worker_init, initargs=(0,)) as pool:
         errors = [e for e in pool.imap_unordered(_cache_one, jobs, chunksize=8) if e]
     for e in errors:
@@ -554,7 +562,7 @@ if __name__ == "__main__":
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--allow_missing", action="store_true")
     a = p.parse_args()
-    videos = {v for s in ("train", "test") for v in read_split(a.data, s, a.data_path, a.video_path,
-                                                               a.allow_missing).videos}
-    errors = build_frame_cache(sorted(videos), a.cache, a.size, a.fps, a.workers)
+    splits = [read_split(a.data, s, a.data_path, a.video_path, a.allow_missing) for s in ("train", "test")]
+    videos = sorted({v for s in splits for v in s.videos})
+    errors = build_frame_cache(videos, a.cache, a.size, a.fps, a.workers, splits[0].max_seconds)
     print(f"cached {len(videos) - len(errors)} of {len(videos)} videos in {a.cache}")

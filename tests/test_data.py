@@ -3,6 +3,7 @@ import csv
 import json
 import os
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -83,6 +84,19 @@ def test_frames_mask_and_padding(msrvtt):
     train = data.read_split("msrvtt", "train", *msrvtt)
     item = data.VideoTextDataset(train, frames=6, words=16, size=32, train=False, mode="pairs")[0]
     assert frame_ids(item["video"], item["video_mask"]) == [2, 6, 10, 14, 18, 22]  # 24 frames, centres
+    first_second = data.read_frames(train.videos[0], 4, train=False, max_seconds=1.0)  # 8 fps: frames 0-7
+    assert [round(f.mean() / 10) for f in first_second] == [1, 3, 5, 7]
+
+
+def test_truncated_file_with_wrong_frame_count(tmp_path):
+    writer = cv2.VideoWriter(str(tmp_path / "t.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 8, (48, 32))
+    for k in range(24):
+        writer.write(np.full((32, 48, 3), 10 * k, np.uint8))
+    writer.release()
+    whole = (tmp_path / "t.avi").read_bytes()
+    (tmp_path / "t.avi").write_bytes(whole[:len(whole) * 6 // 10])  # header still says 24 frames
+    frames = data.read_frames(str(tmp_path / "t.avi"), 12, train=False)
+    assert 0 < len(frames) < 12 and [round(f.mean() / 10) for f in frames] == list(range(len(frames)))
 
 
 def test_corrupt_video_substituted_in_training_error_at_eval(msrvtt, capfd):
@@ -142,7 +156,7 @@ def test_frame_cache_equals_decoding(msrvtt, tmp_path):
     with pytest.raises(FileNotFoundError, match="python data.py --cache"):
         data.VideoTextDataset(train, frames=6, words=8, size=32, train=False, frame_cache=cache)
     os.makedirs(cache)
-    errors = [data._cache_one((v, data.cache_file(cache, v), 32, 0)) for v in train.videos]  # fps 0: all frames
+    errors = [data._cache_one((v, data.cache_file(cache, v), 32, 0, None)) for v in train.videos]  # fps 0: all
     assert errors[0] is None and "video1.mp4" in errors[1]
     decoded = data.VideoTextDataset(train, frames=6, words=8, size=32, train=False, mode="videos")[0]
     cached = data.VideoTextDataset(train, frames=6, words=8, size=32, train=False, mode="videos",

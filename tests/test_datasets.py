@@ -62,6 +62,7 @@ def test_didemo_paragraph_with_times_and_extensions(tmp_path):
     test = data.read_split("didemo", "test", str(tmp_path), str(tmp_path / "videos"))
     assert test.captions == ["a dog jumps. the dog lands", "camera pans left"]  # paragraph <-> whole video
     assert test.caption_video == [0, 1] and names(test) == [ids[0], ids[1] + ".mp4"]
+    assert test.max_seconds == 31  # annotations cover the first 30 s: frames come from 0-31 s (CLIP4Clip)
 
 
 def test_activitynet_v_prefix_and_paragraphs(tmp_path):
