@@ -3,14 +3,16 @@
 Readers turn each benchmark's annotation files (the files CLIP4Clip @ 508ffa3 and DGL @ 9139fd1 read; see
 pipeline spec §2) into a `Split`: one path per video, the captions, and caption -> video. Multi-caption test
 sets (MSVD, VATEX) are several captions pointing at one video; paragraph sets (DiDeMo, ActivityNet) join a
-video's sentences into one caption. `VideoTextDataset` serves any Split:
+video's sentences into one caption; WebVid-2M (SimVTP pretraining) is one caption per video. `VideoTextDataset`
+serves any Split:
   pairs  (training)  one item per caption: video uint8 [T,3,S,S], video_mask bool [T], text long [L]
   videos (eval)      one item per video;   texts (eval) one item per caption.
 Frames: T equal segments over the clip, the centre frame of each at eval, a random frame inside each for
 training (DGL's sampling); only those frames are decoded (OpenCV), resized and centre-cropped as CLIP does
 (clip.resize_crop). Clips with fewer than T frames keep all of them, zero-padded, video_mask False there.
 Deviations: (1) CLIP4Clip samples 1 frame/s then `linspace`s 12 of them; we sample segments of all frames.
-(2) Clips shorter than T are zero-padded and masked (CLIP4Clip); DGL repeats the last frame. (3) Videos leave the loader uint8; train.py normalises on the GPU (clip.normalize).
+(2) Clips shorter than T are zero-padded and masked (CLIP4Clip); DGL repeats the last frame. (3) Videos
+leave the loader uint8; train.py normalises them on the GPU (clip.normalize).
 
   python data.py --cache DIR --data msrvtt --data_path ANN --video_path VIDEOS   # optional frame cache
 """
@@ -33,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 import clip
 
-DATASETS = ("synthetic", "msrvtt", "msrvtt7k", "msvd", "vatex", "didemo", "activitynet", "lsmdc")
+DATASETS = ("synthetic", "msrvtt", "msrvtt7k", "msvd", "vatex", "didemo", "activitynet", "lsmdc", "webvid")
 
 
 @dataclass
@@ -125,8 +127,18 @@ def _read_lsmdc(root, split):
     return list(dict.fromkeys(v for v, _ in pairs)), pairs
 
 
+def _read_webvid(root, split):
+    """WebVid-2M (SimVTP pretraining): results_2M_{train,val}.csv, columns videoid, contentUrl, duration,
+    page_dir, name (the caption); videos at <video_path>/<page_dir>/<videoid>.mp4 (Frozen-in-Time's layout)."""
+    name = "results_2M_train.csv" if split == "train" else "results_2M_val.csv"
+    with open(_need(root, name, "Get the WebVid-2M CSVs (see README)."), newline="") as f:
+        pairs = [(f"{r['page_dir']}/{r['videoid']}.mp4", r["name"]) for r in csv.DictReader(f)]
+    return [v for v, _ in pairs], pairs
+
+
 READERS = dict(msrvtt=_read_msrvtt, msrvtt7k=lambda r, s: _read_msrvtt(r, s, "7k"), msvd=_read_msvd,
-               vatex=_read_vatex, didemo=_read_didemo, activitynet=_read_activitynet, lsmdc=_read_lsmdc)
+               vatex=_read_vatex, didemo=_read_didemo, activitynet=_read_activitynet, lsmdc=_read_lsmdc,
+               webvid=_read_webvid)
 
 
 VIDEO_EXTS = {"mp4", "avi", "mkv", "webm", "mov", "3gp", "mpg", "mpeg", "m4v", "wmv", "flv"}
@@ -159,7 +171,13 @@ def read_split(data, split, data_path=None, video_path=None, allow_missing=False
             raise ValueError(f"split must be train, val or test ('still' only for synthetic), not {split!r}")
         ids, pairs = READERS[data](data_path, split)
     ids = list(dict.fromkeys(ids))
-    index = _video_index(video_path)
+    if data == "webvid":  # ids are relative paths; 2.5M files: stat each rather than walk the tree
+        if not video_path or not os.path.isdir(video_path):
+            raise FileNotFoundError(f"--video_path {video_path!r} is not a directory of videos")
+        index = {v: os.path.abspath(os.path.join(video_path, v)) for v in ids
+                 if os.path.isfile(os.path.join(video_path, v))}
+    else:
+        index = _video_index(video_path)
     present = [v for v in ids if v in index]
     if len(present) < len(ids):
         missing = [v for v in ids if v not in index]

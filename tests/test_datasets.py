@@ -98,6 +98,19 @@ def test_lsmdc_tab_separated_rows(tmp_path):
         data.read_split("lsmdc", "test", str(tmp_path), str(tmp_path / "avi"))
 
 
+def test_webvid_csv_page_dirs_and_missing_downloads(tmp_path, capsys):
+    (tmp_path / "results_2M_val.csv").write_text(
+        "videoid,contentUrl,duration,page_dir,name\n"
+        "31353427,https://x/1.mp4,PT00H00M19S,016401_016450,\"Aerial, shot of a city\"\n"
+        "8131,https://x/2.mp4,PT00H00M09S,000001_000050,Never downloaded\n")
+    touch(tmp_path / "videos", "016401_016450/31353427.mp4", "000001_000050/31353427.mp4")
+    with pytest.raises(FileNotFoundError, match=r"1 of 2 webvid test videos are missing .*000001_000050/8131\.mp4"):
+        data.read_split("webvid", "test", str(tmp_path), str(tmp_path / "videos"))
+    split = data.read_split("webvid", "test", str(tmp_path), str(tmp_path / "videos"), allow_missing=True)
+    assert split.captions == ["Aerial, shot of a city"] and split.videos[0].endswith("016401_016450/31353427.mp4")
+    assert "using the 1 present videos only" in capsys.readouterr().err
+
+
 def test_missing_files_reported_for_every_reader(tmp_path):
     (tmp_path / "test_list.txt").write_text("a\nb\n")
     pickle.dump({"a": [["x"]], "b": [["y"]]}, open(tmp_path / "raw-captions.pkl", "wb"))
