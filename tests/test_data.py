@@ -34,7 +34,8 @@ def msrvtt(tmp_path):
     for name, ids in [("MSRVTT_train.9k.csv", ["video0", "video1"]), ("MSRVTT_train.7k.csv", ["video0"])]:
         (ann / name).write_text("video_id\n" + "".join(i + "\n" for i in ids))
     with open(ann / "MSRVTT_JSFUSION_test.csv", "w", newline="") as f:
-        csv.writer(f).writerows([["key", "vid_key", "video_id", "sentence"], ["ret0", "msr2", "video2", sentences[3][1]]])
+        csv.writer(f).writerows([["key", "vid_key", "video_id", "sentence"],
+                                 ["ret0", "msr2", "video2", sentences[3][1]]])
     write_gray_video(vids / "video0.mp4", 24)
     (vids / "video1.mp4").write_bytes(b"\x00not a video" * 50)
     write_gray_video(vids / "video2.mp4", 5)
@@ -44,7 +45,8 @@ def msrvtt(tmp_path):
 def test_msrvtt_reader(msrvtt):
     train = data.read_split("msrvtt", "train", *msrvtt)
     assert train.captions == ["a man sings", "someone <|EndOfText|> sings", "a dog runs", "a dog plays"]
-    assert train.caption_video == [0, 0, 1, 1] and [os.path.basename(v) for v in train.videos] == ["video0.mp4", "video1.mp4"]
+    assert train.caption_video == [0, 0, 1, 1]
+    assert [os.path.basename(v) for v in train.videos] == ["video0.mp4", "video1.mp4"]
     assert all(os.path.isabs(v) for v in train.videos)
     test = data.read_split("msrvtt", "test", *msrvtt)
     assert test.captions == ['cars, trucks and "bikes"'] and test.caption_video == [0]
@@ -132,7 +134,8 @@ def test_synthetic_deterministic_and_msrvtt_layout(tmp_path, monkeypatch):
     for name in ["MSRVTT_data.json", "MSRVTT_train.9k.csv", "MSRVTT_JSFUSION_test.csv", "synthetic_still.csv",
                  "videos/video0.mp4", "videos/video11.mp4"]:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
-    train, test = data.read_split("msrvtt", "train", str(a), str(a / "videos")), data.read_split("synthetic", "test", str(a))
+    train = data.read_split("msrvtt", "train", str(a), str(a / "videos"))  # the MSR-VTT reader reads it
+    test = data.read_split("synthetic", "test", str(a))
     assert len(train.videos) == 6 and len(train.captions) == 18 and len(test.videos) == 6
     assert len(set(test.captions)) == 6  # every test caption unique: R@1 can reach 100
     for k in (0, 2, 4):  # test clips come in pairs: the second is the first played backwards
