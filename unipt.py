@@ -131,11 +131,13 @@ class ParallelSideNetwork(nn.Module):
             # step 3: layer summary = (masked) mean over tokens; vision: plain mean, CLS included
             x_bar = (X * m[:, :, None]).sum(2) / m.sum(1).clamp(min=1.0)[:, None]  # [L+1, N, M]
             # step 4: interaction weights alpha = L1(ReLU((X_l q) * m)), no softmax, no 1/sqrt(d)
-            r = torch.relu(torch.einsum("lnsm,nm->lns", X, q) * m)  # [L+1, N, S]
+            # (matmul on X as stored: an einsum over n saved a permuted copy of X: +39% activation memory)
+            r = torch.relu((X @ q[:, :, None]).squeeze(-1) * m)  # [L+1, N, S, 1] -> [L+1, N, S]
             alpha = r / r.sum(-1, keepdim=True).clamp(min=1e-6)  # r >= 0 so |r| = r; all <= 0 gives alpha = 0
             # step 5: y_l = sum_s alpha_s X_l,s + X_l,p (same-position token: CLS for vision, EOT for text)
             p = torch.zeros(N, dtype=torch.long, device=X.device) if position is None else position
-            y = torch.einsum("lns,lnsm->lnm", alpha, X) + X[:, torch.arange(N, device=X.device), p]  # [L+1, N, M]
+            y = (alpha[:, :, None] @ X).squeeze(2)  # [L+1, N, 1, S] @ [L+1, N, S, M] -> [L+1, N, M]
+            y = y + X[:, torch.arange(N, device=X.device), p]  # [L+1, N, M]
             # step 6: confidence c = softmax over layers of theta(q * x_bar_l)
             c = self.gate_layer(q * x_bar).squeeze(-1).softmax(dim=0)  # [L+1, N]
             # step 7: output = a + W_u ReLU(sum_l c_l y_l) + b_u (residual on the frozen embedding)
