@@ -314,8 +314,8 @@ PHRASES = dict(left=("moves to the left", "moves left", "goes left"),
 REVERSE = dict(left="right", right="left", up="down", down="up", grows="shrinks", shrinks="grows",
                appears="disappears", disappears="appears")
 # one motion, or two in order; "appears" only first, "disappears" only last, no pair that is its own reversal
-MOTIONS = [(m,) for m in PHRASES] + [(a, b) for a in PHRASES for b in PHRASES if a != b and b != REVERSE[a]
-                                     and a != "disappears" and b != "appears" and (a, b) != ("appears", "disappears")]
+MOTIONS = [(m,) for m in PHRASES] + [(a, b) for a in PHRASES for b in PHRASES
+                                     if a != b and b != REVERSE[a] and a != "disappears" and b != "appears"]
 
 
 def reverse(motions):
