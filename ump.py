@@ -75,16 +75,18 @@ RECIPE = dict(
     K_d=6,                # video layers with STS at the top (Fig. 3); 6 of 12 is ours; 0 = "w/o STS"
     n_prompts=8,          # clip_model.py num_prompt = 8, per layer and tower
     upg_condition=True,   # False: G sees its seeds only (the paper's "w/o V in UPG" ablation, ump_vis.pdf)
+    d_ff=2048,            # G's FFN width: nn.TransformerEncoderLayer's default, which the release keeps
     shared_upg=True,      # Fig. 3 "unified" prompts: one G and one seed set for both towers (ours: width 512)
     official_code=False,  # True: the release's forward pass (spec §4), for comparison and the oracle
 )
 
 DATASET_RECIPES = dict(
-    # The synthetic default trains ~0.4M generator parameters beside a tiny frozen CLIP (widths 64) on 2 CPU
-    # cores in a few minutes. 3e-5 is tuned for 9k clips x 5 epochs (~1.4k steps of 32); the synthetic set
-    # gives a few hundred steps, so the generator needs a larger lr to move. K_d=1: the tiny vision tower has
-    # 2 layers, and "the upper half" of it is its last layer (6 of 12 at ViT-B/32).
-    synthetic=dict(lr=1e-3, epochs=10, batch_size=32, K_d=1),
+    # The synthetic default (train.py's tiny CLIP: widths 64, 2 layers per tower) has to train on 2 CPU cores
+    # in minutes: 8 frames cover its 16-24-frame clips (as the baselines); K_d=1 is the upper half of a
+    # 2-layer video tower (6 of 12 at ViT-B/32); d_ff=256 keeps G at 4x the width, as 2048 is at 512 (the
+    # default 2048 would make G 32x wider than the tiny CLIP); and 3e-5, tuned for ~1.4k steps on MSR-VTT,
+    # barely moves the freshly initialised generator in a few hundred steps, hence a larger lr.
+    synthetic=dict(lr=1e-3, epochs=5, batch_size=32, frames=8, K_d=1, d_ff=256),
 )
 
 
@@ -92,11 +94,11 @@ DATASET_RECIPES = dict(
 # Unified Prompt Generation (Fig. 3a): prompts = G([U ; S_l])[:, -Np:]
 
 
-def prompt_generator(width):
-    """G: the release's nn.TransformerEncoderLayer(width, nhead=8) (FFN 2048, ReLU, dropout 0.1, post-norm)."""
+def prompt_generator(width, d_ff=2048):
+    """G: the release's nn.TransformerEncoderLayer(width, nhead=8) (FFN d_ff, ReLU, dropout 0.1, post-norm)."""
     if width % 8:
         raise ValueError(f"the UPG generator has 8 heads; width {width} is not divisible by 8")
-    return nn.TransformerEncoderLayer(width, nhead=8, dim_feedforward=2048, dropout=0.1, batch_first=True)
+    return nn.TransformerEncoderLayer(width, nhead=8, dim_feedforward=d_ff, dropout=0.1, batch_first=True)
 
 
 def generate_prompts(G, seeds, tokens=None, pad=None):
@@ -148,7 +150,7 @@ def spatial_temporal_shift(z, video_mask, n_tokens):
 
 class UMP(nn.Module):
     def __init__(self, clip_model, num_frames, *, K_d=6, n_prompts=8, upg_condition=True, shared_upg=True,
-                 official_code=False):
+                 d_ff=2048, official_code=False):
         super().__init__()
         self.clip, self.num_frames = clip_model, num_frames
         for p in self.clip.parameters():
@@ -162,13 +164,13 @@ class UMP(nn.Module):
         self.K_d, self.n_prompts, self.upg_condition = K_d, n_prompts, upg_condition
         self.official_code, self.shared_upg = official_code, shared_upg and not official_code
         if self.shared_upg:  # deviation 3: G, S_l [Np, Dt] for both towers; the video tower goes through 512
-            self.upg = prompt_generator(Dt)
+            self.upg = prompt_generator(Dt, d_ff)
             self.prompts = nn.Parameter(torch.randn(max(Lt, Lv), n_prompts, Dt))  # [L, Np, Dt], N(0, 1) as randn
             self.video_in, self.video_out = nn.Linear(Dv, Dt), nn.Linear(Dt, Dv)
         else:  # one generator and seed set per tower, at its own width (the release's layout)
-            self.upg = prompt_generator(Dt)
+            self.upg = prompt_generator(Dt, d_ff)
             self.prompts = nn.Parameter(torch.randn(Lt, n_prompts, Dt))  # release: learnable_prompt
-            self.upg_video = prompt_generator(Dv)
+            self.upg_video = prompt_generator(Dv, d_ff)
             self.prompts_video = nn.Parameter(torch.randn(Lv, n_prompts, Dv))  # release: learnable_prompt_video
 
     @property
@@ -269,3 +271,5 @@ if __name__ == "__main__":
             n = sum(p.numel() for p in m.parameters() if p.requires_grad)
             frozen = sum(p.numel() for p in vitb32.parameters())
             print(f"ViT-B/32 UMP{kw or ' (default)'}: trainable {n:,} ({100 * n / frozen:.2f}% of CLIP {frozen:,})")
+        video = sum(p.numel() for p in [*m.upg_video.parameters(), m.prompts_video])
+        print(f"  official_code: {video:,} of them are video (G_v + seeds); the text part gets no gradient")
