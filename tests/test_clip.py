@@ -1,7 +1,13 @@
-"""clip.py model: SDPA attention against a plain reference with every mask kind, the blockwise API, text
-shorter than 77 tokens, bf16 autocast, frame preprocessing. Loading and downloads: test_clip_load.py.
+"""clip.py model: outputs equal OpenAI's on fixed weights, SDPA attention against a plain reference with every
+mask kind, the blockwise API, text shorter than 77 tokens, bf16 autocast, frame preprocessing.
+Loading and downloads: test_clip_load.py.
+
+tests/fixtures/clip_fixed_weights.json holds facts: the outputs of OpenAI's own CLIP class (openai/CLIP@d05afc4
+clip/model.py, fp32) for a 2+2-layer config whose weights are set by `fixed_weights` below, computed once.
 """
+import json
 import math
+import os
 
 import pytest
 import torch
@@ -10,6 +16,49 @@ from torch import nn
 
 import clip
 from conftest import make_tiny_clip
+
+
+def hashed(n, seed):
+    """n deterministic values in [-0.5, 0.5), the same on every machine and torch version (no RNG)."""
+    x = torch.sin(torch.arange(n, dtype=torch.float64) * 12.9898 + seed * 78.233) * 43758.5453
+    return x - x.floor() - 0.5
+
+
+def fixed_weights(state_dict):
+    """Weights away from any init: LayerNorm gains 1 + 0.4h, biases 0.2h, matrices uniform with var 1/fan_in."""
+    sd = {}
+    for seed, name in enumerate(sorted(state_dict)):
+        t = state_dict[name]
+        h = hashed(t.numel(), seed).view(t.shape)
+        if name == "logit_scale":
+            v = torch.tensor(2.0, dtype=torch.float64)
+        elif ".ln_" in name or name.startswith("ln_") or name.startswith("visual.ln_"):
+            v = (1 + 0.4 * h) if name.endswith("weight") else 0.2 * h
+        elif name.endswith("bias"):
+            v = 0.2 * h
+        elif t.dim() == 1:
+            v = h
+        else:
+            fan = t.shape[0] if name in ("visual.proj", "text_projection") else t.numel() // t.shape[0]
+            v = h * math.sqrt(12 / fan)
+        sd[name] = v.float()
+    return sd
+
+
+def test_outputs_equal_openais_on_fixed_weights():
+    with open(os.path.join(os.path.dirname(__file__), "fixtures", "clip_fixed_weights.json")) as f:
+        fact = json.load(f)
+    model = clip.CLIP(**fact["config"]).eval()
+    model.load_state_dict(fixed_weights(model.state_dict()), strict=True)
+    images = hashed(2 * 3 * 16 * 16, 1000).view(2, 3, 16, 16).float() * 3.0
+    ids = clip.tokenize(fact["texts"])
+    assert [row[:len(f)] for row, f in zip(ids.tolist(), fact["ids"])] == fact["ids"]
+    with torch.no_grad():
+        close = lambda a, b: torch.testing.assert_close(a, torch.tensor(b), atol=2e-5, rtol=1e-5)  # noqa: E731
+        close(model.encode_image(images), fact["image_features"])
+        close(model.encode_text(ids), fact["text_features"])
+        close(model.encode_text(ids[:, :16]), fact["text_features"])  # L < 77 slices the positional embedding
+        close(model(images, ids)[0], fact["logits_per_image"])
 
 
 def inputs(model, n=3):
