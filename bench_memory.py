@@ -132,9 +132,11 @@ def step(model, opt, batch, amp, counter=None):
     with torch.autocast(video.device.type, dtype=torch.bfloat16, enabled=amp):
         if counter:
             counter.__enter__()
-        t = F.normalize(model.encode_text(text).float(), dim=-1)
-        v = F.normalize(model.encode_video(video, mask).float(), dim=-1)
-        s = model.logit_scale.exp() * t @ v.T  # [B, B]
+        t, v = model.encode_text(text), model.encode_video(video, mask)
+        if hasattr(model, "similarity"):  # per-frame features pooled by the query (Cross-Modal Adapter)
+            s = model.similarity(t, v, mask).float()
+        else:  # as train.py: cosine x exp(logit_scale)
+            s = model.logit_scale.exp() * F.normalize(t.float(), dim=-1) @ F.normalize(v.float(), dim=-1).T
         target = torch.arange(len(s), device=s.device)
         loss = (F.cross_entropy(s, target) + F.cross_entropy(s.T, target)) / 2
         if counter:
