@@ -18,6 +18,7 @@ from torch import nn
 import clip
 from conftest import TINY, make_tiny_clip
 
+pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.* is deprecated:FutureWarning")  # archives are TorchScript
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 N_PARAMS = {"ViT-B/32": 151_277_313, "ViT-B/16": 149_620_737, "ViT-L/14": 427_616_513, "ViT-L/14@336px": 427_944_193}
 # a second tiny config: 2 heads per tower, 48 px / 16 px patches (3x3 grid), 32-token context, 3 text layers
@@ -139,8 +140,10 @@ def test_download_verifies_renames_and_reuses_the_cache(cache):
     assert len(cache["served"]) == 1
 
 
-def test_wrong_hash_raises_and_leaves_no_file(cache):
+def test_wrong_hash_raises_and_leaves_no_file(cache, monkeypatch):
     cache["serve"](cache["data"][:-1] + b"!")
+    for mod, fn in ((torch.jit, "load"), (torch, "load")):  # the hash is checked before anything is deserialised
+        monkeypatch.setattr(mod, fn, lambda *a, **k: pytest.fail("a file with a wrong SHA256 was deserialised"))
     with pytest.raises(RuntimeError, match="SHA256"):
         clip.load("tiny")
     assert os.listdir(cache["dir"]) == []  # neither tiny.pt nor a temporary .part file
