@@ -80,7 +80,8 @@ def hardware(device):
     if os.path.exists("/proc/cpuinfo"):
         names = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")]
         cpu = names[0] if names else cpu
-    return f"CPU {cpu}, {os.cpu_count()} cores visible, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    threads = torch.get_num_threads()
+    return f"CPU {cpu}, {os.cpu_count()} cores visible, {threads} torch threads, torch {torch.__version__}"
 
 
 def main():

@@ -92,12 +92,15 @@ def test_real_configs_match_openai_manifest(name):
     for m in (model, rebuilt):
         assert {k: list(v.shape) for k, v in m.state_dict().items()} == manifest["shapes"]
         assert sum(p.numel() for p in m.parameters()) == manifest["n_params"] == N_PARAMS[name]
+        assert m.visual.transformer.resblocks[0].attn.heads == manifest["config"]["vision_width"] // 64
+        assert m.transformer.resblocks[0].attn.heads == manifest["config"]["transformer_heads"]  # 64-dim heads
     assert name in clip.available_models()
 
 
 def test_resnet_checkpoint_refused():
     sd = {k: v for k, v in make_tiny_clip().state_dict().items() if not k.startswith("visual.")}
-    sd.update({"visual.conv1.weight": torch.zeros(32, 3, 3, 3), "visual.layer1.0.conv1.weight": torch.zeros(64, 64, 1, 1),
+    sd.update({"visual.conv1.weight": torch.zeros(32, 3, 3, 3),
+               "visual.layer1.0.conv1.weight": torch.zeros(64, 64, 1, 1),
                "visual.attnpool.positional_embedding": torch.zeros(50, 2048)})  # RN50-like names
     with pytest.raises(ValueError, match="ResNet"):
         clip.build_model(sd)
@@ -187,4 +190,5 @@ def test_matches_official_oracle():
         torch.testing.assert_close(model.encode_text(ref["tokens32"]), out["text_features_ctx32"], atol=2e-5, rtol=1e-4)
         tokens = model.visual.head(model.visual.transformer(model.visual.embed(ref["images"])))
         torch.testing.assert_close(tokens, out["image_tokens"], atol=2e-5, rtol=1e-4)
-        torch.testing.assert_close(model(ref["images"], ref["tokens77"])[0], out["logits_per_image"], atol=2e-4, rtol=1e-4)
+        logits = model(ref["images"], ref["tokens77"])[0]
+        torch.testing.assert_close(logits, out["logits_per_image"], atol=2e-4, rtol=1e-4)
