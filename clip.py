@@ -30,6 +30,7 @@ import html
 import os
 import urllib.error
 import urllib.request
+import warnings
 from collections import OrderedDict
 from functools import lru_cache
 
@@ -308,7 +309,9 @@ def load(name_or_path, device="cpu", download_root=None):
     else:
         raise FileNotFoundError(f"CLIP model {name_or_path!r} is neither a file nor one of {available_models()}")
     try:  # OpenAI's files are TorchScript archives: take the weights out, rebuild the model eagerly
-        state_dict = torch.jit.load(path, map_location="cpu").state_dict()
+        with warnings.catch_warnings():  # torch >= 2.9 marks jit.load deprecated; it is the only reader
+            warnings.simplefilter("ignore")
+            state_dict = torch.jit.load(path, map_location="cpu").state_dict()
     except RuntimeError:  # a plain state dict (torch.save); weights_only never unpickles code
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
         if "state_dict" in state_dict and isinstance(state_dict["state_dict"], dict):
