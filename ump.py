@@ -135,12 +135,12 @@ def spatial_temporal_shift(z, video_mask, n_tokens):
     src = z * video_mask[:, :, None, None].to(z.dtype)  # padded frames send zeros
     zero = torch.zeros_like(src[:, :1])  # [B, 1, N, W]
     prev = torch.cat([zero, src[:, :-1]], dim=1)  # [B, T, N, W]: frame t-1 at t, zeros at t = 0
-    next = torch.cat([src[:, 1:], zero], dim=1)  # [B, T, N, W]: frame t+1 at t, zeros at t = T-1
+    nxt = torch.cat([src[:, 1:], zero], dim=1)  # [B, T, N, W]: frame t+1 at t, zeros at t = T-1
     out = z.clone()
     out[:, :, 1:n_tokens, :fold] = prev[:, :, 1:n_tokens, :fold]
-    out[:, :, 1:n_tokens, fold:2 * fold] = next[:, :, 1:n_tokens, fold:2 * fold]
+    out[:, :, 1:n_tokens, fold:2 * fold] = nxt[:, :, 1:n_tokens, fold:2 * fold]
     out[:, :, n_tokens:half] = prev[:, :, n_tokens:half]
-    out[:, :, half:] = next[:, :, half:]
+    out[:, :, half:] = nxt[:, :, half:]
     return out
 
 
