@@ -87,7 +87,7 @@ DATASET_RECIPES = dict(
     msvd=dict(r=16, d_s=16, frames=12, words=32),
     vatex=dict(r=16, d_s=64, frames=12, words=32),
     activitynet=dict(r=16, d_s=512, frames=64, words=64, epochs=20),
-    synthetic=dict(r=8, d_s=8, lr=3e-3, epochs=5, batch_size=32),
+    synthetic=dict(r=8, d_s=8, lr=3e-3, epochs=5, batch_size=32, frames=8),  # 8 frames as train.py's baselines
 )
 
 
