@@ -233,7 +233,8 @@ class CrossModalAdapter(nn.Module):
 
         qscore: w = softmax over valid frames of <t, f_k> / tau; v = sum_k w_k f_k; S = 100 * cos(t, v).
         mean:   v = mean of the valid raw frames; S = 100 * cos(t, v).
-        Memory is Nt x Nv x E: evaluate in blocks of texts and videos.
+        Memory is Nt x Nv x E: evaluate in blocks of texts and videos. Computed in fp32 with autocast off
+        (bf16 logits of size 100 would carry errors of ~0.4).
         """
         if text_feats.dim() != 2 or video_feats.dim() != 3 or video_mask.shape != video_feats.shape[:2]:
             raise ValueError(f"similarity expects text [Nt, E], frames [Nv, T, E], mask [Nv, T]; got "
@@ -241,6 +242,10 @@ class CrossModalAdapter(nn.Module):
         mask = video_mask.bool()
         if not bool(mask.any(dim=1).all()):
             raise ValueError("every video needs at least one valid frame (a row of video_mask is all False)")
+        with torch.autocast(text_feats.device.type, enabled=False):  # fp32 scores x100, as the release
+            return self._similarity(text_feats.float(), video_feats.float(), mask)
+
+    def _similarity(self, text_feats, video_feats, mask):
         t = F.normalize(text_feats, dim=-1)
         if self.pool == "mean":
             m = mask.to(video_feats.dtype).unsqueeze(-1)  # [Nv, T, 1]

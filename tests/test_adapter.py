@@ -163,10 +163,10 @@ def test_exact_fp16_casts_like_the_release_and_ignores_autocast():
     with torch.no_grad():
         t, f = m.encode_text(IDS), m.encode_video(video, mask)
         assert t.dtype == f.dtype == torch.float32  # the release returns .float() features
-        torch.testing.assert_close(t, ref.encode_text(IDS), rtol=2e-2, atol=2e-2)
-        torch.testing.assert_close(f, ref.encode_video(video, mask), rtol=2e-2, atol=2e-2)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert torch.equal(m.encode_text(IDS), t)
+        torch.testing.assert_close((t, f), (ref.encode_text(IDS), ref.encode_video(video, mask)), rtol=2e-2, atol=2e-2)
+        s = m.similarity(t, f, mask)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # neither the fp16 towers nor the scores are recast
+            assert torch.equal(m.encode_text(IDS), t) and torch.equal(m.similarity(t, f, mask), s)
 
 
 def test_clear_errors():
