@@ -52,27 +52,22 @@ from torch import nn
 import clip
 
 RECIPE = dict(  # fine-tuning, scripts/finetune_msrvtt.sh (spec §4)
-    lr=7.5e-5,            # base 3e-4 x 64/256
-    clip_lr=None,         # no CLIP weights
-    epochs=100, batch_size=64, frames=16,
-    size=224,             # frame size = the model's img_size (train.py passes it to the constructor)
+    lr=7.5e-5, clip_lr=None,  # base 3e-4 x 64/256; no CLIP weights
+    epochs=100, batch_size=64, frames=16, size=224,  # size = the release's img_size, passed to the constructor
     words=77,             # the release pads to the longest caption (trunc 512); we trim to the batch's longest
-    weight_decay=0.05, warmup=0.05,  # 5 of 100 epochs, then cosine
-    grad_clip=0.0,        # none (DeepSpeed fp16 without clipping)
+    weight_decay=0.05, warmup=0.05, grad_clip=0.0,  # 5 of 100 epochs warmup, cosine; no clipping
     betas=(0.9, 0.999), eps=1e-8,
     patch_size=16, tubelet_size=2, width=768, depth=12, heads=12,  # ViT-B/16 (VideoMAE)
     decoder_width=384, decoder_depth=4, decoder_heads=6,  # pretrain_simvtp_base_patch16_224, decoder_depth=4
     video_mask_ratio=0.9, text_mask_ratio=0.75,           # hard-coded in the pretraining script
-    drop_path=0.1,        # finetune_msrvtt.sh
-    text_dropout=0.1,     # BERT hidden_dropout_prob
+    drop_path=0.1, text_dropout=0.1,  # finetune_msrvtt.sh; BERT hidden_dropout_prob
     tau=0.05,             # NormSoftmaxLoss temperature, fixed
     pool_pads=True,       # mean pooling counts pad positions, as the release (spec §9.5)
+    pretraining=False,    # which stage's modules to build: the retrieval towers here
 )
-PRETRAIN_RECIPE = dict(  # scripts/pretrain_webvid.sh (spec §4): 8x8 V100, WebVid-2M
-    RECIPE, lr=6e-4,      # base 1.5e-4 x 1024/256
-    epochs=200, batch_size=1024, warmup=0.2,  # 40 warmup epochs of 200, then cosine
-    betas=(0.9, 0.95), drop_path=0.0,
-)
+PRETRAIN_RECIPE = dict(RECIPE, lr=6e-4, epochs=200, batch_size=1024, warmup=0.2, betas=(0.9, 0.95), drop_path=0.0,
+                       pretraining=True)
+# scripts/pretrain_webvid.sh (spec §4), 8x8 V100 on WebVid-2M: base lr 1.5e-4 x 1024/256, 40 warmup epochs of 200
 TINY = dict(frames=8, size=32, patch_size=8, tubelet_size=2, width=64, depth=2, heads=2, decoder_width=32,
             decoder_depth=1, decoder_heads=1, batch_size=32, warmup=0.1)  # synthetic set: minutes on 2 CPU cores
 DATASET_RECIPES = dict(synthetic=dict(TINY, lr=5e-4, epochs=10))
@@ -177,18 +172,11 @@ class TextEmbeddings(nn.Module):
         return self.dropout(self.LayerNorm(x + self.token_type_embeddings.weight[0]))  # [B, L, W]
 
 
-def _xavier(m):  # the release's _init_weights for the pretraining encoder/decoder and heads
-    if isinstance(m, nn.Linear):
-        nn.init.xavier_uniform_(m.weight)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-
-
-def _trunc_normal(m):  # modeling_finetune.VisionTransformer._init_weights (used when not initialised)
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
+def init_linears(module, init):  # the release's _init_weights: Linear weights by `init`, biases 0, LN 1/0
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            init(m.weight)
+            nn.init.zeros_(m.bias) if m.bias is not None else None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -197,7 +185,7 @@ class SimVTP(nn.Module):
     def __init__(self, num_frames, *, size=224, patch_size=16, tubelet_size=2, width=768, depth=12,
                  heads=12, decoder_width=384, decoder_depth=4, decoder_heads=6, video_mask_ratio=0.9,
                  text_mask_ratio=0.75, drop_path=0.0, text_dropout=0.1, tau=0.05, pool_pads=True,
-                 vocab_size=49409, context_length=77):
+                 pretraining=False, vocab_size=49409, context_length=77):
         super().__init__()
         if num_frames % tubelet_size or size % patch_size or width % heads or decoder_width % decoder_heads:
             raise ValueError(f"need frames % tubelet == 0 ({num_frames}, {tubelet_size}), size % patch == 0 "
@@ -207,13 +195,24 @@ class SimVTP(nn.Module):
         self.num_tokens = num_frames // tubelet_size * self.grid ** 2  # 8 * 196 = 1568 for ViT-B, 16 frames
         self.num_masked = int(video_mask_ratio * self.grid ** 2)      # per time slice, int() floor: 176 of 196
         self.text_mask_ratio, self.pool_pads, self.mask_id = text_mask_ratio, pool_pads, vocab_size - 1
-        self.context_length = context_length
+        self.context_length, self.pretraining = context_length, pretraining
         self.register_buffer("pos_embed", sincos_table(self.num_tokens, width), persistent=False)
-        self.register_buffer("decoder_pos_embed", sincos_table(self.num_tokens, decoder_width), persistent=False)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(3, 1, 1), persistent=False)
-
+        self.register_buffer("logit_scale", torch.tensor(math.log(1 / tau)), persistent=False)  # fixed tau
+        if not pretraining:  # retrieval towers (modeling_finetune.DualVideoTextEncoder without dead weights)
+            self.video_encoder = nn.ModuleDict(dict(patch_embed=PatchEmbed(patch_size, tubelet_size, width),
+                                                    blocks=make_blocks(width, depth, heads, drop_path),
+                                                    fc_norm=nn.LayerNorm(width, eps=1e-6)))
+            self.text_encoder = nn.ModuleDict(dict(
+                text_embeddings=TextEmbeddings(vocab_size, context_length, width, text_dropout),
+                blocks=make_blocks(width, depth, heads, drop_path), fc_norm=nn.LayerNorm(width, eps=1e-6)))
+            for m in (self.video_encoder.blocks, self.text_encoder.blocks):  # modeling_finetune.py, if not loaded
+                init_linears(m, lambda w: nn.init.trunc_normal_(w, std=0.02))
+            self._register_load_state_dict_pre_hook(self._towers_from_pretraining)
+            return
         # pretraining model (modeling_pretrain.PretrainVisionTransformer, same key names)
+        self.register_buffer("decoder_pos_embed", sincos_table(self.num_tokens, decoder_width), persistent=False)
         self.encoder = nn.ModuleDict(dict(patch_embed=PatchEmbed(patch_size, tubelet_size, width),
                                           blocks=make_blocks(width, depth, heads, drop_path),
                                           norm=nn.LayerNorm(width, eps=1e-6)))
@@ -226,23 +225,13 @@ class SimVTP(nn.Module):
         self.text_cls = nn.Linear(width, vocab_size)  # MLM head: one Linear on the joint text rows
         self.vtm_head = nn.Linear(width, 2)
         for m in (self.encoder, self.decoder, self.text_cls, self.vtm_head):
-            m.apply(_xavier)
-
-        # retrieval towers (modeling_finetune.DualVideoTextEncoder without its dead weights, spec §9.9)
-        self.video_encoder = nn.ModuleDict(dict(patch_embed=PatchEmbed(patch_size, tubelet_size, width),
-                                                blocks=make_blocks(width, depth, heads, drop_path),
-                                                fc_norm=nn.LayerNorm(width, eps=1e-6)))
-        self.text_encoder = nn.ModuleDict(dict(text_embeddings=TextEmbeddings(vocab_size, context_length, width,
-                                                                              text_dropout),
-                                               blocks=make_blocks(width, depth, heads, drop_path),
-                                               fc_norm=nn.LayerNorm(width, eps=1e-6)))
-        for m in (self.video_encoder.blocks, self.text_encoder.blocks):
-            m.apply(_trunc_normal)
-        self.register_buffer("logit_scale", torch.tensor(math.log(1 / tau)), persistent=False)  # fixed tau
-        self._register_load_state_dict_pre_hook(self._towers_from_pretraining)
+            init_linears(m, nn.init.xavier_uniform_)  # modeling_pretrain.py
 
     # ------------------------------------------------------------------ inputs
-    def _check_video(self, video):
+    def _check_video(self, video, stage):
+        if self.pretraining != (stage == "pretraining"):
+            raise RuntimeError(f"this SimVTP was built with pretraining={self.pretraining}: {stage} needs "
+                               f"pretraining={stage == 'pretraining'} (a pretraining state dict loads into the towers)")
         if video.dim() != 5 or tuple(video.shape[1:]) != (self.num_frames, 3, self.size, self.size):
             raise ValueError(f"video must be [B, {self.num_frames}, 3, {self.size}, {self.size}] "
                              f"(num_frames, size of the model), got {tuple(video.shape)}")
@@ -311,8 +300,9 @@ class SimVTP(nn.Module):
         for blk in self.decoder.blocks:
             y = blk(y)
         pixel_pred = self.decoder.head(self.decoder.norm(y[:, N_vis:]))  # [B, N_mask, 3*t*p*p]
-        # MLM: one Linear on the joint encoder's text rows
-        mlm_logits = self.text_cls(joint[:B, N_vis:])  # [B, L, V]
+        # MLM: one Linear on the joint encoder's text rows, scored only where a word was masked (CE ignores
+        # the rest; skipping them saves most of the V = 49409-wide head)
+        mlm_logits = self.text_cls(joint[:B, N_vis:][text_select])  # [n_masked_words, V]
         # VTC: (b) visible video alone, (c) masked text alone, mean pooled
         vtc_video = self._encode(vis).mean(1)
         vtc_text = self._pool(self._encode(t, text_bias), attn)
@@ -330,7 +320,7 @@ class SimVTP(nn.Module):
     def pretraining_loss(self, video, video_mask, text, *, tube_mask=None, text_select=None, negatives=None):
         """-> dict(loss = mvm + mlm + vtc + vtm, and the four terms). Masks and VTM negatives are drawn here
         unless given (tests, oracle). video_mask is not used in pretraining (deviation 4)."""
-        self._check_video(video)
+        self._check_video(video, "pretraining")
         ids, attn = self.text_inputs(text)
         B = video.shape[0]
         if B < 2 or ids.shape[0] != B:
@@ -341,10 +331,9 @@ class SimVTP(nn.Module):
             negatives = (torch.arange(B, device=video.device) + torch.randint(1, B, (B,), device=video.device)) % B
         out = self.pretraining_outputs(video, ids, attn, tube_mask, text_select, negatives)
         mvm = F.mse_loss(out["pixel_pred"], self.pixel_targets(video, tube_mask))
-        labels = ids.masked_fill(~text_select, -100)
+        # mean CE over the masked words; Bernoulli masking can select none in a batch: 0, not NaN (spec §9.3)
         logits = out["mlm_logits"]
-        # Bernoulli masking can select nothing in a batch of short captions: 0, not NaN (spec §9.3)
-        mlm = F.cross_entropy(logits.flatten(0, 1), labels.flatten()) if text_select.any() else logits.sum() * 0
+        mlm = F.cross_entropy(logits, ids[text_select]) if len(logits) else logits.sum() * 0
         vtc = self.contrastive_loss(out["vtc_text"], out["vtc_video"])
         vtm_labels = torch.cat([torch.ones(B), torch.zeros(B)]).long().to(video.device)
         vtm = F.cross_entropy(out["vtm_logits"], vtm_labels)
@@ -353,7 +342,7 @@ class SimVTP(nn.Module):
     # ------------------------------------------------------------------ retrieval towers (spec §3)
     def encode_video(self, video, video_mask):
         """[B, T, 3, H, W] ImageNet-normalised, [B, T] bool -> [B, W]: all tokens, no final LN, fc_norm(mean)."""
-        self._check_video(video)
+        self._check_video(video, "retrieval")
         B, T = video_mask.shape
         valid = video_mask.view(B, T // self.tubelet_size, self.tubelet_size).any(-1)  # [B, T/t] tubelet has a frame
         valid = valid[:, :, None].expand(-1, -1, self.grid ** 2).reshape(B, self.num_tokens)  # [B, N]
@@ -381,11 +370,9 @@ class SimVTP(nn.Module):
 
     # ------------------------------------------------------------------ checkpoints
     def _towers_from_pretraining(self, sd, prefix, *args):
-        """Loading a pretraining state dict (`encoder.*`, no `video_encoder.*`) also fills both towers from it,
-        as run_simvtp_finetuning.py does; the encoder's final LN is dropped, fc_norm stays fresh."""
-        if prefix + "encoder.blocks.0.norm1.weight" not in sd or prefix + "video_encoder.blocks.0.norm1.weight" in sd:
-            return
-        for k in [k for k in sd if k.startswith(prefix)]:
+        """A pretraining state dict (`encoder.*`, `text_embeddings.*`) loads into both towers, as
+        run_simvtp_finetuning.py does; the rest (final LN, decoder, heads) stays unexpected, fc_norm fresh."""
+        for k in [k for k in sd if k.startswith(prefix + "encoder.") or k.startswith(prefix + "text_embeddings.")]:
             name = k[len(prefix):]
             if name.startswith(("encoder.patch_embed.", "encoder.blocks.")):
                 sd[prefix + "video_" + name] = sd[k]
@@ -393,9 +380,12 @@ class SimVTP(nn.Module):
                 sd[prefix + "text_" + name] = sd[k]
             if name.startswith("text_embeddings."):
                 sd[prefix + "text_encoder." + name] = sd[k]
-        for tower in ("video_encoder", "text_encoder"):
-            for n, p in getattr(self, tower).fc_norm.state_dict().items():
-                sd.setdefault(f"{prefix}{tower}.fc_norm.{n}", p.detach().clone())
+            if not name.startswith("encoder.norm."):
+                del sd[k]
+        if any(k.startswith(prefix + "video_encoder.") for k in sd):
+            for tower in ("video_encoder", "text_encoder"):
+                for n, p in getattr(self, tower).fc_norm.state_dict().items():
+                    sd.setdefault(f"{prefix}{tower}.fc_norm.{n}", p.detach().clone())
 
 
 def convert_official(sd, model):
@@ -419,16 +409,12 @@ def convert_official(sd, model):
     return out
 
 
-def param_counts(model):
-    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    pre = [model.encoder, model.text_embeddings, model.encoder_to_decoder, model.decoder, model.text_cls,
-           model.vtm_head]
-    return {"encoder": n(model.encoder), "text_embeddings": n(model.text_embeddings),
-            "encoder_to_decoder + mask_token": n(model.encoder_to_decoder) + model.mask_token.numel(),
-            "pixel decoder": n(model.decoder), "MLM head": n(model.text_cls), "VTM head": n(model.vtm_head),
-            "pretrain total": sum(n(m) for m in pre) + model.mask_token.numel(),
-            "video tower": n(model.video_encoder), "text tower": n(model.text_encoder),
-            "finetune total": n(model.video_encoder) + n(model.text_encoder)}
+def param_counts(p, f):  # a pretraining and a retrieval (pretraining=False) SimVTP
+    n = lambda *mods: sum(q.numel() for x in mods for q in x.parameters())  # noqa: E731
+    return {"encoder": n(p.encoder), "text_embeddings": n(p.text_embeddings), "encoder_to_decoder + mask_token":
+            n(p.encoder_to_decoder) + p.mask_token.numel(), "pixel decoder": n(p.decoder), "MLM head": n(p.text_cls),
+            "VTM head": n(p.vtm_head), "pretrain total": n(p), "video tower": n(f.video_encoder),
+            "text tower": n(f.text_encoder), "finetune total": n(f)}
 
 
 @torch.no_grad()
@@ -456,7 +442,7 @@ def visualize(model, video, text, path, scale=4):
         return x.reshape(B, T, H, W, C)
 
     rows = [frames(tok), frames(tok.masked_fill(tube[..., None, None], 0.5)), frames(rec)]
-    pred = out["mlm_logits"][..., :model.mask_id].argmax(-1)  # never the mask id itself
+    pred = ids.masked_scatter(select, out["mlm_logits"][:, :model.mask_id].argmax(-1))  # never the mask id
     dec = clip._tokenizer().decode
     blocks = []
     for b in range(B):
@@ -477,12 +463,14 @@ def visualize(model, video, text, path, scale=4):
 
 
 if __name__ == "__main__":  # tiny-config check, then the official ViT-B/16 counts (meta device: no memory)
-    m = SimVTP(8, **{k: v for k, v in TINY.items() if k not in ("frames", "batch_size", "warmup")})
-    video, text = torch.randn(2, 8, 3, 32, 32), clip.tokenize(["a red circle moves left", "a blue square grows"])
-    print({k: round(v.item(), 3) for k, v in m.pretraining_loss(video, torch.ones(2, 8, dtype=torch.bool), text).items()})
-    print("tiny:", m.encode_text(text).shape, m.encode_video(video, torch.ones(2, 8, dtype=torch.bool)).shape,
-          sum(p.numel() for p in m.parameters() if p.requires_grad), "trainable parameters")
+    tiny = {k: v for k, v in TINY.items() if k not in ("frames", "batch_size", "warmup")}
+    pre, ret = SimVTP(8, pretraining=True, **tiny), SimVTP(8, **tiny)
+    video, text, mask = torch.randn(2, 8, 3, 32, 32), clip.tokenize(["a red circle", "a blue square grows"]), None
+    print({k: round(v.item(), 3) for k, v in pre.pretraining_loss(video, mask, text).items()})
+    ret.load_state_dict(pre.state_dict(), strict=False)  # towers from the pretraining weights
+    print("tiny:", ret.encode_text(text).shape, ret.encode_video(video, torch.ones(2, 8, dtype=torch.bool)).shape,
+          sum(p.numel() for p in pre.parameters()), "/", sum(p.numel() for p in ret.parameters()), "trainable")
     with torch.device("meta"):
-        big = SimVTP(16)
-    for k, v in param_counts(big).items():
+        counts = param_counts(SimVTP(16, pretraining=True), SimVTP(16))
+    for k, v in counts.items():
         print(f"ViT-B/16 {k:32s} {v:>13,d}")

@@ -13,9 +13,9 @@ TINY = dict(size=32, patch_size=8, tubelet_size=2, width=32, depth=2, heads=2, d
 CAPTIONS = ["a red circle moves left", "a blue square grows", "a green triangle moves up then shrinks"]
 
 
-def tiny(seed=0, **kw):
+def tiny(seed=0, pretraining=True, **kw):
     torch.manual_seed(seed)
-    return simvtp.SimVTP(4, **{**TINY, **kw})  # 2 time slices x 16 cells = 32 tokens
+    return simvtp.SimVTP(4, pretraining=pretraining, **{**TINY, **kw})  # 2 time slices x 16 cells = 32 tokens
 
 
 def first_input(seen, key, i=0):  # forward hook recording the first call's i-th input (returns None)
@@ -29,13 +29,14 @@ def batch(seed=0, B=3):
 
 def test_official_vit_b_counts():  # spec §5, and with our vocabulary: BPE 49408 + mask id, 77 positions
     with torch.device("meta"):
-        m = simvtp.SimVTP(16)
-    c = simvtp.param_counts(m)
+        m = simvtp.SimVTP(16, pretraining=True)
+        c = simvtp.param_counts(m, simvtp.SimVTP(16))
     assert m.num_tokens == 1568 and c["encoder"] == 86_227_200 and c["pixel decoder"] == 7_688_448
     assert c["encoder_to_decoder + mask_token"] == 294_912 + 384 and c["VTM head"] == 1538
     assert c["text_embeddings"] == (49409 + 77 + 2) * 768 + 1536 and c["MLM head"] == 49409 * 769
     assert c["pretrain total"] == 141_521_084 - 23_837_184 - 23_471_418 + c["text_embeddings"] + c["MLM head"]
     assert c["video tower"] == 86_227_200 and c["text tower"] == 85_045_248 + 1536 + c["text_embeddings"]
+    assert c["finetune total"] == c["video tower"] + c["text tower"]  # no dead weights (spec §9.9)
 
 
 def test_token_layout_and_positions():
@@ -129,9 +130,12 @@ def test_four_losses_as_stated():
     mask, sel, neg = m.random_tube_mask(3), m.random_text_mask(attn), torch.tensor([2, 0, 1])
     torch.manual_seed(1)
     got = m.pretraining_loss(video, None, text, tube_mask=mask, text_select=sel, negatives=neg)
+    seen = {}
+    m.encoder.norm.register_forward_hook(lambda mod, args, out: None if "joint" in seen else seen.update(joint=out))
     o = m.pretraining_outputs(video, ids, attn, mask, sel, neg)
     mvm = ((o["pixel_pred"] - m.pixel_targets(video, mask)) ** 2).mean()
-    mlm = F.cross_entropy(o["mlm_logits"][sel], ids[sel])  # mean over the selected tokens only
+    assert torch.allclose(o["mlm_logits"], m.text_cls(seen["joint"][:3, 4:][sel]))  # one Linear, joint text rows
+    mlm = -o["mlm_logits"].log_softmax(-1)[torch.arange(int(sel.sum())), ids[sel]].mean()  # masked words only
     s = F.normalize(o["vtc_text"], dim=-1) @ F.normalize(o["vtc_video"], dim=-1).T / 0.05
     vtc = -s.log_softmax(1).diag().mean() - s.T.log_softmax(1).diag().mean()  # both directions, summed
     vtm = F.cross_entropy(o["vtm_logits"], torch.tensor([1, 1, 1, 0, 0, 0]))
@@ -158,21 +162,24 @@ def test_vtm_negatives_swap_the_video():
 
 def test_finetune_towers_independent_and_loaded_from_pretraining():
     pre, (video, text) = tiny(seed=1), batch()
-    m = tiny(seed=2)
+    m = tiny(seed=2, pretraining=False)
     fresh_fc = m.video_encoder.fc_norm.weight.clone()
-    m.load_state_dict({k: v for k, v in pre.state_dict().items() if not k.startswith(("video_", "text_enc"))})
+    missing, unexpected = m.load_state_dict(pre.state_dict(), strict=False)
+    assert missing == [] and {k.split(".")[0] for k in unexpected} == {
+        "encoder", "decoder", "encoder_to_decoder", "mask_token", "text_cls", "vtm_head"}  # the release's "not used"
+    assert [k for k in unexpected if k.startswith("encoder.")] == ["encoder.norm.weight", "encoder.norm.bias"]
     for tower in (m.video_encoder, m.text_encoder):
         assert torch.equal(tower.blocks[1].mlp.fc2.weight, pre.encoder.blocks[1].mlp.fc2.weight)
     assert torch.equal(m.text_encoder.text_embeddings.word_embeddings.weight, pre.text_embeddings.word_embeddings.weight)
     assert torch.equal(m.video_encoder.fc_norm.weight, fresh_fc)  # fresh LN; the encoder's final norm is dropped
     assert m.video_encoder.blocks[0].attn.qkv.weight.data_ptr() != m.text_encoder.blocks[0].attn.qkv.weight.data_ptr()
     m.encode_text(text).sum().backward()
-    assert all(p.grad is None for n, p in m.named_parameters() if not n.startswith("text_encoder."))
+    assert all((p.grad is None) != n.startswith("text_encoder.") for n, p in m.named_parameters())
     m.zero_grad(set_to_none=True)
     full = torch.ones(3, 4, dtype=torch.bool)
     v = m.encode_video(video, full)
     v.sum().backward()
-    assert all(p.grad is None for n, p in m.named_parameters() if not n.startswith("video_encoder."))
+    assert all((p.grad is None) != n.startswith("video_encoder.") for n, p in m.named_parameters())
     x = m.video_encoder.patch_embed(video) + m.pos_embed
     for blk in m.video_encoder.blocks:
         x = blk(x)
@@ -190,8 +197,10 @@ def test_convert_official_and_errors(tmp_path):
     out = simvtp.convert_official(sd, m)
     assert "text_embeddings.word_embeddings.weight" not in out and "text_cls.weight" not in out  # WordPiece rows
     assert out["text_embeddings.position_embeddings.weight"].shape == (77, 32)
+    with pytest.raises(RuntimeError, match="built with pretraining=True"):
+        m.encode_video(*batch()[:1], torch.ones(3, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"video must be \[B, 4, 3, 32, 32\]"):
-        m.encode_video(torch.zeros(2, 8, 3, 32, 32), torch.ones(2, 8, dtype=torch.bool))
+        tiny(pretraining=False).encode_video(torch.zeros(2, 8, 3, 32, 32), torch.ones(2, 8, dtype=torch.bool))
     with pytest.raises(ValueError, match="need >= 2 clips"):
         m.pretraining_loss(*[t[:1] for t in batch()][:1], None, batch()[1][:1])
     assert simvtp.normalize(torch.full((1, 3, 2, 2), 255, dtype=torch.uint8))[0, :, 0, 0].allclose(
