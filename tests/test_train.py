@@ -1,0 +1,139 @@
+"""train.py end to end on a tiny synthetic set and a tiny CLIP: a subprocess run, eval-only, exact resume
+mid-epoch, a checkpoint write killed half-way, the method contract's flags, and the clear errors."""
+import json
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+import data
+import train
+from conftest import make_tiny_clip
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A 24-clip synthetic set (72 training pairs, 8 test clips) and a random tiny CLIP checkpoint."""
+    tmp = tmp_path_factory.mktemp("train")
+    data.make_synthetic(str(tmp / "synthetic"), n_train=24, n_test_pairs=4)
+    torch.save(make_tiny_clip().state_dict(), tmp / "clip.pt")
+    return tmp
+
+
+def flags(setup, out, *extra):
+    return ["--method", "full", "--data_path", str(setup / "synthetic"), "--clip", str(setup / "clip.pt"),
+            "--output_dir", str(out), "--num_workers", "0", "--max_frames", "4", "--batch_size", "8",
+            "--epochs", "2", "--clip_lr", "1e-3", *extra]
+
+
+def weights(out):
+    return torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
+
+
+def test_subprocess_run_logs_checkpoints_and_evaluates(setup, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "train.py", *flags(setup, tmp_path, "--epochs", "1", "--dsl")],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "trainable of" in r.stdout and "final" in r.stdout and "DSL t2v" in r.stdout
+    rows = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    train_rows = [x for x in rows if x["event"] == "train"]
+    assert train_rows and {"loss", "lr", "step_time", "clips_per_s", "data_wait"} <= set(train_rows[0])
+    evals = [x for x in rows if x["event"] == "eval"]
+    assert len(evals) == 1 and 0 <= evals[0]["t2v"]["R@1"] <= 100 and "DSL v2t" in evals[0]
+    ck = weights(tmp_path)  # a plain dict that loads with weights_only=True
+    assert ck["step"] == 9 and ck["epoch"] == 1 and ck["batch"] == 0 and ck["args"]["method"] == "full"
+    assert set(ck["model"]) == {"clip." + n for n, _ in make_tiny_clip().named_parameters()}  # full: all of CLIP
+    # --eval_only on the checkpoint reproduces the epoch's metrics
+    again = train.main(flags(setup, tmp_path / "eval", "--eval_only", "--checkpoint", str(tmp_path / "checkpoint.pt")))
+    assert again["t2v"] == pytest.approx(evals[0]["t2v"]) and again["v2t"] == pytest.approx(evals[0]["v2t"])
+
+
+def test_training_moves_weights_and_clamps_logit_scale(setup, tmp_path):
+    train.main(flags(setup, tmp_path, "--epochs", "1", "--clip_lr", "1.0"))  # absurd lr: clamp must hold
+    ck = weights(tmp_path)
+    start = make_tiny_clip().state_dict()
+    assert ck["model"]["clip.logit_scale"].item() <= torch.log(torch.tensor(100.0)).item() + 1e-6
+    assert not torch.equal(ck["model"]["clip.visual.conv1.weight"], start["visual.conv1.weight"])
+
+
+def test_resume_mid_epoch_equals_uninterrupted_run(setup, tmp_path):
+    train.main(flags(setup, tmp_path / "full"))  # 2 epochs x 9 steps
+    train.main(flags(setup, tmp_path / "cut", "--max_steps", "13"))  # stops 4 steps into epoch 2
+    cut = weights(tmp_path / "cut")
+    assert (cut["step"], cut["epoch"], cut["batch"]) == (13, 1, 4)
+    train.main(flags(setup, tmp_path / "cut", "--resume"))
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "cut")
+    assert b["step"] == a["step"] == 18
+    for name in a["model"]:
+        torch.testing.assert_close(b["model"][name], a["model"][name], atol=1e-6, rtol=0)
+    evals = [[json.loads(x) for x in open(tmp_path / d / "log.jsonl")] for d in ("full", "cut")]
+    last = [[x for x in rows if x["event"] == "eval"][-1] for rows in evals]
+    assert last[0]["t2v"] == pytest.approx(last[1]["t2v"])
+
+
+def test_killed_checkpoint_write_keeps_previous(setup, tmp_path, monkeypatch):
+    train.main(flags(setup, tmp_path, "--epochs", "1"))
+    before = weights(tmp_path)
+
+    def dying_save(obj, f, *a, **k):  # writes half a file, then the process "dies"
+        with open(f, "wb") as fh:
+            fh.write(b"PK\x03\x04 half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(flags(setup, tmp_path, "--epochs", "2", "--resume"))
+    after = weights(tmp_path)  # the previous checkpoint is still there and whole
+    assert after["step"] == before["step"] == 9
+    for name in before["model"]:
+        assert torch.equal(after["model"][name], before["model"][name])
+    assert [f for f in os.listdir(tmp_path) if ".tmp" in f] == []
+
+
+def test_method_contract_flags(setup, tmp_path, monkeypatch):
+    """RECIPE keys beyond the standard ones become typed flags and constructor arguments; DATASET_RECIPES
+    overrides RECIPE, the command line overrides both."""
+    built = {}
+
+    class Toy(train.MeanP):
+        def __init__(self, clip_model, num_frames, *, depth=2, rate=0.5, tag="x", gate=True):
+            super().__init__(clip_model, num_frames, train_clip=False)
+            self.head = torch.nn.Linear(1, 1)  # something trains
+            built.update(num_frames=num_frames, depth=depth, rate=rate, tag=tag, gate=gate)
+
+        def encode_text(self, text):
+            return super().encode_text(text) * self.head.weight
+
+    toy = types.SimpleNamespace(RECIPE=dict(lr=1e-3, clip_lr=None, epochs=1, batch_size=8, frames=6, words=16,
+                                            weight_decay=0.0, warmup=0.1, grad_clip=1.0, depth=2, rate=0.5,
+                                            tag="x", gate=True),
+                                DATASET_RECIPES=dict(synthetic=dict(frames=3, rate=0.25)), Toy=Toy)
+    monkeypatch.setitem(sys.modules, "toy", toy)
+    monkeypatch.setitem(train.METHODS, "toy", ("toy", "Toy"))
+    args, cls = train.parse_args(["--method", "toy", "--depth", "5", "--gate", "false", "--tag", "y"])
+    assert cls is Toy and args.frames == 3 and args.words == 16 and args.lr == 1e-3
+    assert args.kwargs == dict(depth=5, rate=0.25, tag="y", gate=False)
+    with pytest.raises(SystemExit):
+        train.parse_args(["--method", "toy", "--gate", "maybe"])
+    argv = flags(setup, tmp_path, "--epochs", "1")
+    argv[argv.index("full")] = "toy"
+    train.main(argv + ["--depth", "3"])
+    assert built == dict(num_frames=4, depth=3, rate=0.25, tag="x", gate=True)
+    assert set(weights(tmp_path)["model"]) == {"head.weight", "head.bias"}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "nope"], "choose from zeroshot, full, ump, dgl, adapter, unipt, simvtp"),
+    (["--method", "full", "--data", "nope"], "choose from synthetic, msrvtt"),
+    (["--method", "full", "--eval_only", "--checkpoint", "/no/such.pt"], "/no/such.pt: no such file"),
+])
+def test_clear_errors(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(argv)
+    assert message in capsys.readouterr().err
