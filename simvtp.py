@@ -29,19 +29,22 @@ Deliberate deviations:
      starts from VideoMAE K400 and bert-base-uncased; `convert_official` maps VideoMAE/SimVTP checkpoints
      (the WordPiece-sized word embeddings and MLM head cannot map to BPE and are dropped).
   3. The positive half of the VTM batch is the joint pass of MVM/MLM (the release recomputes it; equal up
-     to embedding-dropout noise, spec §9.6): 2B joint rows per step instead of 3B.
+     to embedding-dropout noise, spec §9.6): 2B joint rows per step instead of 3B. The MLM head scores
+     only the masked positions (same loss; the 49409-wide head is most of a tiny model's step).
   4. Frames are a parameter (the release assumes 16). Padded frames (video_mask False) are ignored by
      retrieval: their tubelets are key-masked and left out of the pooling; pretraining ignores video_mask.
   5. Retrieval towers carry no dead weights (spec §9.9); one view per clip (the release averages 3x3 / 15x3
      test views); layer decay is off as it is, in effect, in the release (spec §9.8).
-  6. Recipe: single-stage cosine to 0 (the release decays to min lr 4e-5 / 2.5e-7); train.py's symmetric
-     InfoNCE averages the two directions where NormSoftmax sums them (a factor 2 on the loss).
+  6. Recipe: single-stage cosine to 0 (the release decays to min lr 4e-5 / 2.5e-7). Fine-tuning uses train.py's
+     symmetric InfoNCE: it averages the two directions where NormSoftmax sums them (a factor 2 on the loss)
+     and gathers negatives across GPUs where the release uses the local batch (spec §9.7).
   7. Augmentations (multi-scale crop, RandAugment, RandomErasing) are not applied: data.py's own.
 
-Usage:
-    model = SimVTP(16)                                       # ViT-B/16, 16 frames, 224 px
-    out = model.pretraining_loss(model.normalize(uint8_video), video_mask, clip.tokenize(captions))
-    t, v = model.encode_text(ids), model.encode_video(video, video_mask)     # fine-tuning towers, [B, 768]
+Usage (one class, one stage's modules at a time: `pretraining=True` builds the release's pretraining model):
+    pre = SimVTP(16, pretraining=True)                       # ViT-B/16, 16 frames, 224 px
+    out = pre.pretraining_loss(normalize(uint8_video), video_mask, clip.tokenize(captions))  # out["loss"]
+    model = SimVTP(16); model.load_state_dict(pre.state_dict(), strict=False)   # both towers from the encoder
+    t, v = model.encode_text(ids), model.encode_video(video, video_mask)          # [B, 768] each, cosine
 """
 import math
 
@@ -404,7 +407,8 @@ def convert_official(sd, model):
         if k.endswith("position_embeddings.weight"):
             v = v[:model.context_length]
         if k not in own or v.shape != own[k].shape:
-            raise KeyError(f"{k} {tuple(v.shape)} does not match the model ({tuple(own[k].shape) if k in own else 'absent'})")
+            raise KeyError(f"{k} {tuple(v.shape)} does not match the model: "
+                           f"{tuple(own[k].shape) if k in own else 'no such key'}")
         out[k] = v
     return out
 
@@ -450,7 +454,8 @@ def visualize(model, video, text, path, scale=4):
         img = np.ascontiguousarray((grid.flip(-1) * 255).byte().cpu().numpy())  # RGB -> BGR
         img = cv2.resize(img, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
         n = int(attn[b].sum()) - 1  # words sit at 1 .. EOT-1
-        words = [(dec([int(ids[b, i])]).strip(), dec([int(pred[b, i])]).strip(), bool(select[b, i])) for i in range(1, n)]
+        words = [(dec([int(ids[b, i])]).strip(), dec([int(pred[b, i])]).strip(), bool(select[b, i]))
+                 for i in range(1, n)]
         lines = ["caption:   " + " ".join(f"[{w}]" if s else w for w, _, s in words),
                  "predicted: " + " ".join(f"[{q}]" if s else w for w, q, s in words)]
         text_img = np.full((22 * len(lines) + 8, img.shape[1], 3), 255, np.uint8)

@@ -1,6 +1,5 @@
 """SimVTP (simvtp.py): the spec's fidelity checklist (../shared/specs/simvtp.md §7) on a tiny config, CPU."""
 import math
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -65,8 +64,7 @@ def test_text_mask_selects_only_real_tokens():
     m = tiny(text_mask_ratio=1.0)
     ids, attn = m.text_inputs(clip.tokenize(CAPTIONS, context_length=16))
     assert ids.shape[1] == int(attn.sum(1).max())  # trimmed to the longest caption
-    sel = m.random_text_mask(attn)
-    eot = ids.argmax(-1)
+    sel, eot = m.random_text_mask(attn), ids.argmax(-1)
     for b in range(3):  # p = 1: every word, never SOT, EOT or padding (CLIP pads with id 0 = "!")
         assert sel[b].nonzero().flatten().tolist() == list(range(1, int(eot[b])))
     sel = tiny(text_mask_ratio=0.75).random_text_mask(attn.repeat(200, 1))
@@ -76,8 +74,7 @@ def test_text_mask_selects_only_real_tokens():
 
 def test_joint_input_masked_ids_and_key_mask():
     m, (video, text) = tiny(), batch()
-    ids, attn = m.text_inputs(text)
-    seen = {}
+    seen, (ids, attn) = {}, m.text_inputs(text)
     m.text_embeddings.register_forward_hook(first_input(seen, "ids"))
     m.encoder.blocks[0].attn.register_forward_hook(first_input(seen, "bias", 1))
     sel = m.random_text_mask(attn)
@@ -92,8 +89,7 @@ def test_attention_q_v_bias_no_k_bias():
     attn = simvtp.Attention(8, 2)
     torch.nn.init.normal_(attn.q_bias), torch.nn.init.normal_(attn.v_bias)
     x = torch.randn(2, 5, 8)
-    q, k, v = (x @ attn.qkv.weight.T).split(8, -1)
-    q, v = q + attn.q_bias, v + attn.v_bias
+    q, k, v = (x @ attn.qkv.weight.T + torch.cat([attn.q_bias, torch.zeros(8), attn.v_bias])).split(8, -1)
     heads = lambda t: t.view(2, 5, 2, 4).transpose(1, 2)  # noqa: E731
     a = (heads(q) * 4 ** -0.5 @ heads(k).transpose(-1, -2)).softmax(-1)
     ref = attn.proj((a @ heads(v)).transpose(1, 2).reshape(2, 5, 8))
@@ -152,12 +148,9 @@ def test_vtm_negatives_swap_the_video():
     ids, attn = m.text_inputs(text)
     mask, sel, neg = m.random_tube_mask(3), m.random_text_mask(attn), torch.tensor([2, 0, 1])
     a = m.pretraining_outputs(video, ids, attn, mask, sel, neg)["vtm_logits"]
-    video2 = video.clone()
-    video2[2] += 1  # only clip 2 changes: positive row 2 and the negative of caption 0 (video 2)
-    b = m.pretraining_outputs(video2, ids, attn, mask, sel, neg)["vtm_logits"]
+    shift = (torch.arange(3) == 2).float().view(3, 1, 1, 1, 1)  # only clip 2 changes: positive row 2 and
+    b = m.pretraining_outputs(video + shift, ids, attn, mask, sel, neg)["vtm_logits"]  # caption 0's negative
     assert (a - b).abs().amax(1).gt(1e-6).tolist() == [False, False, True, True, False, False]
-    drawn = [m.pretraining_loss(video, None, text) for _ in range(3)]  # random negatives: never the pair itself
-    assert all(torch.isfinite(d["loss"]) for d in drawn)
 
 
 def test_finetune_towers_independent_and_loaded_from_pretraining():
@@ -170,24 +163,21 @@ def test_finetune_towers_independent_and_loaded_from_pretraining():
     assert [k for k in unexpected if k.startswith("encoder.")] == ["encoder.norm.weight", "encoder.norm.bias"]
     for tower in (m.video_encoder, m.text_encoder):
         assert torch.equal(tower.blocks[1].mlp.fc2.weight, pre.encoder.blocks[1].mlp.fc2.weight)
-    assert torch.equal(m.text_encoder.text_embeddings.word_embeddings.weight, pre.text_embeddings.word_embeddings.weight)
+    assert m.text_encoder.text_embeddings.word_embeddings.weight.equal(pre.text_embeddings.word_embeddings.weight)
     assert torch.equal(m.video_encoder.fc_norm.weight, fresh_fc)  # fresh LN; the encoder's final norm is dropped
-    assert m.video_encoder.blocks[0].attn.qkv.weight.data_ptr() != m.text_encoder.blocks[0].attn.qkv.weight.data_ptr()
-    m.encode_text(text).sum().backward()
-    assert all((p.grad is None) != n.startswith("text_encoder.") for n, p in m.named_parameters())
-    m.zero_grad(set_to_none=True)
     full = torch.ones(3, 4, dtype=torch.bool)
+    for tower, encode in [("text_encoder.", lambda: m.encode_text(text)),
+                          ("video_encoder.", lambda: m.encode_video(video, full))]:
+        m.zero_grad(set_to_none=True)
+        encode().sum().backward()  # separate copies: each embedding reaches its own tower only
+        assert all((p.grad is None) != n.startswith(tower) for n, p in m.named_parameters())
     v = m.encode_video(video, full)
-    v.sum().backward()
-    assert all((p.grad is None) != n.startswith("video_encoder.") for n, p in m.named_parameters())
     x = m.video_encoder.patch_embed(video) + m.pos_embed
     for blk in m.video_encoder.blocks:
         x = blk(x)
     assert torch.allclose(v, m.video_encoder.fc_norm(x.mean(1)), atol=1e-6)  # no final norm, all tokens
-    half = full.clone()
-    half[0, 2:] = False  # padded frames: left out of clip 0 only
-    v2 = m.encode_video(video, half)
-    assert torch.allclose(v2[1:], v[1:], atol=1e-6) and not torch.allclose(v2[0], v[0])
+    v2 = m.encode_video(video, full.index_put((torch.tensor([0, 0]), torch.tensor([2, 3])), torch.tensor(False)))
+    assert torch.allclose(v2[1:], v[1:], atol=1e-6) and not torch.allclose(v2[0], v[0])  # padded frames of clip 0
 
 
 def test_convert_official_and_errors(tmp_path):
@@ -202,7 +192,7 @@ def test_convert_official_and_errors(tmp_path):
     with pytest.raises(ValueError, match=r"video must be \[B, 4, 3, 32, 32\]"):
         tiny(pretraining=False).encode_video(torch.zeros(2, 8, 3, 32, 32), torch.ones(2, 8, dtype=torch.bool))
     with pytest.raises(ValueError, match="need >= 2 clips"):
-        m.pretraining_loss(*[t[:1] for t in batch()][:1], None, batch()[1][:1])
+        m.pretraining_loss(batch()[0][:1], None, batch()[1][:1])
     assert simvtp.normalize(torch.full((1, 3, 2, 2), 255, dtype=torch.uint8))[0, :, 0, 0].allclose(
         (1 - torch.tensor(simvtp.IMAGENET_MEAN)) / torch.tensor(simvtp.IMAGENET_STD))
     video, text = batch()

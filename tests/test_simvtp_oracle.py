@@ -35,7 +35,8 @@ def test_matches_official_modules():
         assert (o[ours] - ref[theirs]).abs().max() <= 1e-5, ours
     assert torch.allclose(m.pixel_targets(video, tube), r["pixel_targets"], atol=1e-6)
     losses = dict(loss_v=F.mse_loss(o["pixel_pred"], m.pixel_targets(video, tube)),
-                  loss_t=F.cross_entropy(o["mlm_logits"], ids[sel]), loss_vtc=m.contrastive_loss(o["vtc_text"], o["vtc_video"]),
+                  loss_t=F.cross_entropy(o["mlm_logits"], ids[sel]),
+                  loss_vtc=m.contrastive_loss(o["vtc_text"], o["vtc_video"]),
                   loss_vtm=F.cross_entropy(o["vtm_logits"], r["outputs"]["vtm_labels"]))
     losses["loss"] = sum(losses.values())
     for k, v in losses.items():
