@@ -582,7 +582,7 @@ def main(argv=None):
                 else:
                     loss, parts = contrastive_loss(method, *model(text, video, mask), mask), {}
                 scaler.scale(loss / micro).backward()
-            losses.append({"loss": loss.item(), **{k: float(x) for k, x in parts.items() if k != "loss"}})
+            losses.append({k: torch.as_tensor(x).item() for k, x in {**parts, "loss": loss}.items()})
             seen += len(text) * world
             if batch_no % micro:
                 t_fetch = time.time()
