@@ -18,9 +18,9 @@ Deliberate deviations:
   1. Text padding comes from the EOT position (token positions <= argmax(ids) are valid). The release
      uses `ids != 0`, but id 0 is "!" in CLIP's BPE, so a "!" inside a caption was masked out (spec §7 #2).
      Identical for captions without "!".
-  2. The 13 down-projections run as one batched matmul over their stacked weights instead of a Python loop (same
-     parameters and key names, same numbers); tap count and widths come from the CLIP config instead of
-     the hard-coded 13 / 768 / 512, so other ViT sizes work (spec §7 #9).
+  2. The 13 down-projections run as one batched matmul over their stacked weights instead of a Python
+     loop (same parameters and key names, same numbers); tap count and widths come from the CLIP config
+     instead of the hard-coded 13 / 768 / 512, so other ViT sizes work (spec §7 #9).
   3. Precision: the release keeps CLIP's weights in fp16; here CLIP keeps whatever dtype it has (fp32 from
      clip.load, the caller may autocast) and the side network always runs in fp32 with autocast disabled
      (the release's adapters are fp32 too, spec §7 #3).
