@@ -233,8 +233,7 @@ def table(result):
 
 
 def quality(args):
-    """Train every method on the synthetic set with several seeds via train.py; mean ± std of the metrics."""
-    import re
+    """Train every method on the synthetic set with several seeds via train.py; mean ± std of the last eval."""
     rows = []
     for name in args.methods.split(","):
         method, extra = (name.split("-")[0], ["--latent", "linear"]) if name == "dgl-linear" else (name, [])
@@ -242,16 +241,13 @@ def quality(args):
         for seed in args.seeds.split(","):
             out = os.path.join(args.out, f"quality_{name}_seed{seed}")
             cmd = [sys.executable, "train.py", "--method", method, "--seed", seed, "--output_dir", out] + extra
-            if method == "simvtp":  # fine-tuning from scratch; pretraining is a separate row in the README
-                cmd += ["--stage", "finetune"]
-            print(" ".join(cmd), flush=True)
+            print(" ".join(cmd[1:]), flush=True)
             subprocess.run(cmd, check=True)
-            final = [json.loads(l) for l in open(os.path.join(out, "log.jsonl")) if '"eval"' in l][-1]["eval"]
-            runs.append(final)
-        keys = [k for k in runs[0] if isinstance(runs[0][k], (int, float))]
-        stat = {k: (statistics.mean(r[k] for r in runs), statistics.pstdev(r[k] for r in runs)) for k in keys}
-        rows.append(dict(method=name, command=" ".join(cmd[1:-4] + extra).replace(f"--seed {seed}", "--seed S"),
-                         stats=stat))
+            evals = [json.loads(l) for l in open(os.path.join(out, "log.jsonl")) if '"event": "eval"' in l]
+            runs.append({f"{d} {k}": v for d in ("t2v", "v2t") for k, v in evals[-1][d].items()})
+        stats = {k: (statistics.mean(r[k] for r in runs), statistics.pstdev(r[k] for r in runs)) for k in runs[0]}
+        rows.append(dict(method=name, seeds=args.seeds, command=" ".join(["python", "train.py", "--method", method]
+                                                                           + extra + ["--seed", "S"]), stats=stats))
     return rows
 
 
@@ -272,8 +268,11 @@ def main():
     if args.quality:
         rows = quality(args)
         json.dump(rows, open(os.path.join(args.out, "quality.json"), "w"), indent=1)
+        keys = list(rows[0]["stats"])
+        print("| method | " + " | ".join(keys) + " | command |\n|---|" + "---:|" * len(keys) + "---|")
         for r in rows:
-            print(r["method"], {k: f"{m:.1f} ± {s:.1f}" for k, (m, s) in r["stats"].items()}, r["command"])
+            cells = " | ".join(f"{m:.1f} ± {sd:.1f}" for m, sd in r["stats"].values())
+            print(f"| {r['method']} | {cells} | `{r['command']}` |")
         return
     args.batch = args.batch or (8 if args.tiny else 32)
     result = bench_speed(args)
