@@ -14,7 +14,7 @@ three seeds through train.py and reports mean ± std.
 
 Peak memory: on CUDA, torch.cuda.max_memory_allocated over the step. On the CPU there is no allocator peak to
 read, so we report the bytes of tensors saved for backward by autograd (activations kept alive between forward
-and backward, counted once per storage) plus parameters, gradients and AdamW state of the trainable tensors.
+and backward, counted once per storage, parameters excluded; bench_memory.py has the details) plus parameters, gradients and AdamW state of the trainable tensors.
 """
 import argparse
 import importlib
@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import clip
+from bench_memory import SavedBytes  # bytes autograd saves for backward, parameters excluded
 
 METHODS = {"ump": ("ump", "UMP"), "dgl": ("dgl", "DGL"), "adapter": ("adapter", "CrossModalAdapter"),
            "unipt": ("unipt", "UniPT"), "simvtp": ("simvtp", "SimVTP")}
@@ -71,12 +72,12 @@ def build(name, clip_cfg, frames, tiny):
     module = importlib.import_module(module_name)
     cls = getattr(module, cls_name)
     recipe = dict(module.RECIPE)
-    if name == "simvtp" and tiny:
+    if tiny:  # the method's own settings for the tiny synthetic setting (UMP's K_d, SimVTP's tiny ViT, ...)
         recipe.update(getattr(module, "DATASET_RECIPES", {}).get("synthetic", {}))
     if name == "dgl-linear":
         recipe["latent"] = "linear"
     params = inspect.signature(cls).parameters
-    kwargs = {k: v for k, v in recipe.items() if k not in STANDARD and k in params}
+    kwargs = {k: v for k, v in recipe.items() if (k not in STANDARD or k == "size") and k in params}
     if name == "simvtp":
         return cls(frames, **kwargs), recipe.get("size", 224)
     return cls(clip.CLIP(**clip_cfg), frames, **kwargs), clip_cfg["image_resolution"]
@@ -91,28 +92,6 @@ def logits(model, t, v, mask):
 def infonce(s):
     labels = torch.arange(s.shape[0], device=s.device)
     return (F.cross_entropy(s, labels) + F.cross_entropy(s.t(), labels)) / 2
-
-
-class SavedBytes:
-    """Bytes autograd saves for backward, each storage counted once (the CPU's stand-in for peak memory)."""
-
-    def __init__(self):
-        self.seen, self.total = set(), 0
-
-    def pack(self, t):
-        key = (t.untyped_storage().data_ptr(), t.device)
-        if key not in self.seen:
-            self.seen.add(key)
-            self.total += t.untyped_storage().nbytes()
-        return t
-
-    def __enter__(self):
-        self.ctx = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
-        self.ctx.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.ctx.__exit__(*exc)
 
 
 def make_batch(batch, frames, size, words, device):
@@ -164,10 +143,10 @@ def bench_speed(args):
                 sync(device)
                 t0 = time.perf_counter()
                 if r == args.warmup and device.type == "cpu":
-                    with SavedBytes() as sb:
+                    with SavedBytes(skip=model.parameters()) as sb:
                         train_step(model, opt, batch, device, dtype)
                     state = sum(p.numel() * p.element_size() * 4 for p in model.parameters() if p.requires_grad)
-                    rows[name]["peak_mem_MB"] = (sb.total + state) / 2**20  # saved activations + p, grad, 2 moments
+                    rows[name]["peak_mem_MB"] = (sb.bytes + state) / 2**20  # saved activations + p, grad, 2 moments
                 else:
                     train_step(model, opt, batch, device, dtype)
                 sync(device)
