@@ -28,47 +28,23 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 import clip
+import train  # the baselines, method table and loss are train.py's, so the benchmark times what trains
 from bench_memory import SavedBytes  # bytes autograd saves for backward, parameters excluded
 
-METHODS = {"ump": ("ump", "UMP"), "dgl": ("dgl", "DGL"), "adapter": ("adapter", "CrossModalAdapter"),
-           "unipt": ("unipt", "UniPT"), "simvtp": ("simvtp", "SimVTP")}
 ALL = ["zeroshot", "full", "ump", "dgl", "dgl-linear", "adapter", "unipt", "simvtp"]
-STANDARD = {"lr", "clip_lr", "epochs", "batch_size", "frames", "words", "weight_decay", "warmup", "grad_clip",
-            "betas", "eps", "size"}
 TINY = dict(embed_dim=64, image_resolution=64, vision_layers=4, vision_width=128, vision_patch_size=16,
             context_length=77, vocab_size=49408, transformer_width=128, transformer_heads=2, transformer_layers=4)
 B32 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=32,
            context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8, transformer_layers=12)
 
 
-class MeanPooled(nn.Module):
-    """CLIP4Clip meanP: per-frame CLS features, normalised, masked mean. `full` trains all of CLIP."""
-
-    def __init__(self, clip_model, num_frames, trainable):
-        super().__init__()
-        self.clip, self.logit_scale = clip_model, clip_model.logit_scale
-        for p in self.clip.parameters():
-            p.requires_grad_(trainable)
-
-    def encode_text(self, text):
-        return self.clip.encode_text(text)
-
-    def encode_video(self, video, video_mask):
-        B, T = video.shape[:2]
-        f = F.normalize(self.clip.encode_image(video.flatten(0, 1)).view(B, T, -1), dim=-1)  # [B, T, E]
-        m = video_mask.unsqueeze(-1).to(f.dtype)
-        return (f * m).sum(1) / m.sum(1).clamp(min=1)
-
-
 def build(name, clip_cfg, frames, tiny):
     """(model, frame size) for a method name, on random weights; kwargs from the method's RECIPE."""
     if name in ("zeroshot", "full"):
-        return MeanPooled(clip.CLIP(**clip_cfg), frames, trainable=name == "full"), clip_cfg["image_resolution"]
-    module_name, cls_name = METHODS[name.split("-")[0]]
+        return train.MeanP(clip.CLIP(**clip_cfg), frames, train_clip=name == "full"), clip_cfg["image_resolution"]
+    module_name, cls_name = train.METHODS[name.split("-")[0]]
     module = importlib.import_module(module_name)
     cls = getattr(module, cls_name)
     recipe = dict(module.RECIPE)
@@ -77,21 +53,10 @@ def build(name, clip_cfg, frames, tiny):
     if name == "dgl-linear":
         recipe["latent"] = "linear"
     params = inspect.signature(cls).parameters
-    kwargs = {k: v for k, v in recipe.items() if (k not in STANDARD or k == "size") and k in params}
+    kwargs = {k: v for k, v in recipe.items() if (k not in train.STANDARD or k == "size") and k in params}
     if name == "simvtp":
         return cls(frames, **kwargs), recipe.get("size", 224)
     return cls(clip.CLIP(**clip_cfg), frames, **kwargs), clip_cfg["image_resolution"]
-
-
-def logits(model, t, v, mask):
-    if hasattr(model, "similarity"):
-        return model.similarity(t, v, mask)
-    return model.logit_scale.exp() * F.normalize(t, dim=-1) @ F.normalize(v, dim=-1).t()
-
-
-def infonce(s):
-    labels = torch.arange(s.shape[0], device=s.device)
-    return (F.cross_entropy(s, labels) + F.cross_entropy(s.t(), labels)) / 2
 
 
 def make_batch(batch, frames, size, words, device):
@@ -106,7 +71,7 @@ def train_step(model, opt, batch, device, dtype):
     video, mask, text = batch
     model.train()
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-        loss = infonce(logits(model, model.encode_text(text), model.encode_video(video, mask), mask))
+        loss = train.contrastive_loss(model, model.encode_text(text), model.encode_video(video, mask), mask)
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)

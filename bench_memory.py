@@ -37,38 +37,20 @@ import torch.nn.functional as F
 from torch import nn
 
 import clip
+import train  # the `full` baseline and the loss are train.py's
 
 B32 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=32,
            context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8, transformer_layers=12)
 TINY = dict(B32, embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=8,
             transformer_width=64, transformer_heads=1, transformer_layers=2)
 OTHERS = {"ump": ("ump", "UMP"), "dgl": ("dgl", "DGL"), "adapter": ("adapter", "CrossModalAdapter")}
-STANDARD = {"lr", "clip_lr", "epochs", "batch_size", "frames", "words", "weight_decay", "warmup", "grad_clip",
-            "betas", "eps"}
 
 
-class MeanP(nn.Module):
-    """CLIP4Clip meanP, every CLIP weight trainable: the `full` baseline."""
-
-    def __init__(self, clip_model, num_frames):
-        super().__init__()
-        self.clip, self.logit_scale = clip_model.requires_grad_(True), clip_model.logit_scale
-
-    def encode_text(self, text):
-        return self.clip.encode_text(text)
-
-    def encode_video(self, video, video_mask):
-        frames = F.normalize(self.clip.encode_image(video.flatten(0, 1)), dim=-1).view(*video.shape[:2], -1)
-        m = video_mask.to(frames.dtype)[:, :, None]  # [B, T, 1]
-        return (frames * m).sum(1) / m.sum(1).clamp(min=1.0)  # [B, E]
-
-
-class InputPrompt(MeanP):
+class InputPrompt(train.MeanP):
     """Frozen CLIP, n learnable input tokens per tower (shallow VPT / CoOp-style): gradient through CLIP."""
 
     def __init__(self, clip_model, num_frames, n=8):
-        super().__init__(clip_model, num_frames)
-        self.clip.requires_grad_(False)
+        super().__init__(clip_model, num_frames, train_clip=False)
         self.vision_prompt = nn.Parameter(0.02 * torch.randn(n, clip_model.visual.transformer.width))
         self.text_prompt = nn.Parameter(0.02 * torch.randn(n, clip_model.transformer.width))
 
@@ -88,15 +70,16 @@ class InputPrompt(MeanP):
         return (frames * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
-def build(name, clip_model, frames):
+def build(name, clip_model, frames, tiny=False):
     if name == "full":
-        return MeanP(clip_model, frames)
+        return train.MeanP(clip_model, frames, train_clip=True)
     if name == "prompt":
         return InputPrompt(clip_model, frames)
     module, cls = ("unipt", "UniPT") if name == "unipt" else OTHERS[name]
     mod = importlib.import_module(module)
     params = inspect.signature(getattr(mod, cls)).parameters
-    kwargs = {k: v for k, v in mod.RECIPE.items() if k not in STANDARD and k in params}
+    recipe = {**mod.RECIPE, **(getattr(mod, "DATASET_RECIPES", {}).get("synthetic", {}) if tiny else {})}
+    kwargs = {k: v for k, v in recipe.items() if k not in train.STANDARD and k in params}
     return getattr(mod, cls)(clip_model, frames, **kwargs)
 
 
@@ -132,13 +115,7 @@ def step(model, opt, batch, amp, counter=None):
     with torch.autocast(video.device.type, dtype=torch.bfloat16, enabled=amp):
         if counter:
             counter.__enter__()
-        t, v = model.encode_text(text), model.encode_video(video, mask)
-        if hasattr(model, "similarity"):  # per-frame features pooled by the query (Cross-Modal Adapter)
-            s = model.similarity(t, v, mask).float()
-        else:  # as train.py: cosine x exp(logit_scale)
-            s = model.logit_scale.exp() * F.normalize(t.float(), dim=-1) @ F.normalize(v.float(), dim=-1).T
-        target = torch.arange(len(s), device=s.device)
-        loss = (F.cross_entropy(s, target) + F.cross_entropy(s.T, target)) / 2
+        loss = train.contrastive_loss(model, model.encode_text(text), model.encode_video(video, mask), mask)
         if counter:
             counter.__exit__(None, None, None)
     loss.backward()
@@ -151,7 +128,7 @@ def measure(args):
     torch.manual_seed(0)
     dev = torch.device(args.device)
     cfg = TINY if args.tiny else B32
-    model = build(args.one, clip.CLIP(**cfg), args.frames).to(dev)
+    model = build(args.one, clip.CLIP(**cfg), args.frames, args.tiny).to(dev)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-4)
     B, T, R = args.batch, args.frames, cfg["image_resolution"]
