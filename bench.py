@@ -11,6 +11,7 @@ three seeds through train.py and reports mean ± std.
     python bench.py                                # ViT-B/32, 12 frames, 224 px (meant for a GPU)
     python bench.py --methods full,adapter --batch 32
     python bench.py --quality --seeds 0,1,2        # train + evaluate every method on synthetic data
+    python bench.py --quality --jobs 2             # two training runs at a time, one CPU thread each
 
 Peak memory: on CUDA, torch.cuda.max_memory_allocated over the step. On the CPU there is no allocator peak to
 read, so we report the bytes of tensors saved for backward by autograd (activations kept alive between forward
@@ -22,18 +23,20 @@ import inspect
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
 import time
 
 import torch
+import torch.utils.flop_counter
 
 import clip
 import train  # the baselines, method table and loss are train.py's, so the benchmark times what trains
-from bench_memory import SavedBytes  # bytes autograd saves for backward, parameters excluded
+from bench_memory import InputPrompt, SavedBytes  # shallow-prompt baseline; bytes autograd saves for backward
 
-ALL = ["zeroshot", "full", "ump", "dgl", "dgl-linear", "adapter", "unipt", "simvtp"]
+ALL = ["zeroshot", "full", "prompt", "ump", "dgl", "dgl-linear", "adapter", "unipt", "simvtp"]
 TINY = dict(embed_dim=64, image_resolution=64, vision_layers=4, vision_width=128, vision_patch_size=16,
             context_length=77, vocab_size=49408, transformer_width=128, transformer_heads=2, transformer_layers=4)
 B32 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=32,
@@ -44,6 +47,8 @@ def build(name, clip_cfg, frames, tiny):
     """(model, frame size) for a method name, on random weights; kwargs from the method's RECIPE."""
     if name in ("zeroshot", "full"):
         return train.MeanP(clip.CLIP(**clip_cfg), frames, train_clip=name == "full"), clip_cfg["image_resolution"]
+    if name == "prompt":  # the frozen-backbone forward + backward every prompt method pays at least
+        return InputPrompt(clip.CLIP(**clip_cfg), frames), clip_cfg["image_resolution"]
     module_name, cls_name = train.METHODS[name.split("-")[0]]
     module = importlib.import_module(module_name)
     cls = getattr(module, cls_name)
@@ -107,7 +112,11 @@ def bench_speed(args):
                     torch.cuda.reset_peak_memory_stats()
                 sync(device)
                 t0 = time.perf_counter()
-                if r == args.warmup and device.type == "cpu":
+                if r == 0:  # first warm-up step: count the FLOPs of forward + backward (not timed)
+                    with flop_counter() as fc:
+                        train_step(model, opt, batch, device, dtype)
+                    rows[name]["flops"] = fc.get_total_flops()
+                elif r == args.warmup and device.type == "cpu":
                     with SavedBytes(skip=model.parameters()) as sb:
                         train_step(model, opt, batch, device, dtype)
                     state = sum(p.numel() * p.element_size() * 4 for p in model.parameters() if p.requires_grad)
@@ -136,8 +145,11 @@ def bench_speed(args):
         if steps:
             row["step_ms"] = 1e3 * statistics.median(steps)
             row["clips_per_s"] = args.batch / statistics.median(steps)
-        if device.type == "cuda" and steps and name in ("full", "zeroshot"):
-            row["mfu"] = mfu(cfg, args, statistics.median(steps), next((v for k, v in peak.items() if k in gpu), None))
+        if steps and "flops" in row:
+            row["gflops_per_s"] = row["flops"] / statistics.median(steps) / 1e9
+            row["gflop_per_clip"] = row["flops"] / args.batch / 1e9
+            peak_flops = next((v for k, v in peak.items() if k in gpu), None)
+            row["mfu"] = row["flops"] / statistics.median(steps) / peak_flops if peak_flops else None
     hardware = gpu or f"{cpu_name()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
     return dict(hardware=hardware, torch=torch.__version__, dtype=str(dtype), config="tiny" if args.tiny else "ViT-B/32",
                 batch=args.batch, frames=args.frames, words=args.words, steps=args.steps,
@@ -152,53 +164,79 @@ def cpu_name():
         return platform.processor() or platform.machine()
 
 
-def mfu(cfg, args, step_s, peak_flops):
-    """Model FLOPs utilisation of full fine-tuning: 6 x params-touched-per-token x tokens (forward + backward)."""
-    if peak_flops is None:
-        return None
-    wv, lv, wt, lt = cfg["vision_width"], cfg["vision_layers"], cfg["transformer_width"], cfg["transformer_layers"]
-    n_img = (cfg["image_resolution"] // cfg["vision_patch_size"]) ** 2 + 1
-    vis = args.batch * args.frames * (n_img * 12 * wv * wv * lv + 2 * n_img * n_img * wv * lv)  # MACs
-    txt = args.batch * (args.words * 12 * wt * wt * lt + 2 * args.words * args.words * wt * lt)
-    return 6 * (vis + txt) / step_s / peak_flops
+def flop_counter():
+    """torch's FlopCounterMode (matmuls, convolutions, fused attention), taught the CPU's fused attention kernel,
+    for which torch has no formula. Counted FLOPs of one step, forward + backward; MFU = FLOPs / time / peak."""
+    fc = torch.utils.flop_counter
+    aten = torch.ops.aten
+    mapping = {}
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        mapping[aten._scaled_dot_product_flash_attention_for_cpu] = \
+            lambda q, k, v, *a, out_shape=None, **kw: fc.sdpa_flop_count(q, k, v)
+        mapping[aten._scaled_dot_product_flash_attention_for_cpu_backward] = \
+            lambda g, q, k, v, *a, out_shape=None, **kw: fc.sdpa_backward_flop_count(g, q, k, v)
+    return fc.FlopCounterMode(display=False, custom_mapping=mapping)
 
 
 def table(result):
     lines = [f"Hardware: {result['hardware']}, torch {result['torch']}, {result['dtype']}, {result['config']}, "
              f"batch {result['batch']} x {result['frames']} frames, {result['words']} words; memory = {result['memory']}",
-             "", "| method | trainable | total | step ms | clips/s | peak MB | eval videos/s | MFU |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "", "| method | trainable | total | step ms | clips/s | peak MB | eval videos/s | GFLOP/clip | GFLOP/s | MFU |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         f = lambda k, fmt: (fmt.format(r[k]) if r.get(k) is not None else "–")
         lines.append(f"| {r['method']} | {r['trainable']:,} | {r['total']:,} | {f('step_ms', '{:.0f}')} | "
                      f"{f('clips_per_s', '{:.1f}')} | {f('peak_mem_MB', '{:.0f}')} | {f('eval_videos_per_s', '{:.1f}')} | "
+                     f"{f('gflop_per_clip', '{:.2f}')} | {f('gflops_per_s', '{:.0f}')} | "
                      f"{f('mfu', '{:.1%}')} |")
     return "\n".join(lines)
 
 
 def quality(args):
-    """Train every method on the synthetic set with several seeds via train.py; mean ± std of the last eval."""
-    rows = []
+    """Train every method on the synthetic set with several seeds via train.py; mean ± std of the last eval.
+
+    Runs go `--jobs` at a time, the CPU threads split between them. A finished run leaves final_eval.json in its
+    directory and is not trained again, so an interrupted `--quality` picks up where it stopped."""
+    runs, queue, running = {}, [], []
     for name in args.methods.split(","):
         method, extra = (name.split("-")[0], ["--latent", "linear"]) if name == "dgl-linear" else (name, [])
-        runs = []
         for seed in args.seeds.split(","):
             out = os.path.join(args.out, f"quality_{name}_seed{seed}")
-            cmd = [sys.executable, "train.py", "--method", method, "--seed", seed, "--output_dir", out] + extra
-            print(" ".join(cmd[1:]), flush=True)
-            subprocess.run(cmd, check=True)
+            runs[name, seed] = out
+            if not os.path.exists(os.path.join(out, "final_eval.json")):
+                queue.append((out, ["train.py", "--method", method, "--seed", seed, "--output_dir", out] + extra))
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // args.jobs)))
+    while queue or running:
+        while queue and len(running) < args.jobs:
+            out, cmd = queue.pop(0)
+            shutil.rmtree(out, ignore_errors=True)  # an unfinished run starts over: its log would mix two runs
+            os.makedirs(out)
+            print("python " + " ".join(cmd), flush=True)
+            log = open(os.path.join(out, "stdout.txt"), "w")
+            running.append((out, cmd, subprocess.Popen([sys.executable] + cmd, stdout=log, stderr=subprocess.STDOUT, env=env)))
+        time.sleep(1)
+        for job in [j for j in running if j[2].poll() is not None]:
+            running.remove(job)
+            out, cmd, proc = job
+            if proc.returncode:
+                sys.exit(f"{' '.join(cmd)} failed (exit {proc.returncode}); its output is in {out}/stdout.txt")
             evals = [json.loads(l) for l in open(os.path.join(out, "log.jsonl")) if '"event": "eval"' in l]
-            runs.append({f"{d} {k}": v for d in ("t2v", "v2t") for k, v in evals[-1][d].items()})
-        stats = {k: (statistics.mean(r[k] for r in runs), statistics.pstdev(r[k] for r in runs)) for k in runs[0]}
-        rows.append(dict(method=name, seeds=args.seeds, command=" ".join(["python", "train.py", "--method", method]
-                                                                           + extra + ["--seed", "S"]), stats=stats))
+            json.dump(evals[-1], open(os.path.join(out, "final_eval.json"), "w"))
+    rows = []
+    for name in args.methods.split(","):
+        finals = [json.load(open(os.path.join(runs[name, s], "final_eval.json"))) for s in args.seeds.split(",")]
+        metrics = [{f"{d} {k}": v for d in ("t2v", "v2t") for k, v in e[d].items()} for e in finals]
+        stats = {k: (statistics.mean(m[k] for m in metrics), statistics.pstdev(m[k] for m in metrics)) for k in metrics[0]}
+        extra = " --latent linear" if name == "dgl-linear" else ""
+        rows.append(dict(method=name, seeds=args.seeds, stats=stats,
+                         command=f"python train.py --method {name.split('-')[0]}{extra} --seed S"))
     return rows
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tiny", action="store_true", help="tiny CLIP for the CPU")
-    p.add_argument("--methods", default=",".join(ALL))
+    p.add_argument("--methods", default=None, help=f"default: {','.join(ALL)} (--quality: all but prompt)")
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--frames", type=int, default=12)
     p.add_argument("--words", type=int, default=32)
@@ -206,9 +244,11 @@ def main():
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--quality", action="store_true")
     p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--jobs", type=int, default=1, help="--quality: training runs at a time")
     p.add_argument("--out", default="bench_results")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    args.methods = args.methods or ",".join(m for m in ALL if not (args.quality and m == "prompt"))
     if args.quality:
         rows = quality(args)
         json.dump(rows, open(os.path.join(args.out, "quality.json"), "w"), indent=1)

@@ -1,4 +1,4 @@
-"""Decode vs frame-cache load time per clip, one worker thread (spec §6). Not a test: it times things.
+"""Decode vs frame-cache load time per clip and clips/s, one worker thread (spec §6). Not a test: it times things.
 
   python bench_data.py                 # MSR-VTT-like clips (320x240, 30 fps, 15 s, mp4v) and synthetic clips
 
@@ -65,9 +65,9 @@ def bench(name, split, size, frames, repeats, tmp):
     n = np.load(data.cache_file(cache, split.videos[0]), mmap_mode="r").shape[0]
     print(f"\n{name}: {len(split.videos)} clips, output {frames}x3x{size}x{size} uint8; cache {n} frames/clip, "
           f"{os.path.getsize(data.cache_file(cache, split.videos[0])) / 2**20:.1f} MiB/clip")
-    print(f"| step | median ms/clip | min ms/clip |\n|---|---|---|")
+    print(f"| step | median ms/clip | min ms/clip | clips/s per worker (median) |\n|---|---|---|---|")
     for label, (med, mn) in rows:
-        print(f"| {label} | {med:.1f} | {mn:.1f} |")
+        print(f"| {label} | {med:.1f} | {mn:.1f} | {1000 / med:.1f} |")
 
 
 def main():

@@ -524,6 +524,10 @@ def main(argv=None):
         record(event="eval", epoch=None, **(metrics or {}))
         log(f"{args.method} on {args.data} test ({len(test.captions)} captions, {len(test.videos)} videos)\n"
             + table(metrics or {}))
+        if jsonl:
+            jsonl.close()
+        if dist.is_initialized():  # rank 0 evaluates alone (no collectives), the others are done
+            dist.destroy_process_group()
         return metrics
 
     # data: global batches cut from one permutation per epoch, rank r reads slice r of each
