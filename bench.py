@@ -1,8 +1,10 @@
 """bench.py: every method side by side on one machine, in one run.
 
 For each method: trainable / total parameters, median training-step time (forward + backward + AdamW step,
-after warm-up), clips/s, peak memory, evaluation throughput (video encodings/s, no grad), and on CUDA the model
-FLOPs utilisation against the GPU's bf16 peak. Methods are interleaved round-robin (one step of each per round),
+after warm-up), clips/s, peak memory, evaluation throughput (video encodings/s, no grad), the FLOPs of one step
+as torch's FlopCounterMode counts them, the GFLOP/s achieved and, on CUDA, the model FLOPs utilisation against
+the GPU's dense bf16 peak. `prompt` (frozen CLIP, 8 learnable input tokens per tower) is the frozen-backbone
+forward + backward that the prompt methods are measured against. Methods are interleaved round-robin (one step of each per round),
 so that drift on a noisy machine hits all of them alike. Weights are random: speed and memory do not depend on
 them. Quality (retrieval metrics) comes from `--quality`, which trains every method on the synthetic set with
 three seeds through train.py and reports mean ± std.
