@@ -28,10 +28,11 @@ decoupled weight decay still shrinks it. They are kept so parameter counts and n
 Deliberate deviations (spec §7):
   1. Prompts are generated inside each encoder, so text and video encode independently. The release
      generates them only when text and video arrive together, which crashes its VATEX evaluation (§7.3).
-  2. Global-local attention is one SDPA call per layer over [global prompts; all frames] with a boolean
-     mask (§2.3.3), instead of two nn.MultiheadAttention calls (frame queries vs [G; own frame], global
-     queries vs [G; all frames]) and a Python loop over frames; same weights, equal to ~1e-6 (float
-     summation order). Tokens are stored frame-major, the release token-major (no positions: irrelevant).
+  2. Global-local attention (§2.3.3) is two SDPA calls per layer, as the release's two attention calls
+     (global queries vs [G; all frames], frame queries vs [G; own frame]) but with all frames in one
+     batch instead of a Python loop over frames; equal to one SDPA call under `global_local_mask` to
+     ~1e-6 (float summation order), which costs T times the attention FLOPs and rules out flash kernels.
+     Tokens are stored frame-major, the release token-major (no positions: irrelevant).
   3. `video_mask`: padded frames are removed from the global prompts' keys (§7.8). The release ignores
      the mask (its loader repeats the last frame instead). No change when all frames are valid (MSR-VTT).
   4. Sizes come from the CLIP config and the arguments instead of the release's literals (§7.7): prompt
@@ -155,6 +156,30 @@ def global_local_mask(n_g, T, S, video_mask=None):
     return mask & (key_valid[:, None, :] | ~is_global[None, :, None])  # [B, N, N]
 
 
+def global_local_attention(attn, h, n_g, T, video_mask=None):
+    """attn(h, global_local_mask(...)) without the mask, as two SDPA calls (deviation 2): the global prompts
+    query every token; the tokens of all B*T frames, batched, query [global prompts; own frame]. The masked
+    call spends T times the attention FLOPs on pairs the mask then drops. h = ln_1(x) [B, n_g + T*S, W]."""
+    B, N, W = h.shape
+    S, H = (N - n_g) // T, attn.heads
+    qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias)  # [B, N, 3W]
+    q, k, v = qkv.unflatten(-1, (3, H, W // H)).unbind(2)  # [B, N, H, d] each
+    keep = None  # global prompts: padded frames hidden from their keys (deviation 3)
+    if video_mask is not None and not bool(video_mask.all()):
+        keep = torch.cat([video_mask.new_ones(B, n_g), video_mask.repeat_interleave(S, dim=1)], dim=1)[:, None, None]
+    g = F.scaled_dot_product_attention(q[:, :n_g].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       attn_mask=keep)  # [B, H, n_g, d]
+
+    def with_globals(t):  # [B, N, H, d] -> [B*T, H, n_g + S, d]: each frame's keys are [G; its own tokens]
+        frames = t[:, n_g:].unflatten(1, (T, S))  # [B, T, S, H, d]
+        return torch.cat([t[:, None, :n_g].expand(-1, T, -1, -1, -1), frames], dim=2).flatten(0, 1).transpose(1, 2)
+
+    f = F.scaled_dot_product_attention(q[:, n_g:].unflatten(1, (T, S)).flatten(0, 1).transpose(1, 2),
+                                       with_globals(k), with_globals(v))  # [B*T, H, S, d]
+    y = torch.cat([g.transpose(1, 2).reshape(B, n_g, W), f.transpose(1, 2).reshape(B, T * S, W)], dim=1)
+    return attn.out_proj(y)  # [B, N, W]
+
+
 # ----------------------------------------------------------------------------------------------------
 # The method: frozen CLIP + shared latent space + global prompts
 
@@ -219,13 +244,12 @@ class DGL(nn.Module):
         S = x.shape[2]
         g = self.global_prompts.to(x.dtype).expand(B, n_g, W)  # [B, n_g, Wv]
         x = torch.cat([g, x.reshape(B, T * S, W)], dim=1)  # [B, n_g + T*S, Wv]
-        mask = global_local_mask(n_g, T, S, video_mask)
         for l, block in enumerate(self.clip.visual.transformer.resblocks):
             if l > 0:  # step 4: new local prompts every layer; G and CLS/patches are carried
                 g, f = x[:, :n_g], x[:, n_g:].view(B, T, S, W)  # [B, n_g, Wv], [B, T, S, Wv]
                 f = torch.cat([f[:, :, :1], P_f[l].expand(B, T, n_f, W), f[:, :, 1 + n_f:]], dim=2)
                 x = torch.cat([g, f.view(B, T * S, W)], dim=1)  # [B, n_g + T*S, Wv]
-            x = x + block.attention(x, mask)  # step 3: one SDPA call, global-local mask
+            x = x + global_local_attention(block.attn, block.ln_1(x), n_g, T, video_mask)  # step 3
             x = x + block.feed_forward(x)
         return self.clip.visual.head(x[:, 0])  # step 5: ln_post(global prompt 0) @ proj -> [B, E]
 

@@ -82,6 +82,19 @@ def test_one_masked_call_equals_the_releases_two_attention_calls():
         assert torch.allclose(ours[:, f], alone, atol=1e-6)
 
 
+def test_two_call_attention_equals_one_call_under_the_mask():
+    block = make_tiny_clip().visual.transformer.resblocks[0]
+    n_g, S = 4, 5
+    h = torch.randn(2, n_g + T * S, 64, requires_grad=True)
+    part = torch.tensor([[True] * T, [True] + [False] * (T - 1)])  # sample 1: only its first frame is real
+    for vm in (None, part):
+        ours = dgl.global_local_attention(block.attn, h, n_g, T, vm)
+        ref = block.attn(h, dgl.global_local_mask(n_g, T, S, vm))
+        assert ours.shape == ref.shape and (ours - ref).abs().max() < 1e-5
+        g1, g2 = torch.autograd.grad(ours.square().sum(), h)[0], torch.autograd.grad(ref.square().sum(), h)[0]
+        assert (g1 - g2).abs().max() < 1e-4
+
+
 @pytest.mark.parametrize("latent", LATENTS)
 def test_text_layout_and_eot(latent):
     model = make(latent)

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 import clip
 from conftest import make_tiny_clip
-from ump import RECIPE, UMP, spatial_temporal_shift
+from ump import RECIPE, UMP, encoder_layer_last_rows, prompt_generator, spatial_temporal_shift
 
 T, R = 4, 32  # frames, TINY resolution (16 patches + CLS = 17 tokens)
 
@@ -98,6 +98,25 @@ def test_prompts_follow_own_tokens_only_when_conditioned():
         assert p.shape == (2, 8, 64)
         assert ((p - p_other.flip(0)).abs().max() < 1e-5)  # a sample's prompts depend on its own tokens only
         assert ((p[0] - p[1]).abs().max() > 1e-3) == cond  # ... and change with them when conditioned
+
+
+def test_generator_seed_rows_equal_the_full_encoder_layer():
+    """encoder_layer_last_rows computes only the seed rows; outputs and gradients equal nn.TransformerEncoderLayer's."""
+    torch.manual_seed(0)
+    G = prompt_generator(64, 128).eval()  # eval: the same dropout (none) in both paths
+    x = torch.randn(3, 13, 64)
+    pad = torch.zeros(3, 13, dtype=torch.bool)
+    pad[1, 6:9] = True  # padded keys of the middle sample are hidden from its seeds
+    for mask in (pad, None):
+        ref = G(x, src_key_padding_mask=mask)[:, -4:]
+        grad_ref = torch.autograd.grad(ref.square().sum(), list(G.parameters()))
+        out = encoder_layer_last_rows(G, x, mask, 4)
+        grad = torch.autograd.grad(out.square().sum(), list(G.parameters()))
+        assert out.shape == (3, 4, 64) and (out - ref).abs().max() < 1e-5
+        assert all((a - b).abs().max() < 1e-4 for a, b in zip(grad, grad_ref))
+    x2 = x.clone()
+    x2[1, 6:9] = 100.0  # changing padded tokens changes nothing
+    assert (encoder_layer_last_rows(G, x2, pad, 4) - encoder_layer_last_rows(G, x, pad, 4)).abs().max() < 1e-6
 
 
 def test_sts_hand_built():
