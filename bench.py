@@ -4,10 +4,10 @@ For each method: trainable / total parameters, median training-step time (forwar
 after warm-up), clips/s, peak memory, evaluation throughput (video encodings/s, no grad), the FLOPs of one step
 as torch's FlopCounterMode counts them, the GFLOP/s achieved and, on CUDA, the model FLOPs utilisation against
 the GPU's dense bf16 peak. `prompt` (frozen CLIP, 8 learnable input tokens per tower) is the frozen-backbone
-forward + backward that the prompt methods are measured against. Methods are interleaved round-robin (one step of each per round),
-so that drift on a noisy machine hits all of them alike. Weights are random: speed and memory do not depend on
-them. Quality (retrieval metrics) comes from `--quality`, which trains every method on the synthetic set with
-three seeds through train.py and reports mean ± std.
+forward + backward that the prompt methods are measured against. Methods are interleaved round-robin (one step
+of each per round), so that drift on a noisy machine hits all of them alike. Weights are random: speed and
+memory do not depend on them. Quality (retrieval metrics) comes from `--quality`, which trains every method on
+the synthetic set with three seeds through train.py and reports mean ± std.
 
     python bench.py --tiny                         # CPU, tiny CLIP, seconds per method
     python bench.py                                # ViT-B/32, 12 frames, 224 px (meant for a GPU)
@@ -17,7 +17,8 @@ three seeds through train.py and reports mean ± std.
 
 Peak memory: on CUDA, torch.cuda.max_memory_allocated over the step. On the CPU there is no allocator peak to
 read, so we report the bytes of tensors saved for backward by autograd (activations kept alive between forward
-and backward, counted once per storage, parameters excluded; bench_memory.py has the details) plus parameters, gradients and AdamW state of the trainable tensors.
+and backward, counted once per storage, parameters excluded; bench_memory.py has the details) plus parameters,
+gradients and AdamW state of the trainable tensors.
 """
 import argparse
 import importlib
@@ -183,7 +184,8 @@ def flop_counter():
 def table(result):
     lines = [f"Hardware: {result['hardware']}, torch {result['torch']}, {result['dtype']}, {result['config']}, "
              f"batch {result['batch']} x {result['frames']} frames, {result['words']} words; memory = {result['memory']}",
-             "", "| method | trainable | total | step ms | clips/s | peak MB | eval videos/s | GFLOP/clip | GFLOP/s | MFU |",
+             "", "| method | trainable | total | step ms | clips/s | peak MB | eval videos/s | GFLOP/clip | GFLOP/s "
+                 "| MFU |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         f = lambda k, fmt: (fmt.format(r[k]) if r.get(k) is not None else "–")
@@ -215,7 +217,8 @@ def quality(args):
             os.makedirs(out)
             print("python " + " ".join(cmd), flush=True)
             log = open(os.path.join(out, "stdout.txt"), "w")
-            running.append((out, cmd, subprocess.Popen([sys.executable] + cmd, stdout=log, stderr=subprocess.STDOUT, env=env)))
+            proc = subprocess.Popen([sys.executable] + cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            running.append((out, cmd, proc))
         time.sleep(1)
         for job in [j for j in running if j[2].poll() is not None]:
             running.remove(job)
@@ -228,7 +231,8 @@ def quality(args):
     for name in args.methods.split(","):
         finals = [json.load(open(os.path.join(runs[name, s], "final_eval.json"))) for s in args.seeds.split(",")]
         metrics = [{f"{d} {k}": v for d in ("t2v", "v2t") for k, v in e[d].items()} for e in finals]
-        stats = {k: (statistics.mean(m[k] for m in metrics), statistics.pstdev(m[k] for m in metrics)) for k in metrics[0]}
+        stats = {k: (statistics.mean(m[k] for m in metrics), statistics.pstdev(m[k] for m in metrics))
+                 for k in metrics[0]}
         extra = " --latent linear" if name == "dgl-linear" else ""
         rows.append(dict(method=name, seeds=args.seeds, stats=stats,
                          command=f"python train.py --method {name.split('-')[0]}{extra} --seed S"))
@@ -249,6 +253,8 @@ def main():
     p.add_argument("--jobs", type=int, default=1, help="--quality: training runs at a time")
     p.add_argument("--out", default="bench_results")
     args = p.parse_args()
+    if args.warmup < 1:
+        p.error("--warmup must be at least 1: the first step counts FLOPs and is not timed")
     os.makedirs(args.out, exist_ok=True)
     args.methods = args.methods or ",".join(m for m in ALL if not (args.quality and m == "prompt"))
     if args.quality:

@@ -141,7 +141,8 @@ class SharedLatentSpace(nn.Module):
 
 
 def global_local_mask(n_g, T, S, video_mask=None):
-    """True = may attend, over [n_g global prompts; T frames x S tokens]. A global prompt sees every token,
+    """The global-local mask (global_local_attention computes attention under it without building it).
+    True = may attend, over [n_g global prompts; T frames x S tokens]. A global prompt sees every token,
     a frame token sees the global prompts and its own frame. With video_mask [B, T] (False = padded frame)
     the global prompts also skip padded frames: [B, N, N]; otherwise [N, N]. N = n_g + T*S."""
     device = None if video_mask is None else video_mask.device
