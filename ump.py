@@ -119,7 +119,8 @@ def encoder_layer_last_rows(G, x, pad, k):
     """G(x, src_key_padding_mask=pad)[:, -k:] for a post-norm nn.TransformerEncoderLayer, computed for the
     last k rows only (ours, same function): every row is a key and a value, but only the k seed rows need a
     query, the output projection, the FFN and the norms. The token rows' outputs would be discarded: at
-    ViT-B/32 computing them took the generator from 67 to 189 GFLOP per clip and training step."""
+    ViT-B/32 computing them nearly tripled what the generator and its bridge cost (189 vs 67 GFLOP per clip
+    and training step, counted)."""
     if G.norm_first:
         raise ValueError("encoder_layer_last_rows follows the post-norm layer (norm_first=False) of the release")
     attn, (N, n, D), h = G.self_attn, x.shape, G.self_attn.num_heads
