@@ -157,17 +157,24 @@ def global_local_mask(n_g, T, S, video_mask=None):
     return mask & (key_valid[:, None, :] | ~is_global[None, :, None])  # [B, N, N]
 
 
-def global_local_attention(attn, h, n_g, T, video_mask=None):
+def global_key_mask(video_mask, n_g, S):
+    """The global prompts' keys without the padded frames (deviation 3): [B, 1, 1, n_g + T*S] bool, or None
+    when every frame is real (computed once per video, outside the layer loop: .all() syncs a GPU)."""
+    if video_mask is None or bool(video_mask.all()):
+        return None
+    B = video_mask.shape[0]
+    return torch.cat([video_mask.new_ones(B, n_g), video_mask.repeat_interleave(S, dim=1)], dim=1)[:, None, None]
+
+
+def global_local_attention(attn, h, n_g, T, keep=None):
     """attn(h, global_local_mask(...)) without the mask, as two SDPA calls (deviation 2): the global prompts
-    query every token; the tokens of all B*T frames, batched, query [global prompts; own frame]. The masked
-    call spends T times the attention FLOPs on pairs the mask then drops. h = ln_1(x) [B, n_g + T*S, W]."""
+    query every token (keep: global_key_mask); the tokens of all B*T frames, batched, query [global prompts;
+    own frame]. The masked call spends T times the attention FLOPs on pairs the mask then drops.
+    h = ln_1(x) [B, n_g + T*S, W]."""
     B, N, W = h.shape
     S, H = (N - n_g) // T, attn.heads
     qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias)  # [B, N, 3W]
     q, k, v = qkv.unflatten(-1, (3, H, W // H)).unbind(2)  # [B, N, H, d] each
-    keep = None  # global prompts: padded frames hidden from their keys (deviation 3)
-    if video_mask is not None and not bool(video_mask.all()):
-        keep = torch.cat([video_mask.new_ones(B, n_g), video_mask.repeat_interleave(S, dim=1)], dim=1)[:, None, None]
     g = F.scaled_dot_product_attention(q[:, :n_g].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                        attn_mask=keep)  # [B, H, n_g, d]
 
@@ -245,12 +252,13 @@ class DGL(nn.Module):
         S = x.shape[2]
         g = self.global_prompts.to(x.dtype).expand(B, n_g, W)  # [B, n_g, Wv]
         x = torch.cat([g, x.reshape(B, T * S, W)], dim=1)  # [B, n_g + T*S, Wv]
+        keep = global_key_mask(video_mask, n_g, S)  # None when every frame is real
         for l, block in enumerate(self.clip.visual.transformer.resblocks):
             if l > 0:  # step 4: new local prompts every layer; G and CLS/patches are carried
                 g, f = x[:, :n_g], x[:, n_g:].view(B, T, S, W)  # [B, n_g, Wv], [B, T, S, Wv]
                 f = torch.cat([f[:, :, :1], P_f[l].expand(B, T, n_f, W), f[:, :, 1 + n_f:]], dim=2)
                 x = torch.cat([g, f.view(B, T * S, W)], dim=1)  # [B, n_g + T*S, Wv]
-            x = x + global_local_attention(block.attn, block.ln_1(x), n_g, T, video_mask)  # step 3
+            x = x + global_local_attention(block.attn, block.ln_1(x), n_g, T, keep)  # step 3
             x = x + block.feed_forward(x)
         return self.clip.visual.head(x[:, 0])  # step 5: ln_post(global prompt 0) @ proj -> [B, E]
 

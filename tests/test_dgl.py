@@ -88,7 +88,7 @@ def test_two_call_attention_equals_one_call_under_the_mask():
     h = torch.randn(2, n_g + T * S, 64, requires_grad=True)
     part = torch.tensor([[True] * T, [True] + [False] * (T - 1)])  # sample 1: only its first frame is real
     for vm in (None, part):
-        ours = dgl.global_local_attention(block.attn, h, n_g, T, vm)
+        ours = dgl.global_local_attention(block.attn, h, n_g, T, dgl.global_key_mask(vm, n_g, S))
         ref = block.attn(h, dgl.global_local_mask(n_g, T, S, vm))
         assert ours.shape == ref.shape and (ours - ref).abs().max() < 1e-5
         g1, g2 = torch.autograd.grad(ours.square().sum(), h)[0], torch.autograd.grad(ref.square().sum(), h)[0]
