@@ -1,0 +1,219 @@
+"""Write the equivalence fixtures in tests/fixtures/ by running the OFFICIAL code of each method.
+
+Not part of nanoTVR: the project and the tests never import this file (pytest collects only test_*.py).
+It builds each official module on the CPU at a tiny config, feeds it fixed random inputs and saves, per
+method, one small file tests/fixtures/official_<method>.pt that holds the weights, the inputs, the outputs,
+the loss, the gradients of the trainable tensors and (Cross-Modal Adapter) three optimizer steps. The tests
+(tests/test_*_oracle.py, test_clip_load.py, test_ump_official.py, test_adapter.py, test_unipt.py) load them
+with torch.load(path, weights_only=True) and run nanoTVR's modules on the same numbers. Every file records
+the official repository, the commit (`git rev-parse HEAD` of the checkout) and the torch version.
+
+Nothing of the official code is copied here: this script only imports, constructs and calls it. Weights,
+inputs and frozen tensors are rounded to fp16-exact values before the official run and stored as fp16
+(casting back to fp32 is exact), which halves the files; outputs and gradients are stored in fp32.
+
+Regenerate
+    # 1. checkouts of the official repositories at the commits nanoTVR pins (equal to their HEAD today)
+    mkdir -p /work/official && cd /work/official
+    git clone https://github.com/openai/CLIP && git -C CLIP checkout d05afc4
+    git clone https://github.com/zchoi/UMP_TVR && git -C UMP_TVR checkout 9ec554a
+    git clone https://github.com/knightyxp/DGL && git -C DGL checkout 9139fd1
+    git clone https://github.com/LeapLabTHU/Cross-Modal-Adapter && git -C Cross-Modal-Adapter checkout 07b2203
+    git clone https://github.com/Paranioar/UniPT && git -C UniPT checkout 3fa457d
+    git clone https://github.com/wufeim/SimVTP && git -C SimVTP checkout 558d24e
+    # (a few large data blobs of UMP_TVR, DGL and UniPT may be missing from a mirror; only code is read)
+    # 2. a separate environment: nanoTVR's requirements plus what the official files import
+    python -m venv .venv && .venv/bin/pip install -r /path/to/nanoTVR/requirements.txt \
+        timm einops scipy transformers boto3 requests
+    # 3. from the nanoTVR root (a method whose path is not given is skipped)
+    /work/official/.venv/bin/python tests/oracles/make_fixtures.py --clip /work/official/CLIP \
+        --ump /work/official/UMP_TVR --dgl /work/official/DGL --adapter /work/official/Cross-Modal-Adapter \
+        --unipt /work/official/UniPT --simvtp /work/official/SimVTP
+Runs in about a minute on 2 CPU cores. With torch's CPU kernels, a regenerated file differs from the committed
+one only in the last bits of the outputs; the tests' tolerances are a few times the measured differences.
+"""
+import argparse
+import importlib
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import types
+
+import torch
+import torch.nn.functional as F
+
+FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures")
+LN100 = math.log(100.0)  # pretrained CLIP's logit_scale: logits away from chance
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def provenance(repo, path):
+    commit = subprocess.run(["git", "-C", path, "rev-parse", "HEAD"], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    return dict(repo=repo, commit=commit, torch=str(torch.__version__))
+
+
+def load_file(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def stub_missing(names):
+    """Modules the official files import but never use on the paths run here."""
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            mod = types.ModuleType(name)
+            mod.tqdm = lambda it=None, *a, **k: it
+            mod.ClientError = Exception
+            sys.modules[name] = mod
+
+
+def purge(prefixes):
+    """Forget modules of a previous official repo (several repos have a top-level 'modules' package)."""
+    for k in [k for k in sys.modules if k.split(".")[0] in prefixes]:
+        del sys.modules[k]
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def perturb(module, g, skip=()):
+    """Move LayerNorm weights to 1 + 0.1 N and biases to 0.02 N (a dropped bias or mis-wired LN then shows)."""
+    with torch.no_grad():
+        for n, p in module.named_parameters():
+            if any(s in n for s in skip):
+                continue
+            leaf = n.rsplit(".", 1)[-1]
+            is_ln = ("ln_" in n or "norm" in n.lower()) and p.dim() == 1
+            if is_ln and leaf == "weight":
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            elif leaf.endswith("bias"):
+                p.copy_(0.02 * torch.randn(p.shape, generator=g))
+
+
+def fp16_exact(module):
+    """Round every float parameter and buffer to an fp16-representable value, in place."""
+    with torch.no_grad():
+        for t in list(module.parameters()) + list(module.buffers()):
+            if t.is_floating_point():
+                t.copy_(t.half().float())
+
+
+def half(sd):
+    """A state dict as plain fp16 tensors (the values are fp16-exact, see fp16_exact)."""
+    out = {}
+    for k, v in sd.items():
+        v = v.detach().clone()
+        if v.is_floating_point():
+            assert torch.equal(v.half().float(), v.float()), k
+            v = v.half()
+        out[k] = v.contiguous()
+    return out
+
+
+def randn16(*shape, g):
+    return torch.randn(*shape, generator=g).half().float()
+
+
+def captions(g, lengths, L, V, batch_dims=()):
+    """SOT=V-2, n random word ids in 1..V-3, EOT=V-1 (the largest id: CLIP pools at argmax), zero padding."""
+    ids = torch.zeros(len(lengths), L, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, 0], ids[i, n + 1] = V - 2, V - 1
+        ids[i, 1:n + 1] = torch.randint(1, V - 2, (n,), generator=g)
+    return ids
+
+
+def detach(x):
+    if isinstance(x, dict):
+        return {k: detach(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [detach(v) for v in x]
+    return x.detach().clone().contiguous() if torch.is_tensor(x) else x
+
+
+def grads(module, names=None):
+    return {n: p.grad.detach().clone() for n, p in module.named_parameters()
+            if p.grad is not None and (names is None or n in names)}
+
+
+def infonce(logits):
+    labels = torch.arange(len(logits))
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+
+
+def save(name, payload):
+    path = os.path.join(FIXTURES, f"official_{name}.pt")
+    torch.save(payload, path)
+    torch.load(path, weights_only=True)  # plain tensors / dicts / lists / str / numbers only
+    print(f"wrote {path}: {os.path.getsize(path) / 1024:.0f} KiB ({payload['provenance']['repo']} @ "
+          f"{payload['provenance']['commit'][:7]})")
+
+
+# ------------------------------------------------------------------------------------------------ CLIP
+CLIP_TINY = dict(embed_dim=32, image_resolution=16, vision_layers=1, vision_width=128, vision_patch_size=8,
+                 context_length=16, vocab_size=100, transformer_width=64, transformer_heads=1,
+                 transformer_layers=2)
+
+
+def make_clip(src):
+    """openai/CLIP's clip/model.py: a ViT CLIP with 2-head vision attention, its fp32 outputs and the
+    gradients of the CLIP loss for every tensor of <= 8192 entries (LayerNorms, biases, embeddings, projections:
+    the ones at the bottom of each tower see the backward pass through every block)."""
+    om = load_file("official_clip_model", os.path.join(src, "clip", "model.py"))
+    torch.manual_seed(0)
+    model = om.CLIP(**CLIP_TINY).float().eval()
+    g = gen(1)
+    perturb(model, g)
+    with torch.no_grad():
+        model.logit_scale.fill_(LN100)
+    fp16_exact(model)
+    c = CLIP_TINY
+    images = randn16(4, 3, c["image_resolution"], c["image_resolution"], g=g)
+    text = captions(g, [3, 14, 7, 1], c["context_length"], c["vocab_size"])  # caption 1 fills the context
+    tokens = {}
+    hv = model.visual.transformer.register_forward_hook(lambda m, i, o: tokens.__setitem__("v", o))
+    ht = model.ln_final.register_forward_hook(lambda m, i, o: tokens.__setitem__("t", o))
+    img = model.encode_image(images)
+    txt = model.encode_text(text)
+    hv.remove()
+    ht.remove()
+    image_tokens = model.visual.ln_post(tokens["v"].permute(1, 0, 2)) @ model.visual.proj  # [B, 1+g*g, E]
+    text_tokens = tokens["t"] @ model.text_projection
+    logits_per_image, _ = model(images, text)
+    loss = infonce(logits_per_image)
+    loss.backward()
+    payload = dict(provenance=provenance("openai/CLIP", src), config=dict(CLIP_TINY),
+                   state_dict=half(model.state_dict()), inputs=dict(images=images.half(), text=text),
+                   outputs=detach(dict(image_features=img, text_features=txt, image_tokens=image_tokens,
+                                       text_tokens=text_tokens, logits_per_image=logits_per_image)),
+                   loss=detach(loss), grads={k: v for k, v in grads(model).items() if v.numel() <= 8192})
+    save("clip", payload)
+
+
+# ------------------------------------------------------------------------------------------------ main
+def main():
+    ap = argparse.ArgumentParser(description="write tests/fixtures/official_*.pt from the official code")
+    for flag, what in [("clip", "openai/CLIP"), ("ump", "zchoi/UMP_TVR"), ("dgl", "knightyxp/DGL"),
+                       ("adapter", "LeapLabTHU/Cross-Modal-Adapter"), ("unipt", "Paranioar/UniPT"),
+                       ("simvtp", "wufeim/SimVTP")]:
+        ap.add_argument(f"--{flag}", metavar="PATH", help=f"a checkout of {what}")
+    args = ap.parse_args()
+    torch.set_num_threads(1)  # deterministic reduction order, and polite on shared machines
+    makers = dict(clip=make_clip)
+    ran = [name for name, fn in makers.items() if getattr(args, name) and fn(os.path.abspath(getattr(args, name))) is None]
+    if not ran:
+        ap.error("give the path of at least one official checkout")
+
+
+if __name__ == "__main__":
+    main()
