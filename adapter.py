@@ -128,6 +128,11 @@ def trunc_normal(*shape, std=0.01):
 
 
 class CrossModalAdapter(nn.Module):
+    # train.py's method contract (docs/design.md)
+    uses_clip = True  # built as CrossModalAdapter(clip_model, num_frames, **kwargs)
+    normalize_pixels = staticmethod(clip.normalize_pixels)  # uint8 frames -> CLIP's input statistics
+    # similarity: defined below (the release's pooling over frames, given the text)
+
     def __init__(self, clip_model, num_frames, *, r=8, d_s=16, pool="qscore", tau=5.0, dropout=0.0,
                  exact_fp16=False):
         super().__init__()

@@ -21,8 +21,6 @@ and backward, counted once per storage, parameters excluded; bench_memory.py has
 gradients and AdamW state of the trainable tensors.
 """
 import argparse
-import importlib
-import inspect
 import json
 import os
 import platform
@@ -48,22 +46,17 @@ B32 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=7
 
 def build(name, clip_cfg, frames, tiny):
     """(model, frame size) for a method name, on random weights; kwargs from the method's RECIPE."""
-    if name in ("zeroshot", "full"):
-        return train.MeanP(clip.CLIP(**clip_cfg), frames, train_clip=name == "full"), clip_cfg["image_resolution"]
     if name == "prompt":  # the frozen-backbone forward + backward every prompt method pays at least
         return InputPrompt(clip.CLIP(**clip_cfg), frames), clip_cfg["image_resolution"]
-    module_name, cls_name = train.METHODS[name.split("-")[0]]
-    module = importlib.import_module(module_name)
-    cls = getattr(module, cls_name)
-    recipe = dict(module.RECIPE)
+    cls, recipe, dataset_recipes = train.METHODS[name.split("-")[0]]
+    recipe = dict(recipe)
     if tiny:  # the method's own settings for the tiny synthetic setting (UMP's K_d, SimVTP's tiny ViT, ...)
-        recipe.update(getattr(module, "DATASET_RECIPES", {}).get("synthetic", {}))
+        recipe.update(dataset_recipes.get("synthetic", {}))
     if name == "dgl-linear":
         recipe["latent"] = "linear"
-    params = inspect.signature(cls).parameters
-    kwargs = {k: v for k, v in recipe.items() if (k not in train.STANDARD or k == "size") and k in params}
-    if name == "simvtp":
-        return cls(frames, **kwargs), recipe.get("size", 224)
+    kwargs = {k: v for k, v in recipe.items() if k not in train.STANDARD}
+    if not cls.uses_clip:
+        return cls(frames, size=recipe.get("size", 224), **kwargs), recipe.get("size", 224)
     return cls(clip.CLIP(**clip_cfg), frames, **kwargs), clip_cfg["image_resolution"]
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 import data
+import synthetic
 
 
 def msrvtt_like_clip(path, seed, seconds=15, fps=30, size=(320, 240)):
@@ -32,7 +33,7 @@ def msrvtt_like_clip(path, seed, seconds=15, fps=30, size=(320, 240)):
             x, y = (c + v * t) % [w, h]
             cv2.circle(frame, (int(x), int(y)), 20, (255, 200, 50), -1)
         frames.append(frame)
-    data._write_video(path, frames, fps)
+    data.write_video(path, frames, fps)
 
 
 def time_per_clip(fn, items, repeats):
@@ -89,7 +90,7 @@ def main():
         split = data.Split("msrvtt-like", [os.path.join(vids, f"video{i}.mp4") for i in range(args.clips)],
                            ["x"] * args.clips, list(range(args.clips)))
         bench("MSR-VTT-like 320x240 30 fps 15 s mp4v", split, 224, 12, args.repeats, tmp)
-        root = data.ensure_synthetic(os.path.join(tmp, "synthetic"), n_train=args.clips * 4, n_test_pairs=1)
+        root = synthetic.ensure_synthetic(os.path.join(tmp, "synthetic"), n_train=args.clips * 4, n_test_pairs=1)
         synth = data.read_split("synthetic", "train", root)
         bench("synthetic 64x64 8 fps 16-24 frames mp4v", synth, 64, 12, args.repeats, tmp)
     finally:

@@ -24,8 +24,6 @@ What is measured (say which when quoting):
     python bench_memory.py --batch 32 --amp       # on a GPU, bf16 autocast as train.py
 """
 import argparse
-import importlib
-import inspect
 import json
 import os
 import resource
@@ -37,22 +35,25 @@ import torch.nn.functional as F
 from torch import nn
 
 import clip
+import meanp
 import train  # the `full` baseline and the loss are train.py's
 
 B32 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=32,
            context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8, transformer_layers=12)
 TINY = dict(B32, embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=8,
             transformer_width=64, transformer_heads=1, transformer_layers=2)
-OTHERS = {"ump": ("ump", "UMP"), "dgl": ("dgl", "DGL"), "adapter": ("adapter", "CrossModalAdapter")}
 
 
-class InputPrompt(train.MeanP):
+class InputPrompt(meanp.MeanP):
     """Frozen CLIP, n learnable input tokens per tower (shallow VPT / CoOp-style): gradient through CLIP."""
 
     def __init__(self, clip_model, num_frames, n=8):
         super().__init__(clip_model, num_frames, train_clip=False)
         self.vision_prompt = nn.Parameter(0.02 * torch.randn(n, clip_model.visual.transformer.width))
         self.text_prompt = nn.Parameter(0.02 * torch.randn(n, clip_model.transformer.width))
+
+    def param_groups(self, weight_decay):
+        return [dict(params=[self.vision_prompt, self.text_prompt], weight_decay=weight_decay)]
 
     def encode_text(self, text):
         m, n = self.clip, len(self.text_prompt)
@@ -71,16 +72,11 @@ class InputPrompt(train.MeanP):
 
 
 def build(name, clip_model, frames, tiny=False):
-    if name == "full":
-        return train.MeanP(clip_model, frames, train_clip=True)
     if name == "prompt":
         return InputPrompt(clip_model, frames)
-    module, cls = ("unipt", "UniPT") if name == "unipt" else OTHERS[name]
-    mod = importlib.import_module(module)
-    params = inspect.signature(getattr(mod, cls)).parameters
-    recipe = {**mod.RECIPE, **(getattr(mod, "DATASET_RECIPES", {}).get("synthetic", {}) if tiny else {})}
-    kwargs = {k: v for k, v in recipe.items() if k not in train.STANDARD and k in params}
-    return getattr(mod, cls)(clip_model, frames, **kwargs)
+    cls, recipe, dataset_recipes = train.METHODS[name]
+    recipe = {**recipe, **(dataset_recipes.get("synthetic", {}) if tiny else {})}
+    return cls(clip_model, frames, **{k: v for k, v in recipe.items() if k not in train.STANDARD})
 
 
 class SavedBytes:
@@ -171,9 +167,6 @@ def main():
     here = os.path.dirname(os.path.abspath(__file__))
     rows, notes = [], []
     for name in args.methods.split(","):
-        if name in OTHERS and not os.path.exists(os.path.join(here, OTHERS[name][0] + ".py")):
-            notes.append(f"{name}: {OTHERS[name][0]}.py not found, skipped")
-            continue
         cmd = [sys.executable, __file__, "--one", name, "--batch", str(args.batch), "--frames", str(args.frames),
                "--words", str(args.words), "--device", args.device] + ["--tiny"] * args.tiny + ["--amp"] * args.amp
         r = subprocess.run(cmd, capture_output=True, text=True, cwd=here)

@@ -343,7 +343,7 @@ def resize_crop(frames, size=224):
     return x[..., top:top + size, left:left + size].contiguous()
 
 
-def normalize(x):
+def normalize_pixels(x):
     """uint8 [..., 3, H, W] -> float, CLIP mean/std. Run it on the GPU: uint8 crosses the bus 4x cheaper."""
     mean = torch.tensor(MEAN, device=x.device).view(3, 1, 1)
     std = torch.tensor(STD, device=x.device).view(3, 1, 1)
@@ -351,7 +351,7 @@ def normalize(x):
 
 
 def preprocess(frames, size=224):
-    return normalize(resize_crop(frames, size))
+    return normalize_pixels(resize_crop(frames, size))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ training (DGL's sampling); only those frames are decoded (OpenCV), resized and c
 (clip.resize_crop). Clips with fewer than T frames keep all of them, zero-padded, video_mask False there.
 Deviations: (1) CLIP4Clip samples 1 frame/s then `linspace`s 12 of them; we sample segments of all frames.
 (2) Clips shorter than T are zero-padded and masked (CLIP4Clip); DGL repeats the last frame. (3) Videos
-leave the loader uint8; train.py normalises them on the GPU (clip.normalize).
+leave the loader uint8; train.py normalises them on the GPU (the method's normalize_pixels).
 
   python data.py --cache DIR --data msrvtt --data_path ANN --video_path VIDEOS   # optional frame cache
 """
@@ -21,9 +21,7 @@ import json
 import os
 import pickle
 import re
-import shutil
 import sys
-import tempfile
 import multiprocessing as mp
 from collections import defaultdict
 from dataclasses import dataclass
@@ -162,8 +160,9 @@ def read_split(data, split, data_path=None, video_path=None, allow_missing=False
     """Read a benchmark split into a Split; every listed video must exist (or allow_missing=True)."""
     if data not in DATASETS:
         raise ValueError(f"unknown data set {data!r}; choose from {', '.join(DATASETS)}")
-    if data == "synthetic":
-        data_path = ensure_synthetic(data_path)
+    if data == "synthetic":  # MSR-VTT's layout plus a "still" split; synthetic.ensure_synthetic() makes it
+        if not data_path:
+            raise ValueError("the synthetic set needs its directory: synthetic.ensure_synthetic() returns it")
         video_path = video_path or os.path.join(data_path, "videos")
         ids, pairs = _read_msrvtt(data_path, split)
     else:
@@ -297,136 +296,14 @@ def cache_file(cache_dir, video):
     return os.path.join(cache_dir, os.path.basename(video) + ".npy")
 
 
-# ----------------------------------------------------------------------------------------------------
-# Synthetic set: coloured shapes that move, grow/shrink, appear/disappear, in one or two phases, written as
-# real .mp4 files plus MSR-VTT annotation files. Test = pairs of clips that are each other's time reversal
-# ("moves left then grows" / "shrinks then moves right"): same frames in opposite order, so a model that
-# averages frames scores at most 50% on them; every test caption is unique, 200 clips: chance R@1 = 0.5%.
-
-SYNTHETIC_VERSION = 1
-COLOURS = dict(red=(40, 40, 230), green=(40, 200, 40), blue=(230, 80, 30), yellow=(30, 220, 230))  # BGR
-SHAPES = ("circle", "square", "triangle")
-PHRASES = dict(left=("moves to the left", "moves left", "goes left"),
-               right=("moves to the right", "moves right", "goes right"),
-               up=("moves up", "goes up", "rises"), down=("moves down", "goes down", "falls"),
-               grows=("grows", "gets bigger", "becomes larger"), shrinks=("shrinks", "gets smaller", "becomes smaller"),
-               appears=("appears", "fades in", "shows up"), disappears=("disappears", "fades out", "vanishes"))
-REVERSE = dict(left="right", right="left", up="down", down="up", grows="shrinks", shrinks="grows",
-               appears="disappears", disappears="appears")
-# one motion, or two in order; "appears" only first, "disappears" only last, no pair that is its own reversal
-MOTIONS = [(m,) for m in PHRASES] + [(a, b) for a in PHRASES for b in PHRASES
-                                     if a != b and b != REVERSE[a] and a != "disappears" and b != "appears"]
-
-
-def reverse(motions):
-    return tuple(REVERSE[m] for m in reversed(motions))
-
-
-def caption(colour, shape, motions, variant=0):
-    subject = ("a", "the", "a")[variant % 3] + f" {colour} {shape}"
-    then = (" and then ", ", then ", " and after that ")[variant % 3]
-    return subject + " " + then.join(PHRASES[m][variant % 3] for m in motions)
-
-
-def render(rng, colour, shape, motions, n_frames, size=64):
-    """-> list of BGR uint8 [size, size, 3] frames. Phases split the clip evenly; x, y, radius, opacity."""
-    dist, (small, mid, big) = rng.uniform(16, 24), rng.uniform(4, 6) + np.array([0, 3, 7])
-    state = np.array([0.0, 0.0, small if "grows" in motions else big if "shrinks" in motions else mid,
-                      0.0 if motions[0] == "appears" else 1.0])
-    delta = dict(left=(-dist, 0, 0, 0), right=(dist, 0, 0, 0), up=(0, -dist, 0, 0), down=(0, dist, 0, 0),
-                 grows=(0, 0, big - small, 0), shrinks=(0, 0, small - big, 0), appears=(0, 0, 0, 1),
-                 disappears=(0, 0, 0, -1))
-    states = []
-    for f in range(n_frames):
-        s = f / (n_frames - 1) * len(motions)   # global time in phase units
-        p = min(int(s), len(motions) - 1)
-        states.append(state + sum(np.array(delta[m]) for m in motions[:p]) + (s - p) * np.array(delta[motions[p]]))
-    states = np.array(states)  # [n_frames, 4]
-    lo, hi = (states[:, :2] - states[:, 2:3]).min(0), (states[:, :2] + states[:, 2:3]).max(0)
-    states[:, :2] += rng.uniform(2 - lo, np.maximum(2 - lo, size - 2 - hi))  # keep the path inside the frame
-    background = np.full((size, size, 3), rng.integers(0, 60), np.uint8)
-    frames = []
-    for x, y, r, alpha in states:
-        shape_img = background.copy()
-        X, Y, R = int(x * 16), int(y * 16), int(r * 16)  # 4 fractional bits for smooth motion
-        if shape == "circle":
-            cv2.circle(shape_img, (X, Y), R, COLOURS[colour], -1, cv2.LINE_AA, 4)
-        elif shape == "square":
-            cv2.rectangle(shape_img, (X - R, Y - R), (X + R, Y + R), COLOURS[colour], -1, cv2.LINE_AA, 4)
-        else:
-            pts = np.array([[X, Y - R], [X - R, Y + R * 4 // 5], [X + R, Y + R * 4 // 5]], np.int32)
-            cv2.fillPoly(shape_img, [pts], COLOURS[colour], cv2.LINE_AA, 4)
-        frames.append(cv2.addWeighted(shape_img, float(alpha), background, 1 - float(alpha), 0))
-    return frames
-
-
-def _write_video(path, frames, fps=8):
+def write_video(path, frames, fps=8):
+    """BGR uint8 frames -> an mp4v file (the synthetic set, the tests' fixtures)."""
     writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), fps, frames[0].shape[1::-1])
     if not writer.isOpened():
         raise RuntimeError(f"this OpenCV cannot write mp4v video ({path})")
     for frame in frames:
         writer.write(frame)
     writer.release()
-
-
-def make_synthetic(root, seed=0, n_train=1500, n_test_pairs=100, size=64):
-    """Generate the synthetic set into root (MSR-VTT layout + synthetic_still.csv + videos/videoN.mp4)."""
-    os.makedirs(os.path.join(root, "videos"))
-    objects = [(c, s) for c in COLOURS for s in SHAPES]
-    classes = sorted({(c, s, min(m, reverse(m))) for c, s in objects for m in MOTIONS})  # reversal classes
-    test = [classes[k] for k in np.random.default_rng(seed).permutation(len(classes))[:n_test_pairs]]
-    videos, sentences, test_rows, still_rows = [], [], [], []
-    for i in range(n_train + 2 * n_test_pairs):
-        rng = np.random.default_rng([seed, i])
-        vid, n_frames = f"video{i}", int(rng.integers(16, 25))
-        if i < n_train:
-            (colour, shape), motions = objects[rng.integers(len(objects))], MOTIONS[rng.integers(len(MOTIONS))]
-            frames = render(rng, colour, shape, motions, n_frames, size)
-            caps = [caption(colour, shape, motions, k) for k in range(3)]
-            if "appears" not in motions and "disappears" not in motions:  # object visible in every frame
-                still_rows.append([f"still{len(still_rows)}", vid, vid, f"a {colour} {shape}"])
-        else:
-            colour, shape, motions = test[(i - n_train) // 2]
-            if (i - n_train) % 2 == 0:
-                frames = render(rng, colour, shape, motions, n_frames, size)
-            else:  # the previous clip played backwards
-                frames, motions = frames[::-1], reverse(motions)
-            caps = [caption(colour, shape, motions)]
-            test_rows.append([f"ret{len(test_rows)}", f"msr{i}", vid, caps[0]])
-        _write_video(os.path.join(root, "videos", vid + ".mp4"), frames)
-        videos.append({"video_id": vid, "category": 0, "url": "", "start time": 0.0, "end time": n_frames / 8,
-                       "split": "train" if i < n_train else "test", "id": i})
-        sentences += [{"caption": c, "video_id": vid, "sen_id": len(sentences) + k} for k, c in enumerate(caps)]
-    with open(os.path.join(root, "MSRVTT_data.json"), "w") as f:
-        json.dump({"info": {"nanotvr_synthetic": SYNTHETIC_VERSION, "seed": seed}, "videos": videos,
-                   "sentences": sentences}, f)
-    for name, header, rows in [("MSRVTT_train.9k.csv", ["video_id"], [[f"video{i}"] for i in range(n_train)]),
-                               ("MSRVTT_JSFUSION_test.csv", ["key", "vid_key", "video_id", "sentence"], test_rows),
-                               ("synthetic_still.csv", ["key", "vid_key", "video_id", "sentence"], still_rows)]:
-        with open(os.path.join(root, name), "w", newline="") as f:
-            csv.writer(f).writerows([header] + rows)
-
-
-def ensure_synthetic(root=None, **kwargs):
-    """The synthetic set's directory, generated on first use: in a temporary directory renamed into place,
-    so an interrupted run or several DDP ranks generating at once never leave a half-written set."""
-    if root is None:
-        cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        root = os.path.join(cache, "nanotvr", f"synthetic-{SYNTHETIC_VERSION}")
-    if os.path.isdir(root):
-        return root
-    os.makedirs(os.path.dirname(os.path.abspath(root)), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".synthetic-", dir=os.path.dirname(os.path.abspath(root)))
-    try:
-        print(f"generating the synthetic data set into {root} (once)", file=sys.stderr, flush=True)
-        make_synthetic(os.path.join(tmp, "set"), **kwargs)
-        os.rename(os.path.join(tmp, "set"), root)
-    except OSError:
-        if not os.path.isdir(root):  # another process won the rename: use its copy
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -580,6 +457,9 @@ if __name__ == "__main__":
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--allow_missing", action="store_true")
     a = p.parse_args()
+    if a.data == "synthetic":
+        import synthetic  # imports data.py: here, once data.py is loaded
+        a.data_path = synthetic.ensure_synthetic(a.data_path)
     splits = [read_split(a.data, s, a.data_path, a.video_path, a.allow_missing) for s in ("train", "test")]
     videos = sorted({v for s in splits for v in s.videos})
     errors = build_frame_cache(videos, a.cache, a.size, a.fps, a.workers, splits[0].max_seconds)

@@ -193,6 +193,11 @@ def global_local_attention(attn, h, n_g, T, keep=None):
 
 
 class DGL(nn.Module):
+    # train.py's method contract (docs/design.md)
+    uses_clip = True  # built as DGL(clip_model, num_frames, **kwargs)
+    normalize_pixels = staticmethod(clip.normalize_pixels)  # uint8 frames -> CLIP's input statistics
+    similarity = None  # the loop's cosine of the pooled embeddings x logit_scale
+
     def __init__(self, clip_model, num_frames, *, latent="transformer", n_g=4, n_f=4, n_t=8):
         super().__init__()
         self.clip = clip_model.requires_grad_(False)  # every CLIP tensor frozen, logit_scale included

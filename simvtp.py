@@ -42,7 +42,7 @@ Deliberate deviations:
 
 Usage (one class, one stage's modules at a time: `pretraining=True` builds the release's pretraining model):
     pre = SimVTP(16, pretraining=True)                       # ViT-B/16, 16 frames, 224 px
-    out = pre.pretraining_loss(normalize(uint8_video), video_mask, clip.tokenize(captions))  # out["loss"]
+    out = pre.pretraining_loss(normalize_pixels(uint8_video), video_mask, clip.tokenize(captions))  # out["loss"]
     model = SimVTP(16); model.load_state_dict(pre.state_dict(), strict=False)   # both towers from the encoder
     t, v = model.encode_text(ids), model.encode_video(video, video_mask)          # [B, 768] each, cosine
 """
@@ -78,7 +78,7 @@ PRETRAIN_DATASET_RECIPES = dict(synthetic=dict(TINY, lr=1e-3, epochs=10))
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # VideoMAE's normalisation
 
 
-def normalize(video):
+def normalize_pixels(video):
     """uint8 [..., 3, H, W] -> float with ImageNet mean/std (VideoMAE's); train.py uses it instead of CLIP's."""
     mean, std = (torch.tensor(c, device=video.device).view(3, 1, 1) for c in (IMAGENET_MEAN, IMAGENET_STD))
     return (video.float() / 255 - mean) / std
@@ -185,6 +185,11 @@ def init_linears(module, init):  # the release's _init_weights: Linear weights b
 # ----------------------------------------------------------------------------------------------------
 
 class SimVTP(nn.Module):
+    # train.py's method contract (docs/design.md)
+    uses_clip = False  # its own encoders: built as SimVTP(num_frames, size=..., **kwargs)
+    normalize_pixels = staticmethod(normalize_pixels)  # VideoMAE's ImageNet statistics, not CLIP's
+    similarity = None  # the loop's cosine of the pooled embeddings x logit_scale
+
     def __init__(self, num_frames, *, size=224, patch_size=16, tubelet_size=2, width=768, depth=12,
                  heads=12, decoder_width=384, decoder_depth=4, decoder_heads=6, video_mask_ratio=0.9,
                  text_mask_ratio=0.75, drop_path=0.0, text_dropout=0.1, tau=0.05, pool_pads=True,

@@ -170,6 +170,11 @@ def spatial_temporal_shift(z, video_mask, n_tokens):
 
 
 class UMP(nn.Module):
+    # train.py's method contract (docs/design.md)
+    uses_clip = True  # built as UMP(clip_model, num_frames, **kwargs)
+    normalize_pixels = staticmethod(clip.normalize_pixels)  # uint8 frames -> CLIP's input statistics
+    similarity = None  # the loop's cosine of the pooled embeddings x logit_scale
+
     def __init__(self, clip_model, num_frames, *, K_d=6, n_prompts=8, upg_condition=True, shared_upg=True,
                  d_ff=2048, official_code=False):
         super().__init__()

@@ -151,6 +151,11 @@ class ParallelSideNetwork(nn.Module):
 
 
 class UniPT(nn.Module):
+    # train.py's method contract (docs/design.md)
+    uses_clip = True  # built as UniPT(clip_model, num_frames, **kwargs)
+    normalize_pixels = staticmethod(clip.normalize_pixels)  # uint8 frames -> CLIP's input statistics
+    similarity = None  # the loop's cosine of the pooled embeddings x logit_scale
+
     def __init__(self, clip_model, num_frames, *, D=1):
         super().__init__()
         self.clip = clip_model.requires_grad_(False)  # everything in CLIP is frozen, logit_scale included

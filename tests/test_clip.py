@@ -166,7 +166,7 @@ def test_resize_crop_shapes_and_centre_offsets():
 
 def test_normalize_uses_clip_mean_std():
     x = torch.randint(0, 256, (2, 4, 3, 5, 5), dtype=torch.uint8)  # [B, T, 3, H, W]
-    y = clip.normalize(x)
+    y = clip.normalize_pixels(x)
     assert y.shape == x.shape and y.dtype == torch.float32
     for c in range(3):
         torch.testing.assert_close(y[:, :, c], (x[:, :, c].float() / 255 - clip.MEAN[c]) / clip.STD[c])

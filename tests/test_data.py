@@ -10,11 +10,12 @@ import torch
 
 import clip
 import data
+import synthetic
 
 
 def write_gray_video(path, n, size=(48, 32)):
     """Frame k is flat gray 10*k, so a decoded frame tells which index it was."""
-    data._write_video(str(path), [np.full((size[1], size[0], 3), 10 * k, np.uint8) for k in range(n)])
+    data.write_video(str(path), [np.full((size[1], size[0], 3), 10 * k, np.uint8) for k in range(n)])
 
 
 def frame_ids(video, mask):
@@ -129,8 +130,8 @@ def test_text_tokens_and_sanitising():
 
 def test_synthetic_deterministic_and_msrvtt_layout(tmp_path, monkeypatch):
     a, b = tmp_path / "a", tmp_path / "b"
-    data.make_synthetic(str(a), seed=3, n_train=6, n_test_pairs=3)
-    data.make_synthetic(str(b), seed=3, n_train=6, n_test_pairs=3)
+    synthetic.make_synthetic(str(a), seed=3, n_train=6, n_test_pairs=3)
+    synthetic.make_synthetic(str(b), seed=3, n_train=6, n_test_pairs=3)
     for name in ["MSRVTT_data.json", "MSRVTT_train.9k.csv", "MSRVTT_JSFUSION_test.csv", "synthetic_still.csv",
                  "videos/video0.mp4", "videos/video11.mp4"]:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
@@ -141,15 +142,15 @@ def test_synthetic_deterministic_and_msrvtt_layout(tmp_path, monkeypatch):
     for k in (0, 2, 4):  # test clips come in pairs: the second is the first played backwards
         first, second = (data.read_frames(test.videos[k + j], 0, False, fps=0).astype(float) for j in (0, 1))
         assert np.abs(first - second[::-1]).mean() < 2 and np.abs(first - second).mean() > 0.2
-    canonical = {data.caption(c, s, m): (c, s, m) for c in data.COLOURS for s in data.SHAPES for m in data.MOTIONS}
+    canonical = {synthetic.caption(c, s, m): (c, s, m) for c in synthetic.COLOURS for s in synthetic.SHAPES for m in synthetic.MOTIONS}
     for k in (0, 2, 4):  # ... and its caption is the reversed motion ("moves left then grows" -> "shrinks then
         colour, shape, motions = canonical[test.captions[k]]  # moves right")
-        assert test.captions[k + 1] == data.caption(colour, shape, data.reverse(motions)) != test.captions[k]
+        assert test.captions[k + 1] == synthetic.caption(colour, shape, synthetic.reverse(motions)) != test.captions[k]
     still = data.read_split("synthetic", "still", str(a))
     assert all(len(c.split()) == 3 for c in still.captions) and set(still.videos) <= set(train.videos)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # the default location, written atomically
-    root = data.ensure_synthetic(n_train=2, n_test_pairs=1)
-    assert root == str(tmp_path / "xdg" / "nanotvr" / f"synthetic-{data.SYNTHETIC_VERSION}")
+    root = synthetic.ensure_synthetic(n_train=2, n_test_pairs=1)
+    assert root == str(tmp_path / "xdg" / "nanotvr" / f"synthetic-{synthetic.SYNTHETIC_VERSION}")
     assert os.listdir(tmp_path / "xdg" / "nanotvr") == [os.path.basename(root)]  # no temporary left behind
 
 

@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import meanp
 import train
 from conftest import make_tiny_clip
 
@@ -26,7 +27,7 @@ def batches():
 
 def run(rank, world):
     """`STEPS` optimizer steps of `full` on rank's slice of each batch -> (losses, trainable weights)."""
-    method = train.MeanP(make_tiny_clip(), T, train_clip=True)
+    method = meanp.MeanP(make_tiny_clip(), T, train_clip=True)
     # SGD: the update is the gradient itself. (Adam would blow numerical noise up to +-lr on tensors whose
     # exact gradient is 0, such as the attention key biases, hiding what this test checks.)
     opt = torch.optim.SGD(train.param_groups(method, 0.5, 0.5, 0.2))

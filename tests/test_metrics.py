@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from train import lr_factor, ranks_of, retrieval_metrics
+from retrieval import ranks_of, retrieval_metrics
+from train import lr_factor
 
 # Example A: rows are texts, the ground truth is on the diagonal; video 3 ties (.2) with text 0
 A = torch.tensor([[.9, .1, .3, .2], [.5, .4, .8, .1], [.2, .6, .7, .6], [.3, .9, .1, .2]])

@@ -193,7 +193,7 @@ def test_convert_official_and_errors(tmp_path):
         tiny(pretraining=False).encode_video(torch.zeros(2, 8, 3, 32, 32), torch.ones(2, 8, dtype=torch.bool))
     with pytest.raises(ValueError, match="need >= 2 clips"):
         m.pretraining_loss(batch()[0][:1], None, batch()[1][:1])
-    assert simvtp.normalize(torch.full((1, 3, 2, 2), 255, dtype=torch.uint8))[0, :, 0, 0].allclose(
+    assert simvtp.normalize_pixels(torch.full((1, 3, 2, 2), 255, dtype=torch.uint8))[0, :, 0, 0].allclose(
         (1 - torch.tensor(simvtp.IMAGENET_MEAN)) / torch.tensor(simvtp.IMAGENET_STD))
     video, text = batch()
     fig = simvtp.visualize(m, video, text, str(tmp_path / "vis.png"))

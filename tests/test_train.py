@@ -4,12 +4,13 @@ import json
 import os
 import subprocess
 import sys
-import types
 
 import pytest
 import torch
 
 import data
+import meanp
+import synthetic
 import train
 from conftest import make_tiny_clip
 
@@ -20,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def setup(tmp_path_factory):
     """A 24-clip synthetic set (72 training pairs, 8 test clips) and a random tiny CLIP checkpoint."""
     tmp = tmp_path_factory.mktemp("train")
-    data.make_synthetic(str(tmp / "synthetic"), n_train=24, n_test_pairs=4)
+    synthetic.make_synthetic(str(tmp / "synthetic"), n_train=24, n_test_pairs=4)
     torch.save(make_tiny_clip().state_dict(), tmp / "clip.pt")
     return tmp
 
@@ -101,21 +102,21 @@ def test_method_contract_flags(setup, tmp_path, monkeypatch):
     overrides RECIPE, the command line overrides both."""
     built = {}
 
-    class Toy(train.MeanP):
+    class Toy(meanp.MeanP):
         def __init__(self, clip_model, num_frames, *, depth=2, rate=0.5, tag="x", gate=True):
             super().__init__(clip_model, num_frames, train_clip=False)
             self.head = torch.nn.Linear(1, 1)  # something trains
             built.update(num_frames=num_frames, depth=depth, rate=rate, tag=tag, gate=gate)
 
+        def param_groups(self, weight_decay):
+            return [dict(params=list(self.head.parameters()), weight_decay=weight_decay)]
+
         def encode_text(self, text):
             return super().encode_text(text) * self.head.weight
 
-    toy = types.SimpleNamespace(RECIPE=dict(lr=1e-3, clip_lr=None, epochs=1, batch_size=8, frames=6, words=16,
-                                            weight_decay=0.0, warmup=0.1, grad_clip=1.0, depth=2, rate=0.5,
-                                            tag="x", gate=True),
-                                DATASET_RECIPES=dict(synthetic=dict(frames=3, rate=0.25)), Toy=Toy)
-    monkeypatch.setitem(sys.modules, "toy", toy)
-    monkeypatch.setitem(train.METHODS, "toy", ("toy", "Toy"))
+    recipe = dict(lr=1e-3, clip_lr=None, epochs=1, batch_size=8, frames=6, words=16, weight_decay=0.0, warmup=0.1,
+                  grad_clip=1.0, depth=2, rate=0.5, tag="x", gate=True)
+    monkeypatch.setitem(train.METHODS, "toy", (Toy, recipe, dict(synthetic=dict(frames=3, rate=0.25))))
     args, cls = train.parse_args(["--method", "toy", "--depth", "5", "--gate", "false", "--tag", "y"])
     assert cls is Toy and args.frames == 3 and args.words == 16 and args.lr == 1e-3
     assert args.kwargs == dict(depth=5, rate=0.25, tag="y", gate=False)

@@ -1,0 +1,217 @@
+"""synthetic.py: the built-in data set and backbone of nanoTVR's default job (CPU, minutes, no download).
+
+The set: coloured shapes that move, grow/shrink, appear/disappear, in one or two phases, written as real
+.mp4 files plus MSR-VTT's annotation files, so data.py reads it as it reads MSR-VTT. The test clips come in
+pairs that are each other's time reversal, so a model that ignores frame order cannot tell them apart.
+The backbone: a tiny CLIP pretrained on still frames of the set's "still" split (captions name colour and
+shape only), so that it knows objects but not motion: what a method learns on top of it is the motion.
+
+    python synthetic.py                 # generate the set (once) into ~/.cache/nanotvr and print its path
+"""
+import csv
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import clip
+import data
+
+# ----------------------------------------------------------------------------------------------------
+# The set: coloured shapes that move, grow/shrink, appear/disappear, in one or two phases, written as
+# real .mp4 files plus MSR-VTT annotation files. Test = pairs of clips that are each other's time reversal
+# ("moves left then grows" / "shrinks then moves right"): same frames in opposite order, so a model that
+# averages frames scores at most 50% on them; every test caption is unique, 200 clips: chance R@1 = 0.5%.
+
+SYNTHETIC_VERSION = 1
+COLOURS = dict(red=(40, 40, 230), green=(40, 200, 40), blue=(230, 80, 30), yellow=(30, 220, 230))  # BGR
+SHAPES = ("circle", "square", "triangle")
+PHRASES = dict(left=("moves to the left", "moves left", "goes left"),
+               right=("moves to the right", "moves right", "goes right"),
+               up=("moves up", "goes up", "rises"), down=("moves down", "goes down", "falls"),
+               grows=("grows", "gets bigger", "becomes larger"), shrinks=("shrinks", "gets smaller", "becomes smaller"),
+               appears=("appears", "fades in", "shows up"), disappears=("disappears", "fades out", "vanishes"))
+REVERSE = dict(left="right", right="left", up="down", down="up", grows="shrinks", shrinks="grows",
+               appears="disappears", disappears="appears")
+# one motion, or two in order; "appears" only first, "disappears" only last, no pair that is its own reversal
+MOTIONS = [(m,) for m in PHRASES] + [(a, b) for a in PHRASES for b in PHRASES
+                                     if a != b and b != REVERSE[a] and a != "disappears" and b != "appears"]
+
+
+def reverse(motions):
+    return tuple(REVERSE[m] for m in reversed(motions))
+
+
+def caption(colour, shape, motions, variant=0):
+    subject = ("a", "the", "a")[variant % 3] + f" {colour} {shape}"
+    then = (" and then ", ", then ", " and after that ")[variant % 3]
+    return subject + " " + then.join(PHRASES[m][variant % 3] for m in motions)
+
+
+def render(rng, colour, shape, motions, n_frames, size=64):
+    """-> list of BGR uint8 [size, size, 3] frames. Phases split the clip evenly; x, y, radius, opacity."""
+    dist, (small, mid, big) = rng.uniform(16, 24), rng.uniform(4, 6) + np.array([0, 3, 7])
+    state = np.array([0.0, 0.0, small if "grows" in motions else big if "shrinks" in motions else mid,
+                      0.0 if motions[0] == "appears" else 1.0])
+    delta = dict(left=(-dist, 0, 0, 0), right=(dist, 0, 0, 0), up=(0, -dist, 0, 0), down=(0, dist, 0, 0),
+                 grows=(0, 0, big - small, 0), shrinks=(0, 0, small - big, 0), appears=(0, 0, 0, 1),
+                 disappears=(0, 0, 0, -1))
+    states = []
+    for f in range(n_frames):
+        s = f / (n_frames - 1) * len(motions)   # global time in phase units
+        p = min(int(s), len(motions) - 1)
+        states.append(state + sum(np.array(delta[m]) for m in motions[:p]) + (s - p) * np.array(delta[motions[p]]))
+    states = np.array(states)  # [n_frames, 4]
+    lo, hi = (states[:, :2] - states[:, 2:3]).min(0), (states[:, :2] + states[:, 2:3]).max(0)
+    states[:, :2] += rng.uniform(2 - lo, np.maximum(2 - lo, size - 2 - hi))  # keep the path inside the frame
+    background = np.full((size, size, 3), rng.integers(0, 60), np.uint8)
+    frames = []
+    for x, y, r, alpha in states:
+        shape_img = background.copy()
+        X, Y, R = int(x * 16), int(y * 16), int(r * 16)  # 4 fractional bits for smooth motion
+        if shape == "circle":
+            cv2.circle(shape_img, (X, Y), R, COLOURS[colour], -1, cv2.LINE_AA, 4)
+        elif shape == "square":
+            cv2.rectangle(shape_img, (X - R, Y - R), (X + R, Y + R), COLOURS[colour], -1, cv2.LINE_AA, 4)
+        else:
+            pts = np.array([[X, Y - R], [X - R, Y + R * 4 // 5], [X + R, Y + R * 4 // 5]], np.int32)
+            cv2.fillPoly(shape_img, [pts], COLOURS[colour], cv2.LINE_AA, 4)
+        frames.append(cv2.addWeighted(shape_img, float(alpha), background, 1 - float(alpha), 0))
+    return frames
+
+
+def make_synthetic(root, seed=0, n_train=1500, n_test_pairs=100, size=64):
+    """Generate the synthetic set into root (MSR-VTT layout + synthetic_still.csv + videos/videoN.mp4)."""
+    os.makedirs(os.path.join(root, "videos"))
+    objects = [(c, s) for c in COLOURS for s in SHAPES]
+    classes = sorted({(c, s, min(m, reverse(m))) for c, s in objects for m in MOTIONS})  # reversal classes
+    test = [classes[k] for k in np.random.default_rng(seed).permutation(len(classes))[:n_test_pairs]]
+    videos, sentences, test_rows, still_rows = [], [], [], []
+    for i in range(n_train + 2 * n_test_pairs):
+        rng = np.random.default_rng([seed, i])
+        vid, n_frames = f"video{i}", int(rng.integers(16, 25))
+        if i < n_train:
+            (colour, shape), motions = objects[rng.integers(len(objects))], MOTIONS[rng.integers(len(MOTIONS))]
+            frames = render(rng, colour, shape, motions, n_frames, size)
+            caps = [caption(colour, shape, motions, k) for k in range(3)]
+            if "appears" not in motions and "disappears" not in motions:  # object visible in every frame
+                still_rows.append([f"still{len(still_rows)}", vid, vid, f"a {colour} {shape}"])
+        else:
+            colour, shape, motions = test[(i - n_train) // 2]
+            if (i - n_train) % 2 == 0:
+                frames = render(rng, colour, shape, motions, n_frames, size)
+            else:  # the previous clip played backwards
+                frames, motions = frames[::-1], reverse(motions)
+            caps = [caption(colour, shape, motions)]
+            test_rows.append([f"ret{len(test_rows)}", f"msr{i}", vid, caps[0]])
+        data.write_video(os.path.join(root, "videos", vid + ".mp4"), frames)
+        videos.append({"video_id": vid, "category": 0, "url": "", "start time": 0.0, "end time": n_frames / 8,
+                       "split": "train" if i < n_train else "test", "id": i})
+        sentences += [{"caption": c, "video_id": vid, "sen_id": len(sentences) + k} for k, c in enumerate(caps)]
+    with open(os.path.join(root, "MSRVTT_data.json"), "w") as f:
+        json.dump({"info": {"nanotvr_synthetic": SYNTHETIC_VERSION, "seed": seed}, "videos": videos,
+                   "sentences": sentences}, f)
+    for name, header, rows in [("MSRVTT_train.9k.csv", ["video_id"], [[f"video{i}"] for i in range(n_train)]),
+                               ("MSRVTT_JSFUSION_test.csv", ["key", "vid_key", "video_id", "sentence"], test_rows),
+                               ("synthetic_still.csv", ["key", "vid_key", "video_id", "sentence"], still_rows)]:
+        with open(os.path.join(root, name), "w", newline="") as f:
+            csv.writer(f).writerows([header] + rows)
+
+
+def ensure_synthetic(root=None, **kwargs):
+    """The synthetic set's directory, generated on first use: in a temporary directory renamed into place,
+    so an interrupted run or several DDP ranks generating at once never leave a half-written set."""
+    if root is None:
+        cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = os.path.join(cache, "nanotvr", f"synthetic-{SYNTHETIC_VERSION}")
+    if os.path.isdir(root):
+        return root
+    os.makedirs(os.path.dirname(os.path.abspath(root)), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".synthetic-", dir=os.path.dirname(os.path.abspath(root)))
+    try:
+        print(f"generating the synthetic data set into {root} (once)", file=sys.stderr, flush=True)
+        make_synthetic(os.path.join(tmp, "set"), **kwargs)
+        os.rename(os.path.join(tmp, "set"), root)
+    except OSError:
+        if not os.path.isdir(root):  # another process won the rename: use its copy
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+# ----------------------------------------------------------------------------------------------------
+# The backbone
+
+# Tiny CLIP of the synthetic default, pretrained contrastively on still frames. Its token embeddings keep their
+# random init (a dozen words; AdamW over 49408 rows would cost half of each step); every other tensor trains.
+# 64 px frames (the set's own size) in 16 px patches: 17 tokens, yet shapes stay legible (at 32 px / 8 px
+# patches it learnt colours but hardly shapes: 47% of still frames classified against 56-59% here).
+TINY_CLIP = dict(embed_dim=32, image_resolution=64, vision_layers=2, vision_width=64, vision_patch_size=16,
+                 context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1, transformer_layers=2)
+TINY_PRETRAIN = dict(seed=0, steps=300, batch_size=128, lr=1e-3, weight_decay=0.1, frames=8, words=32,
+                     frozen=("token_embedding.weight",))
+
+
+def tiny_clip(cache_dir, data_path, log=print):
+    """The synthetic default's backbone: TINY_CLIP trained contrastively on single frames of the "still" split
+    (captions name colour and shape only), so it knows objects but not motion. Cached by config hash."""
+    config = dict(clip=TINY_CLIP, pretrain=TINY_PRETRAIN, data=SYNTHETIC_VERSION)
+    key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir, f"tiny-clip-{key}.pt")
+    if os.path.isfile(path):
+        return clip.load(path)
+    P, t0 = TINY_PRETRAIN, time.time()
+    split = data.read_split("synthetic", "still", data_path)
+    ds = data.VideoTextDataset(split, frames=P["frames"], words=P["words"], size=TINY_CLIP["image_resolution"],
+                               train=False, mode="videos")
+    videos = torch.stack([ds[i]["video"] for i in range(len(ds))])  # [N, T, 3, S, S]: the object is in every frame
+    names = sorted(set(split.captions))  # a dozen "a red circle" captions: one class each
+    label = torch.tensor([names.index(c) for c in split.captions])
+    ids = torch.stack([data.tokenize(c, P["words"]) for c in names])  # [C, L]
+    video_of = torch.tensor(split.caption_video)
+    torch.manual_seed(P["seed"])
+    model = clip.CLIP(**TINY_CLIP).train()
+    for n, p in model.named_parameters():
+        p.requires_grad_(n not in P["frozen"])
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in named if p.ndim >= 2 and "embedding" not in n]  # matrices decay, the rest not
+    opt = torch.optim.AdamW([dict(params=[p for n, p in named if not any(p is q for q in decay)], weight_decay=0.0),
+                             dict(params=decay, weight_decay=P["weight_decay"])], lr=P["lr"])
+    warmup = int(0.1 * P["steps"])
+    for step in tqdm(range(P["steps"]), desc="pretrain tiny CLIP", leave=False, dynamic_ncols=True):
+        for g in opt.param_groups:  # linear warmup over 10% of the steps, then cosine to 0
+            g["lr"] = P["lr"] * ((step + 1) / warmup if step < warmup else
+                                 0.5 * (1 + math.cos(math.pi * (step - warmup) / (P["steps"] - warmup))))
+        i = torch.randint(len(label), (P["batch_size"],))
+        frame = clip.normalize_pixels(videos[video_of[i], torch.randint(P["frames"], (len(i),))])  # [B, 3, S, S]
+        img = F.normalize(model.encode_image(frame), dim=-1)
+        txt = F.normalize(model.encode_text(ids), dim=-1)[label[i]]  # [B, E]
+        logits = model.logit_scale.exp() * img @ txt.T
+        same = (label[i, None] == label[None, i]).float()  # repeated captions are positives, not negatives
+        target = same / same.sum(1, keepdim=True)
+        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        model.logit_scale.data.clamp_(max=math.log(100))
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)  # atomic: concurrent runs never read a half-written file
+    log(f"tiny CLIP: {P['steps']} steps on {len(ds)} still clips, {time.time() - t0:.0f} s, loss {loss.item():.3f}: {path}")
+    return clip.load(path)
+
+
+if __name__ == "__main__":
+    print(ensure_synthetic())
