@@ -128,6 +128,9 @@ def parse_args(argv=None):
                        ("--dsl", "also report DSL (CAMoE) metrics, as separate rows")):
         add(flag, action="store_true", help=text)
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add("--query", help="print the --top_k test videos (or --data folder videos) for this caption and draw them "
+                        "in <output_dir>/query.png; needs --checkpoint (or --method zeroshot), implies --eval_only")
+    add("--top_k", type=int, default=5, help="videos --query prints (5)")
     extra = {k: v for k, v in recipe.items() if k not in STANDARD}
     group = p.add_argument_group(f"{a.method} hyperparameters (RECIPE; constructor arguments)")
     for k, v in extra.items():
@@ -144,6 +147,12 @@ def parse_args(argv=None):
     for flag, path in (("--checkpoint", args.checkpoint), ("--init", args.init)):
         if path and not os.path.isfile(path):
             p.error(f"{flag} {path}: no such file")
+    if args.data == "folder" and not args.query:
+        p.error("--data folder is for --query only: a folder of videos has no captions to train or evaluate on")
+    if args.query and not args.checkpoint and args.method != "zeroshot":
+        p.error(f"--query with --method {args.method} needs --checkpoint (a trained run's checkpoint.pt), "
+                f"or use --method zeroshot")
+    args.eval_only = args.eval_only or bool(args.query)
     return args, cls
 
 
@@ -154,11 +163,12 @@ def build_method(args, cls, device, log=print):
     """-> the method on `device`; sets args.size when the CLIP model decides it."""
     clip_model = None
     if cls.uses_clip:
-        if args.clip is None and args.data == "synthetic":
+        tiny_clip_data = args.data_path if args.data == "synthetic" else getattr(args, "tiny_clip_data", None)
+        if args.clip is None and tiny_clip_data:
             cache_dir = args.cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "nanotvr")
             if not is_master():  # rank 0 pretrains and caches it, the others read the cache
                 dist.barrier()
-            clip_model = synthetic.tiny_clip(cache_dir, args.data_path, log)
+            clip_model = synthetic.tiny_clip(cache_dir, tiny_clip_data, log)
             if dist.is_initialized() and is_master():
                 dist.barrier()
         else:
@@ -172,6 +182,18 @@ def build_method(args, cls, device, log=print):
     else:
         method = cls(args.frames, size=args.size, **args.kwargs)
     return method.to(device)
+
+
+def use_checkpoint_settings(args, log=print):
+    """--data folder has no recipe: build the model as the checkpoint's run did (backbone, frames, words, frame
+    size, method flags), whatever the command line says."""
+    run = torch.load(args.checkpoint, map_location="cpu", weights_only=True, mmap=True)["args"]
+    for k in ("clip", "frames", "words", "size", "kwargs"):
+        setattr(args, k, run[k])
+    if run["data"] == "synthetic" and run["clip"] is None:  # the tiny CLIP, pretrained on the synthetic set
+        args.tiny_clip_data = synthetic.ensure_synthetic(run["data_path"])
+    log(f"--data folder: the model as {args.checkpoint}'s run built it: --clip {run['clip']} --max_frames "
+        f"{run['frames']} --max_words {run['words']} --size {run['size']}, trained on {run['data']}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -366,8 +388,9 @@ def train_epoch(epoch, batch_no, step, *, model, method, loader, opt, scaler, pa
                 steps_per_epoch, world, record, log):
     """One epoch from micro-batch `batch_no` on: -> (step, mean losses of the last logging window, stopped)."""
     micro, pretrain, master = args.accum, args.stage == "pretrain", is_master()
-    bar = tqdm(total=steps_per_epoch, initial=batch_no // micro, desc=f"epoch {epoch + 1}", disable=not master,
-               leave=False, dynamic_ncols=True)
+    tty = sys.stderr.isatty()  # a bar on a terminal; plain lines in a log file (no carriage returns)
+    bar = tqdm(total=steps_per_epoch, initial=batch_no // micro, desc=f"epoch {epoch + 1}",
+               disable=not (master and tty), leave=False, dynamic_ncols=True)
     t_log = t_fetch = time.time()
     wait, seen, losses, last = 0.0, 0, [], {"loss": math.nan}
     for batch in loader:
@@ -399,7 +422,7 @@ def train_epoch(epoch, batch_no, step, *, model, method, loader, opt, scaler, pa
             method.logit_scale.data.clamp_(max=MAX_LOGIT_SCALE)
         step += 1
         bar.update(1)
-        if step % args.log_every == 0 or batch_no == steps_per_epoch * micro:
+        if step % args.log_every == 0 or step == 1 or batch_no == steps_per_epoch * micro:  # 1: see it start
             dt = time.time() - t_log
             last = {k: sum(x[k] for x in losses) / len(losses) for k in losses[-1]}
             row = dict(event="train", step=step, epoch=epoch + batch_no / (steps_per_epoch * micro), **last,
@@ -410,6 +433,9 @@ def train_epoch(epoch, batch_no, step, *, model, method, loader, opt, scaler, pa
             record(**row)
             bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{row['lr']:.1e}", clips_s=f"{seen / dt:.0f}",
                             wait=f"{100 * wait / dt:.0f}%")
+            if not tty:
+                log(f"epoch {epoch + 1} step {step}/{total}: loss {last['loss']:.4f}, lr {row['lr']:.2e}, "
+                    f"{seen / dt:.0f} clips/s, data wait {100 * wait / dt:.0f}%")
             t_log, wait, seen, losses = time.time(), 0.0, 0, []
         if step == args.max_steps:  # a mid-epoch checkpoint, as a pre-empted job would want
             bar.close()
@@ -419,6 +445,21 @@ def train_epoch(epoch, batch_no, step, *, model, method, loader, opt, scaler, pa
     return step, last, None
 
 
+def rounded(x, digits=6):
+    """Floats to `digits` significant digits, in nested dicts too: log.jsonl shows 3.5, not 3.5000000000000004."""
+    if isinstance(x, dict):
+        return {k: rounded(v, digits) for k, v in x.items()}
+    return float(f"{x:.{digits}g}") if isinstance(x, float) else x
+
+
+def epoch_line(epoch, args, step, last, seconds, metrics):
+    """The line an epoch leaves on the console (its bar is gone): loss, time and, if evaluated, R@1/5/10."""
+    line = f"epoch {epoch + 1}/{args.epochs}: step {step}, loss {last['loss']:.4f}, {seconds:.0f} s"
+    for d in ("t2v", "v2t") if metrics else ():
+        line += f"; {d} R@1 {metrics[d]['R@1']:.1f} R@5 {metrics[d]['R@5']:.1f} R@10 {metrics[d]['R@10']:.1f}"
+    return line
+
+
 def main(argv=None):
     # setup: flags, processes, precision, the output folder and its log
     args, cls = parse_args(argv)
@@ -426,17 +467,20 @@ def main(argv=None):
     master, pretrain = rank == 0, args.stage == "pretrain"
     log = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)
     os.makedirs(args.output_dir, exist_ok=True)
+    picture = os.path.join(args.output_dir, "retrievals.png")  # what the last evaluation retrieved
     jsonl = open(os.path.join(args.output_dir, "log.jsonl"), "a") if master else None
 
     def record(**row):
         if jsonl:
-            jsonl.write(json.dumps(row) + "\n")
+            jsonl.write(json.dumps(rounded(row)) + "\n")
             jsonl.flush()
 
     try:
         # data and model
         if args.data == "synthetic":
             args.data_path = synthetic.ensure_synthetic(args.data_path)
+        if args.data == "folder" and args.checkpoint:
+            use_checkpoint_settings(args, log)
         method = build_method(args, cls, device, log)
         torch.manual_seed(args.seed + rank), random.seed(args.seed + rank), np.random.seed(args.seed + rank)
         if args.init:
@@ -451,10 +495,17 @@ def main(argv=None):
         if args.eval_only or n_train == 0:  # zeroshot: nothing trains
             if args.checkpoint:
                 load_trainable(method, args.checkpoint)
-            metrics = retrieval.evaluate(method, test, args, device, amp) if master else None
+            if args.query:  # search the test videos (or a --data folder) for one caption
+                return retrieval.search(method, args.query, test, args, device, amp, args.top_k,
+                                        os.path.join(args.output_dir, "query.png"), log)
+            keep = {}
+            metrics = retrieval.evaluate(method, test, args, device, amp, keep) if master else None
             record(event="eval", epoch=None, **(metrics or {}))
             log(f"{args.method} on {args.data} test ({len(test.captions)} captions, {len(test.videos)} videos)\n"
                 + retrieval.table(metrics or {}))
+            if master:
+                retrieval.write_retrievals(picture, test, keep["sim"], f"{args.method} on {test.name}")
+                log(f"retrieved clips: {picture}")
             return metrics
         train_ds, loader, sampler, steps_per_epoch = train_loader(args, world, rank, device)
 
@@ -473,29 +524,36 @@ def main(argv=None):
             f"{args.batch_size} ({args.batch_size // (world * args.accum)} per rank x {world} ranks x {args.accum} accumulation)")
 
         # the loop: an epoch, its checkpoint, its evaluation
-        metrics, loop = None, dict(model=model, method=method, loader=loader, opt=opt, scaler=scaler, params=params,
+        metrics, evaluated, loop = None, None, dict(model=model, method=method, loader=loader, opt=opt, scaler=scaler, params=params,
                                    amp=amp, device=device, args=args, total=total, steps_per_epoch=steps_per_epoch,
                                    world=world, record=record, log=log)
         for epoch in range(start_epoch, args.epochs):
             batch_no = start_batch if epoch == start_epoch else 0
             sampler.set_epoch(epoch, batch_no)
             method.train()
+            t_epoch = time.time()
             step, last, stopped_at = train_epoch(epoch, batch_no, step, **loop)
             if stopped_at is not None:
                 save_checkpoint(ckpt_path, method, opt, scaler, step, epoch, stopped_at, args)
                 log(f"stopped at step {step} (--max_steps); continue with --resume")
                 break
             if not pretrain and master:
-                metrics = retrieval.evaluate(method, test, args, device, amp)
+                keep = {}
+                metrics, evaluated = retrieval.evaluate(method, test, args, device, amp, keep), epoch + 1
                 record(event="eval", epoch=epoch + 1, step=step, **metrics)
-                log(f"epoch {epoch + 1}/{args.epochs}, step {step}, loss {last['loss']:.4f}\n" + retrieval.table(metrics))
+                retrieval.write_retrievals(picture, test, keep["sim"], f"{args.method} on {test.name}, epoch {epoch + 1}")
+            log(epoch_line(epoch, args, step, last, time.time() - t_epoch, metrics if evaluated == epoch + 1 else None))
             save_checkpoint(ckpt_path, method, opt, scaler, step, epoch + 1, 0, args)
 
         # summary
         if train_ds.substitutions:
             log(f"WARNING: {train_ds.substitutions} training items replaced an unreadable video: {train_ds.corrupt_videos[:5]}")
-        if metrics:
-            log(f"final ({args.method}, {args.data}, epoch {args.epochs})\n" + retrieval.table(metrics))
+        if metrics:  # the last evaluation, never one picked on the test split
+            log(f"final: {args.method} on {args.data} test after epoch {evaluated} of {args.epochs} (the last "
+                f"evaluated; nothing is selected on the test split)\n" + retrieval.table(metrics)
+                + f"\nretrieved clips: {picture}")
+        if pretrain and master:
+            log(f"{args.method} pretraining checkpoint: {ckpt_path}; fine-tune from it with --init {ckpt_path}")
         return metrics
     finally:  # the one teardown path
         if jsonl:
