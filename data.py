@@ -503,11 +503,10 @@ def check_frame_cache(cache_dir, videos, size, frames):
         warnings.append(f"frame cache {cache_dir} has no {MANIFEST} (made by an older data.py?): its frame "
                         f"size and rate are unchecked; rebuild it with python data.py --cache to check them")
     else:
-        made = f"python data.py --cache {cache_dir} --size {size} --fps ..."
         if manifest["size"] < size:
             raise ValueError(f"frame cache {cache_dir} holds {manifest['size']} px frames, this run uses {size} px: "
-                             f"they would be upscaled. Rebuild it at this size ({made}, into an empty folder) "
-                             f"or pass --size {manifest['size']}")
+                             f"they would be upscaled. Build one at this size (python data.py --cache NEW_DIR "
+                             f"--size {size} ...) or pass --size {manifest['size']}")
         if manifest["size"] > size:
             warnings.append(f"frame cache {cache_dir} holds {manifest['size']} px frames, this run uses {size} px: "
                             f"every load resizes them (slower); a cache made with --size {size} is read as is")

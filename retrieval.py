@@ -313,8 +313,11 @@ def search(method, query, split, args, device, amp, top_k=5, picture=None, log=p
     method.train(was_training)
     best, order = scores.topk(min(top_k, len(scores)))
     hits = [(split.videos[v], float(s)) for v, s in zip(order.tolist(), best.tolist())]
-    log(f"query {query!r}: the top {len(hits)} of {len(split.videos)} videos\n"
-        + "\n".join(f"{k + 1:>4}  {s:8.3f}  {v}" for k, (v, s) in enumerate(hits)))
+    described = {v: c for c, v in reversed(list(zip(split.captions, split.caption_video)))}  # a video's 1st caption
+    log(f"query {query!r}: the top {len(hits)} of {len(split.videos)} videos (rank, score, file"
+        + (", its caption)" if described else ")"))
+    for k, v in enumerate(order.tolist()):
+        log(f"{k + 1:>4}  {hits[k][1]:8.3f}  {hits[k][0]}" + (f"  {described[v]!r}" if v in described else ""))
     if picture:
         cells = [(k % PICTURE_TOP, v, [f"#{k + 1}  score {s:.2f}", os.path.basename(split.videos[v])[:30]], False)
                  for k, (v, s) in enumerate(zip(order.tolist(), best.tolist()))]

@@ -192,8 +192,9 @@ def use_checkpoint_settings(args, log=print):
         setattr(args, k, run[k])
     if run["data"] == "synthetic" and run["clip"] is None:  # the tiny CLIP, pretrained on the synthetic set
         args.tiny_clip_data = synthetic.ensure_synthetic(run["data_path"])
-    log(f"--data folder: the model as {args.checkpoint}'s run built it: --clip {run['clip']} --max_frames "
-        f"{run['frames']} --max_words {run['words']} --size {run['size']}, trained on {run['data']}")
+    backbone = "the tiny CLIP" if getattr(args, "tiny_clip_data", None) else f"--clip {run['clip'] or 'ViT-B/32'}"
+    log(f"--data folder: the model as {args.checkpoint}'s run built it ({run['data']}): {backbone}, --max_frames "
+        f"{run['frames']} --max_words {run['words']} --size {run['size']}")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -200,13 +200,16 @@ def test_training_run_leaves_picture_rounded_log_and_readable_console(tiny_run, 
     train.main(["--method", "full", "--data_path", str(tiny_run / "synthetic"), "--clip", str(tiny_run / "clip.pt"),
                 "--output_dir", str(out), "--num_workers", "0", "--max_frames", "4", "--batch_size", "8",
                 "--epochs", "1", "--clip_lr", "1e-3", "--log_every", "2", "--dsl"])
-    console = capsys.readouterr().out
+    captured = capsys.readouterr()
+    console = captured.out
     page = cv2.imread(str(out / "retrievals.png"))
     assert separators(page) == 6 and green_boxes(page) == 6  # 6 of the 8 test captions
     assert re.search(r"^epoch 1/1: step 3, loss [\d.]+, \d+ s; t2v R@1 [\d.]+ R@5", console, re.M)  # it stays
     assert re.search(r"^epoch 1 step 1/3: loss", console, re.M)  # the first step, as a plain line (no tty)
-    assert "\r" not in console and console.count("R@10    MdR") == 1  # the table once, at the end
-    assert "after epoch 1 of 1" in console and "transductive" in console
+    assert "\r" not in console + captured.err  # no progress bar off a terminal
+    assert console.count("R@10    MdR") == 1  # the table once, at the end
+    assert "after epoch 1 of 1" in console
+    assert "DSL rows" in console and "transductive" in console
     floats = []
     walk = lambda x: [walk(v) for v in x.values()] if isinstance(x, dict) else floats.append(x)
     for line in open(out / "log.jsonl"):
