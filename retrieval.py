@@ -139,6 +139,11 @@ def retrieval_rows(split, sim, rows=PICTURE_ROWS, top=PICTURE_TOP):
     return out
 
 
+def first_captions(split):
+    """video -> its first caption (a folder has none)."""
+    return {v: c for c, v in reversed(list(zip(split.captions, split.caption_video)))}
+
+
 def ascii_text(text):  # cv2.putText draws ASCII only
     return unicodedata.normalize("NFKD", str(text)).encode("ascii", "ignore").decode()
 
@@ -182,9 +187,21 @@ def strip(frames, height, width, n=PICTURE_FRAMES):
     return np.hstack(boxes[:-1])
 
 
+def note_lines(text, width, lines=2):
+    """A clip's caption or file name under it, in at most `lines` lines (cut with "...")."""
+    out = wrap(text, width, SMALL)
+    if len(out) > lines:
+        out = out[:lines]
+        while out[-1] and cv2.getTextSize(out[-1] + "...", FONT, SMALL, 1)[0][0] > width:
+            out[-1] = out[-1][:-1]
+        out[-1] += "..."
+    return out
+
+
 def draw_page(title, rows, frames_of, columns):
-    """title: a string; rows: dicts of caption (a string) and cells [(column, video, label lines, true)];
-    frames_of: video -> RGB frames (or None). -> the page, a BGR uint8 image."""
+    """title: a string; rows: dicts of caption (a string) and cells [(column, video, label, note, true)]: the
+    label (score) under the clip, the note (its caption, its file) in grey under that; frames_of: video -> RGB
+    frames (or None). -> the page, a BGR uint8 image."""
     shapes = [f.shape[1:3] for f in frames_of.values() if f is not None]
     aspect = min(max(float(np.median([w / h for h, w in shapes])) if shapes else 1.0, 0.75), 2.0)
     box_w = round(THUMB * aspect)
@@ -197,20 +214,21 @@ def draw_page(title, rows, frames_of, columns):
         cv2.putText(pieces[0], line, (MARGIN, MARGIN + LINE * k + 16), FONT, TEXT, BLACK, 2, cv2.LINE_AA)
     for row in rows:
         lines = wrap(row["caption"], width - 2 * MARGIN) if row["caption"] else []
-        n_labels = max(len(c[2]) for c in row["cells"])
+        labels = [[label] + (note_lines(note, cell_w) if note else []) for _, _, label, note, _ in row["cells"]]
+        n_labels = max(map(len, labels))
         y_cells = 12 + LINE * len(lines) + 4
         page = np.full((y_cells + cell_h + 4 + SMALL_LINE * n_labels + 12, width, 3), 255, np.uint8)
         page[0, MARGIN:width - MARGIN] = LIGHT  # the separator between rows
         for k, line in enumerate(lines):
             cv2.putText(page, line, (MARGIN, 12 + LINE * k + 17), FONT, TEXT, BLACK, 1, cv2.LINE_AA)
-        for column, video, labels, true in row["cells"]:
+        for (column, video, _, _, true), lines_of_cell in zip(row["cells"], labels):
             x = MARGIN + column * (cell_w + GAP)
             page[y_cells:y_cells + cell_h, x:x + cell_w] = GREEN if true else LIGHT
             page[y_cells + BORDER:y_cells + BORDER + THUMB, x + BORDER:x + BORDER + strip_w] = strip(
                 frames_of[video], THUMB, box_w)
-            for k, label in enumerate(labels):
+            for k, label in enumerate(lines_of_cell):
                 cv2.putText(page, ascii_text(label), (x, y_cells + cell_h + 4 + SMALL_LINE * k + 15), FONT, SMALL,
-                            GREEN if true else BLACK, 1, cv2.LINE_AA)
+                            GREEN if true else BLACK if k == 0 else GREY, 1, cv2.LINE_AA)
         pieces.append(page)
     pieces.append(np.full((MARGIN - 12, width, 3), 255, np.uint8))
     return np.vstack(pieces)
@@ -230,15 +248,15 @@ def write_picture(path, title, rows, videos, max_seconds=None, columns=PICTURE_T
 def write_retrievals(path, split, sim, title):
     """retrievals.png: PICTURE_ROWS test captions, each with its top PICTURE_TOP clips; the caption's own
     clip has a green border, and its own column at the end when it is not among them."""
-    rows, cells = retrieval_rows(split, sim), []
+    rows, described = retrieval_rows(split, sim), first_captions(split)
     for r in rows:
         found = r["rank"] <= len(r["top"])
         r["caption"] = f"caption {r['index']}: \"{r['caption']}\"   (its clip: rank {r['rank']})"
-        r["cells"] = [(k, v, [f"#{k + 1}  score {s:.2f}" + ("  (true)" if v == r["true"] else "")], v == r["true"])
-                      for k, (v, s) in enumerate(r["top"])]
+        r["cells"] = [(k, v, f"#{k + 1}  score {s:.2f}" + ("  (true)" if v == r["true"] else ""),
+                       described.get(v), v == r["true"]) for k, (v, s) in enumerate(r["top"])]
         if not found:
-            r["cells"].append((len(r["top"]), r["true"], [f"true clip at rank {r['rank']}",
-                                                         f"score {r['true_score']:.2f}"], True))
+            r["cells"].append((len(r["top"]), r["true"], f"true clip at rank {r['rank']}, score {r['true_score']:.2f}",
+                               None, True))
     columns = PICTURE_TOP + any(r["rank"] > len(r["top"]) for r in rows)
     head = (f"{title}: text-to-video, the top {PICTURE_TOP} of {len(split.videos)} clips for {len(rows)} of "
             f"{len(split.captions)} test captions; {PICTURE_FRAMES} frames per clip, left to right in time; "
@@ -313,14 +331,14 @@ def search(method, query, split, args, device, amp, top_k=5, picture=None, log=p
     method.train(was_training)
     best, order = scores.topk(min(top_k, len(scores)))
     hits = [(split.videos[v], float(s)) for v, s in zip(order.tolist(), best.tolist())]
-    described = {v: c for c, v in reversed(list(zip(split.captions, split.caption_video)))}  # a video's 1st caption
+    described = first_captions(split)
     log(f"query {query!r}: the top {len(hits)} of {len(split.videos)} videos (rank, score, file"
         + (", its caption)" if described else ")"))
     for k, v in enumerate(order.tolist()):
         log(f"{k + 1:>4}  {hits[k][1]:8.3f}  {hits[k][0]}" + (f"  {described[v]!r}" if v in described else ""))
     if picture:
-        cells = [(k % PICTURE_TOP, v, [f"#{k + 1}  score {s:.2f}", os.path.basename(split.videos[v])[:30]], False)
-                 for k, (v, s) in enumerate(zip(order.tolist(), best.tolist()))]
+        cells = [(k % PICTURE_TOP, v, f"#{k + 1}  score {s:.2f}", described.get(v, os.path.basename(split.videos[v])),
+                  False) for k, (v, s) in enumerate(zip(order.tolist(), best.tolist()))]
         rows = [dict(caption=f"query: \"{query}\"" if k == 0 else "", cells=cells[k:k + PICTURE_TOP])
                 for k in range(0, len(cells), PICTURE_TOP)]
         write_picture(picture, f"{args.method}: the top {len(hits)} of {len(split.videos)} videos of {split.name}",
