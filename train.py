@@ -149,6 +149,8 @@ def parse_args(argv=None):
             p.error(f"{flag} {path}: no such file")
     if args.data == "folder" and not args.query:
         p.error("--data folder is for --query only: a folder of videos has no captions to train or evaluate on")
+    if args.query and (args.stage == "pretrain" or args.top_k < 1):
+        p.error("--query searches a trained model's videos: not with --stage pretrain, and --top_k must be >= 1")
     if args.query and not args.checkpoint and args.method != "zeroshot":
         p.error(f"--query with --method {args.method} needs --checkpoint (a trained run's checkpoint.pt), "
                 f"or use --method zeroshot")
@@ -525,7 +527,8 @@ def main(argv=None):
             f"{args.batch_size} ({args.batch_size // (world * args.accum)} per rank x {world} ranks x {args.accum} accumulation)")
 
         # the loop: an epoch, its checkpoint, its evaluation
-        metrics, evaluated, loop = None, None, dict(model=model, method=method, loader=loader, opt=opt, scaler=scaler, params=params,
+        evaluated = None  # the epoch of `metrics`
+        metrics, loop = None, dict(model=model, method=method, loader=loader, opt=opt, scaler=scaler, params=params,
                                    amp=amp, device=device, args=args, total=total, steps_per_epoch=steps_per_epoch,
                                    world=world, record=record, log=log)
         for epoch in range(start_epoch, args.epochs):
@@ -543,7 +546,7 @@ def main(argv=None):
                 metrics, evaluated = retrieval.evaluate(method, test, args, device, amp, keep), epoch + 1
                 record(event="eval", epoch=epoch + 1, step=step, **metrics)
                 retrieval.write_retrievals(picture, test, keep["sim"], f"{args.method} on {test.name}, epoch {epoch + 1}")
-            log(epoch_line(epoch, args, step, last, time.time() - t_epoch, metrics if evaluated == epoch + 1 else None))
+            log(epoch_line(epoch, args, step, last, time.time() - t_epoch, None if pretrain else metrics))
             save_checkpoint(ckpt_path, method, opt, scaler, step, epoch + 1, 0, args)
 
         # summary
