@@ -496,8 +496,7 @@ def main(argv=None):
             f"{device} x {world}, autocast {amp_dtype}, {args.frames} frames of {args.size} px, {args.words} words")
         test = None if pretrain else data.read_split(args.data, "test", args.data_path, args.video_path, args.allow_missing)
         if args.eval_only or n_train == 0:  # zeroshot: nothing trains
-            if args.checkpoint:
-                load_trainable(method, args.checkpoint)
+            ck = load_trainable(method, args.checkpoint) if args.checkpoint else None
             if args.query:  # search the test videos (or a --data folder) for one caption
                 return retrieval.search(method, args.query, test, args, device, amp, args.top_k,
                                         os.path.join(args.output_dir, "query.png"), log)
@@ -507,7 +506,8 @@ def main(argv=None):
             log(f"{args.method} on {args.data} test ({len(test.captions)} captions, {len(test.videos)} videos)\n"
                 + retrieval.table(metrics or {}))
             if master:
-                retrieval.write_retrievals(picture, test, keep["sim"], f"{args.method} on {test.name}")
+                retrieval.write_retrievals(picture, test, keep["sim"], f"{args.method} on {test.name}"
+                                           + (f", {os.path.basename(args.checkpoint)} at step {ck['step']}" if ck else ""))
                 log(f"retrieved clips: {picture}")
             return metrics
         train_ds, loader, sampler, steps_per_epoch = train_loader(args, world, rank, device)
