@@ -28,7 +28,7 @@ def batch(seed=0, B=3):
     return torch.randn(B, 4, 3, 32, 32, generator=g), clip.tokenize(CAPTIONS[:B], context_length=16)
 
 
-def test_official_vit_b_counts():  # the official modules' counts, with our vocabulary: BPE 49408 + mask id, 77 positions
+def test_official_vit_b_counts():  # official counts, with our vocabulary: BPE 49408 + mask id, 77 positions
     with torch.device("meta"):
         m = simvtp.SimVTPPretraining(16)
         c = simvtp.param_counts(m, simvtp.SimVTP(16))
