@@ -200,6 +200,85 @@ def make_clip(src):
     save("clip", payload)
 
 
+# ------------------------------------------------------------------------------------------------ UMP
+UMP_TINY = dict(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=16,
+                context_length=16, vocab_size=100, transformer_width=32, transformer_heads=2, transformer_layers=2)
+UMP_FRAMES, UMP_D_FF = 3, 128
+
+
+def make_ump(src):
+    """zchoi/UMP_TVR's model/clip_model.py CLIP (prompts in both towers, its hard-coded "linear" generator
+    branch) inside model/clip_baseline.py CLIPBaseline(pooling_type='avg'), the mean-pooling baseline, in eval
+    mode; loss: modules/metrics.py sim_matrix_training + modules/loss.py CLIPLoss, backward to every prompt
+    tensor. The release's generators are nn.TransformerEncoderLayer(width, nhead=8), FFN 2048 by torch's
+    default; to keep the file small their linear1/linear2 are rebuilt at FFN 128 before anything runs (the
+    official forward is unchanged; nanoTVR is built with d_ff=128 to match)."""
+    stub_missing(["tqdm", "scipy", "scipy.stats"])
+    purge({"model", "modules", "config"})
+    sys.path.insert(0, src)
+    try:
+        cm = importlib.import_module("model.clip_model")
+        cb = importlib.import_module("model.clip_baseline")
+        metrics = importlib.import_module("modules.metrics")
+        losses = importlib.import_module("modules.loss")
+        torch.manual_seed(0)
+        model = cm.CLIP(**UMP_TINY).float()
+        for tower in (model.transformer, model.visual.transformer):
+            for layer in (tower.encoder_layer, tower.prompt_encoder.layers[0]):  # the second is what runs
+                w = layer.linear1.in_features
+                layer.linear1, layer.linear2 = torch.nn.Linear(w, UMP_D_FF), torch.nn.Linear(UMP_D_FF, w)
+        g = gen(1)
+        perturb(model, g)
+        with torch.no_grad():
+            model.logit_scale.fill_(LN100)
+        fp16_exact(model)
+        cfg = types.SimpleNamespace(huggingface=False, clip_arch="ViT-B/32", pooling_type="avg",
+                                    embed_dim=UMP_TINY["embed_dim"], num_frames=UMP_FRAMES,
+                                    input_res=UMP_TINY["image_resolution"], k=-1, attention_temperature=0.01)
+        load = cm.load_clip
+        cm.load_clip = lambda *a, **k: model  # no download: the baseline wraps the CLIP built here
+        try:
+            baseline = cb.CLIPBaseline(cfg)
+        finally:
+            cm.load_clip = load
+        baseline.eval()  # the generators' dropout (0.1) off
+    finally:
+        sys.path.remove(src)
+    c, R = UMP_TINY, UMP_TINY["image_resolution"]
+    # EOT at 4, 6 and 12: the third caption ends inside the last 8 slots, which the release's text prompts replace
+    text = captions(g, [3, 5, 11], c["context_length"], c["vocab_size"])
+    video = randn16(3, UMP_FRAMES, 3, R, R, g=g)
+    trainable = [n for n, p in model.named_parameters()  # the rule of the release's train.py
+                 if "learnable_prompt" in n or "prompt_encoder" in n or "encoder_layer" in n]
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in trainable)
+    prompts = {"text": [], "video": []}
+    hooks = [tower.prompt_encoder.register_forward_hook(lambda m, i, o, k=k: prompts[k].append(o[:, -8:]))
+             for k, tower in (("text", model.transformer), ("video", model.visual.transformer))]
+    frames = model.encode_image(video.flatten(0, 1)).view(3, UMP_FRAMES, -1)
+    text_embeds = model.encode_text(text)
+    for h in hooks:
+        h.remove()
+    t, v = baseline({"text": text, "video": video})
+    sims = metrics.sim_matrix_training(t, v, "avg")
+    loss = losses.CLIPLoss()(sims, model.logit_scale)
+    loss.backward()
+    keep = lambda n: ".encoder_layer." not in n and not n.startswith("visual.transformer.learnable_prompt.")
+    payload = dict(
+        provenance=provenance("zchoi/UMP_TVR", src),
+        config=dict(UMP_TINY, num_frames=UMP_FRAMES, d_ff=UMP_D_FF, n_prompts=8),
+        # encoder_layer.* (a copy that never runs) and the video tower's frame-wise learnable_prompt.* (unused by
+        # the hard-coded branch) are left out
+        state_dict=half({k: v for k, v in model.state_dict().items() if keep(k)}),
+        inputs=dict(text=text, video=video.half()),
+        outputs=detach(dict(text_embeds=text_embeds, frame_embeds=frames, text_prompts=torch.stack(prompts["text"])[:, 0],
+                            video_prompts=torch.stack(prompts["video"])[:, 0], text_pooled=t, video_pooled=v,
+                            logits=model.logit_scale.exp() * sims)),
+        loss=detach(loss), grads={n: gr for n, gr in grads(model).items() if keep(n)})
+    assert all(n in payload["grads"] for n in trainable if keep(n))
+    save("ump", payload)
+
+
 # ------------------------------------------------------------------------------------------------ main
 def main():
     ap = argparse.ArgumentParser(description="write tests/fixtures/official_*.pt from the official code")
@@ -209,7 +288,7 @@ def main():
         ap.add_argument(f"--{flag}", metavar="PATH", help=f"a checkout of {what}")
     args = ap.parse_args()
     torch.set_num_threads(1)  # deterministic reduction order, and polite on shared machines
-    makers = dict(clip=make_clip)
+    makers = dict(clip=make_clip, ump=make_ump)
     ran = [name for name, fn in makers.items() if getattr(args, name) and fn(os.path.abspath(getattr(args, name))) is None]
     if not ran:
         ap.error("give the path of at least one official checkout")
