@@ -109,11 +109,11 @@ def test_matches_official_release():
                               (P_t, "text_prompts", 2e-6), (P_v, "video_prompts", 2e-6),  # measured 4.8e-7 both
                               (F.normalize(t, dim=-1), "text_pooled", 5e-7),  # measured 1.0e-7
                               (v, "video_pooled", 5e-7),  # measured 8.9e-8
-                              (logits, "logits", 3e-5)]:  # measured 7.6e-6 (|logit| <= 27)
+                              (logits, "logits", 2e-5)]:  # measured 5.7e-6 (|logit| <= 27)
         assert (ours.detach() - out[theirs]).abs().max() <= tol, theirs
     labels = torch.arange(len(logits))
     loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2  # the release's CLIPLoss
-    assert abs(loss.item() - ref["loss"].item()) <= 4e-6  # measured 9.5e-7 (loss 10.8, ln 3 = 1.1 is chance)
+    assert abs(loss.item() - ref["loss"].item()) <= 4e-6  # measured 0 (loss 10.8, chance ln 3 = 1.1)
     loss.backward()
     for n, p in model.named_parameters():
         if p.requires_grad:
@@ -122,5 +122,5 @@ def test_matches_official_release():
                 g = torch.cat([ref["grads"][f"{tower}.{l}"] for l in range(p.shape[0])])
             else:
                 g = ref["grads"][to_official(n)]
-            assert (p.grad - g).abs().max() <= 3e-6, n  # measured 8.3e-7 (|grad| <= 2.6)
+            assert (p.grad - g).abs().max() <= 3e-6, n  # measured 8.9e-7 (|grad| <= 2.6)
     assert ref["grads"]["transformer.learnable_prompt.1"].abs().max() > 1e-3  # the text prompts do get a gradient
