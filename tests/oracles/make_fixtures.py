@@ -101,19 +101,20 @@ def perturb(module, g, skip=()):
 
 
 def fp16_exact(module):
-    """Round every float parameter and buffer to an fp16-representable value, in place."""
+    """Round every float parameter and buffer but the scalars (logit_scale stays ln 100, in fp32) to an
+    fp16-representable value, in place."""
     with torch.no_grad():
         for t in list(module.parameters()) + list(module.buffers()):
-            if t.is_floating_point():
+            if t.is_floating_point() and t.dim() > 0:
                 t.copy_(t.half().float())
 
 
 def half(sd):
-    """A state dict as plain fp16 tensors (the values are fp16-exact, see fp16_exact)."""
+    """A state dict as plain fp16 tensors (the values are fp16-exact, see fp16_exact), scalars in fp32."""
     out = {}
     for k, v in sd.items():
         v = v.detach().clone()
-        if v.is_floating_point():
+        if v.is_floating_point() and v.dim() > 0:
             assert torch.equal(v.half().float(), v.float()), k
             v = v.half()
         out[k] = v.contiguous()
@@ -200,6 +201,156 @@ def make_clip(src):
     save("clip", payload)
 
 
+# ------------------------------------------------------------------------------------------------ UMP
+UMP_TINY = dict(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=16,
+                context_length=16, vocab_size=100, transformer_width=32, transformer_heads=2, transformer_layers=2)
+UMP_FRAMES, UMP_D_FF = 3, 128
+
+
+def make_ump(src):
+    """zchoi/UMP_TVR's model/clip_model.py CLIP (prompts in both towers, its hard-coded "linear" generator
+    branch) inside model/clip_baseline.py CLIPBaseline(pooling_type='avg'), the mean-pooling baseline, in eval
+    mode; loss: modules/metrics.py sim_matrix_training + modules/loss.py CLIPLoss, backward to every prompt
+    tensor. The release's generators are nn.TransformerEncoderLayer(width, nhead=8), FFN 2048 by torch's
+    default; to keep the file small their linear1/linear2 are rebuilt at FFN 128 before anything runs (the
+    official forward is unchanged; nanoTVR is built with d_ff=128 to match)."""
+    stub_missing(["tqdm", "scipy", "scipy.stats"])
+    purge({"model", "modules", "config"})
+    sys.path.insert(0, src)
+    try:
+        cm = importlib.import_module("model.clip_model")
+        cb = importlib.import_module("model.clip_baseline")
+        metrics = importlib.import_module("modules.metrics")
+        losses = importlib.import_module("modules.loss")
+        torch.manual_seed(0)
+        model = cm.CLIP(**UMP_TINY).float()
+        for tower in (model.transformer, model.visual.transformer):
+            for layer in (tower.encoder_layer, tower.prompt_encoder.layers[0]):  # the second is what runs
+                w = layer.linear1.in_features
+                layer.linear1, layer.linear2 = torch.nn.Linear(w, UMP_D_FF), torch.nn.Linear(UMP_D_FF, w)
+        g = gen(1)
+        perturb(model, g)
+        with torch.no_grad():
+            model.logit_scale.fill_(LN100)
+        fp16_exact(model)
+        cfg = types.SimpleNamespace(huggingface=False, clip_arch="ViT-B/32", pooling_type="avg",
+                                    embed_dim=UMP_TINY["embed_dim"], num_frames=UMP_FRAMES,
+                                    input_res=UMP_TINY["image_resolution"], k=-1, attention_temperature=0.01)
+        load = cm.load_clip
+        cm.load_clip = lambda *a, **k: model  # no download: the baseline wraps the CLIP built here
+        try:
+            baseline = cb.CLIPBaseline(cfg)
+        finally:
+            cm.load_clip = load
+        baseline.eval()  # the generators' dropout (0.1) off
+    finally:
+        sys.path.remove(src)
+    c, R = UMP_TINY, UMP_TINY["image_resolution"]
+    # EOT at 4, 6 and 12: the third caption ends inside the last 8 slots, which the release's text prompts replace
+    text = captions(g, [3, 5, 11], c["context_length"], c["vocab_size"])
+    video = randn16(3, UMP_FRAMES, 3, R, R, g=g)
+    trainable = [n for n, p in model.named_parameters()  # the rule of the release's train.py
+                 if "learnable_prompt" in n or "prompt_encoder" in n or "encoder_layer" in n]
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in trainable)
+    prompts = {"text": [], "video": []}
+    hooks = [tower.prompt_encoder.register_forward_hook(lambda m, i, o, k=k: prompts[k].append(o[:, -8:]))
+             for k, tower in (("text", model.transformer), ("video", model.visual.transformer))]
+    frames = model.encode_image(video.flatten(0, 1)).view(3, UMP_FRAMES, -1)
+    text_embeds = model.encode_text(text)
+    for h in hooks:
+        h.remove()
+    t, v = baseline({"text": text, "video": video})
+    sims = metrics.sim_matrix_training(t, v, "avg")
+    loss = losses.CLIPLoss()(sims, model.logit_scale)
+    loss.backward()
+    keep = lambda n: ".encoder_layer." not in n and not n.startswith("visual.transformer.learnable_prompt.")
+    payload = dict(
+        provenance=provenance("zchoi/UMP_TVR", src),
+        config=dict(UMP_TINY, num_frames=UMP_FRAMES, d_ff=UMP_D_FF, n_prompts=8),
+        # encoder_layer.* (a copy that never runs) and the video tower's frame-wise learnable_prompt.* (unused by
+        # the hard-coded branch) are left out
+        state_dict=half({k: v for k, v in model.state_dict().items() if keep(k)}),
+        inputs=dict(text=text, video=video.half()),
+        outputs=detach(dict(text_embeds=text_embeds, frame_embeds=frames, text_prompts=torch.stack(prompts["text"])[:, 0],
+                            video_prompts=torch.stack(prompts["video"])[:, 0], text_pooled=t, video_pooled=v,
+                            logits=model.logit_scale.exp() * sims)),
+        loss=detach(loss), grads={n: gr for n, gr in grads(model).items() if keep(n)})
+    assert all(n in payload["grads"] for n in trainable if keep(n))
+    save("ump", payload)
+
+
+# ------------------------------------------------------------------------------------------------ DGL
+DGL_TINY = dict(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=16,
+                context_length=16, vocab_size=100, transformer_width=32, transformer_heads=2, transformer_layers=2)
+DGL_FRAMES, DGL_WORDS, DGL_BATCH = 3, 8, 3
+DGL_NEW = {  # the release's params.py new_added_modules: substrings of the trainable names, per latent space
+    "transformer": ["PromptTransformer", "unified_prompt_mlp", "unified_prompt_embedding", "prompt_proj",
+                    "prompt_embeddings"],
+    "linear": ["visual_prompt_embedding", "prompt_embeddings", "prefix_text_prompt_proj_layer",
+               "postfix_text_prompt_proj_layer"],
+}
+
+
+def make_dgl(src):
+    """knightyxp/DGL's modules/clip.py CLIP (encode_prompt, encode_text, encode_image with the global prompt
+    output 'global_prompt0') for both latent spaces, eval mode, logit_scale ln 100, loss as clip4clip.py's
+    meanP: (CrossEn(S) + CrossEn(S.T)) / 2 with modules/losses.py CrossEn. The release hard-codes the global
+    prompts' width (visual.prompt_embeddings [1, 4, 768]); the tiny vision tower is 64 wide, so that one tensor
+    is replaced before the run by a [1, 4, 64] one drawn by the release's own rule (xavier-uniform bound)."""
+    stub_missing(["tqdm"])
+    purge({"dgl_official"})
+    pkg = types.ModuleType("dgl_official")  # modules/ as a package whose __init__ (clip4clip's extras) never runs
+    pkg.__path__ = [os.path.join(src, "modules")]
+    sys.modules["dgl_official"] = pkg
+    cm = importlib.import_module("dgl_official.clip")
+    ce = importlib.import_module("dgl_official.losses").CrossEn()
+    c, T, B = DGL_TINY, DGL_FRAMES, DGL_BATCH
+    g = gen(1)
+    # EOT at 2, 5 and 7 (the last slot); the text length equals max_words, as the release requires
+    text = captions(g, [1, 4, 6], DGL_WORDS, c["vocab_size"])
+    video = randn16(B, T, 3, c["image_resolution"], c["image_resolution"], g=g)
+    payload = dict(provenance=provenance("knightyxp/DGL", src),
+                   config=dict(c, num_frames=T, words=DGL_WORDS, n_g=4, n_f=4, n_t=8),
+                   inputs=dict(text=text, video=video.half()))
+    for latent in ("linear", "transformer"):
+        ns = argparse.Namespace(shared_latent_space=latent, global_visual_prompt_length=4,
+                                local_each_frame_prompt_length=4, text_prompt_length=8,
+                                unified_transformer_layers=c["vision_layers"], visual_output_type="global_prompt0",
+                                max_words=DGL_WORDS, time_embedding=0)
+        torch.manual_seed(0)
+        model = cm.CLIP(*c.values(), video_frames=T, args=ns).float().eval()
+        W, patch = c["vision_width"], c["vision_patch_size"]
+        bound = math.sqrt(6.0 / (3 * patch * patch + W))
+        model.visual.prompt_embeddings = torch.nn.Parameter(torch.empty(1, 4, W).uniform_(-bound, bound))
+        trainable = [n for n, _ in model.named_parameters() if any(k in n for k in DGL_NEW[latent])]
+        if latent == "linear":
+            perturb(model, gen(2), skip=trainable)  # the prompt tensors keep the release's init
+            with torch.no_grad():
+                model.logit_scale.fill_(LN100)
+            fp16_exact(model)
+            frozen = {k: v.clone() for k, v in model.state_dict().items() if k not in trainable}
+            payload["state_dict"] = half(frozen)  # the frozen CLIP, shared by both latent spaces
+        else:
+            assert not set(model.load_state_dict(frozen, strict=False).unexpected_keys)
+            fp16_exact(model)
+        for n, p in model.named_parameters():
+            p.requires_grad_(n in trainable)
+        text_prompts, visual_prompts = model.encode_prompt(B, "cpu")
+        t = model.encode_text(text, text_prompts)
+        v = model.encode_image(video.flatten(0, 1), visual_prompts, video_frame=T).squeeze(1)
+        logits = model.logit_scale.exp() * F.normalize(t, dim=-1) @ F.normalize(v, dim=-1).t()
+        loss = (ce(logits) + ce(logits.t())) / 2
+        loss.backward()
+        payload[latent] = dict(state_dict=half({k: v for k, v in model.state_dict().items() if k not in frozen}),
+                               trainable=trainable,
+                               outputs=detach(dict(text_prompts=text_prompts[:, 0], visual_prompts=visual_prompts[:, 0],
+                                                   text_embeds=t, video_embeds=v, logits=logits)),
+                               loss=detach(loss), grads=grads(model, trainable))
+        assert len(payload[latent]["grads"]) == len(trainable)
+    save("dgl", payload)
+
+
 # ------------------------------------------------------------------------------------------------ main
 def main():
     ap = argparse.ArgumentParser(description="write tests/fixtures/official_*.pt from the official code")
@@ -209,7 +360,7 @@ def main():
         ap.add_argument(f"--{flag}", metavar="PATH", help=f"a checkout of {what}")
     args = ap.parse_args()
     torch.set_num_threads(1)  # deterministic reduction order, and polite on shared machines
-    makers = dict(clip=make_clip)
+    makers = dict(clip=make_clip, ump=make_ump, dgl=make_dgl)
     ran = [name for name, fn in makers.items() if getattr(args, name) and fn(os.path.abspath(getattr(args, name))) is None]
     if not ran:
         ap.error("give the path of at least one official checkout")
