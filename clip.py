@@ -18,7 +18,7 @@ Deliberate differences:
      mask this gives the same EOT features as the zero-padded 77-slot input.
   4. `load()` returns fp32 weights (OpenAI keeps fp16 on GPU); use torch.autocast for speed.
      ResNet checkpoints are refused. Preprocessing uses torch's antialiased bicubic resize instead of PIL
-     (within 1/255 of PIL, mean |diff| 0.003, see specs/pipeline.md 1.4).
+     (within 1/255 of PIL, mean |diff| 0.003 on test images).
 
 Usage:
     model = clip.load("ViT-B/32")                       # or a local path to ViT-B-32.pt
@@ -226,7 +226,7 @@ def causal_mask(length, device=None):
 
 
 def build_model(state_dict):
-    """Infer the config from an OpenAI state dict (spec 1.3), load it strictly, return fp32 eval model."""
+    """Infer the config from an OpenAI state dict (as OpenAI's build_model), load it strictly: fp32 eval model."""
     sd = {k: v for k, v in state_dict.items() if k not in ("input_resolution", "context_length", "vocab_size")}
     if "visual.proj" not in sd:
         raise ValueError("this checkpoint is not a CLIP ViT (no 'visual.proj'): ResNet CLIP models (RN50, ...) "

@@ -1,7 +1,7 @@
 """data.py: video-text retrieval data for nanoTVR: benchmark readers, frame decoding, a synthetic set, loaders.
 
-Readers turn each benchmark's annotation files (the files CLIP4Clip @ 508ffa3 and DGL @ 9139fd1 read; see
-pipeline spec §2) into a `Split`: one path per video, the captions, and caption -> video. Multi-caption test
+Readers turn each benchmark's annotation files (the files CLIP4Clip @ 508ffa3 and DGL @ 9139fd1 read;
+docs/data.md) into a `Split`: one path per video, the captions, and caption -> video. Multi-caption test
 sets (MSVD, VATEX) are several captions pointing at one video; paragraph sets (DiDeMo, ActivityNet) join a
 video's sentences into one caption; WebVid-2M (SimVTP pretraining) is one caption per video. `VideoTextDataset`
 serves any Split:
@@ -415,7 +415,7 @@ def make_loader(dataset, *, batch_size, shuffle, num_workers, distributed=False,
 
 
 # ----------------------------------------------------------------------------------------------------
-# Optional frame cache (spec §6): decode each video once to uint8 frames at <= 3 fps, short side `size`,
+# Optional frame cache: decode each video once to uint8 frames at <= 3 fps, short side `size`,
 # centre-cropped (DGL's compress_video.py re-encodes to 3 fps / short side 224; the crop is the one every
 # load would do, as nothing here crops randomly). Later epochs read a memory-mapped .npy instead of decoding.
 

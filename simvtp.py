@@ -453,7 +453,7 @@ def param_counts(p, f):  # a SimVTPPretraining and a SimVTP
 
 @torch.no_grad()
 def visualize(model, video, text, path, scale=4):
-    """The README's figure for a few clips (video ImageNet-normalised [B, T, 3, H, W], CLIP ids [B, L]): per clip
+    """docs/simvtp_vis.png for a few clips (video ImageNet-normalised [B, T, 3, H, W], CLIP ids [B, L]): per clip
     the original frames, the masked input (grey), the reconstruction (predicted masked tubes de-normalised with
     their true mean/std, as VideoMAE's visualisation), then the caption with its masked words [in brackets] and
     the predicted words. Writes the PNG to path (cv2.imwrite) and returns it (BGR uint8)."""

@@ -1,5 +1,5 @@
-"""SimVTP (simvtp.py) against the official modules (spec §7 item 15): run ../shared/oracles/simvtp_oracle.py (its
-docstring says how), then SIMVTP_REF=/path/to/out.pt pytest tests/test_simvtp_oracle.py. Skipped otherwise.
+"""SimVTP (simvtp.py) against the official modules (tests/oracles/make_fixtures.py makes
+the reference), then SIMVTP_REF=/path/to/out.pt pytest tests/test_simvtp_oracle.py. Skipped otherwise.
 The oracle uses a toy WordPiece-style vocabulary (30522, [MASK] = 103), so the model is built with that
 vocabulary and fed the oracle's token ids, attention mask, masks and VTM negatives directly."""
 import os
@@ -20,7 +20,7 @@ def test_matches_official_modules():
     cfg = dict(size=c["img"], patch_size=c["patch"], tubelet_size=c["tubelet"], width=c["enc_dim"],
                depth=c["enc_depth"], heads=c["enc_heads"], decoder_width=c["dec_dim"], decoder_depth=c["dec_depth"],
                decoder_heads=c["dec_heads"], text_dropout=c["bert_dropout"], vocab_size=c["vocab"], context_length=512)
-    m = simvtp.SimVTP(c["frames"], pretraining=True, **cfg).train()
+    m = simvtp.SimVTPPretraining(c["frames"], **cfg).train()
     m.mask_id = 103  # BERT's [MASK] in the oracle's vocabulary
     sd = {k: v for k, v in r["state_dict"].items() if not k.endswith("position_ids")}
     m.load_state_dict(sd, strict=True)  # official names
@@ -50,7 +50,7 @@ def test_matches_official_modules():
         assert (params[k].grad[g["rows"][keep]] - g["values"][keep]).abs().max() <= 1e-4 * g["values"].abs().max(), k
     # fine-tuning towers built from the pretraining weights, with the oracle's fresh fc_norm
     ft = r["finetune"]
-    m = simvtp.SimVTP(c["frames"], **cfg).eval()
+    m = simvtp.SimVTP(c["frames"], **{k: v for k, v in cfg.items() if not k.startswith("decoder_")}).eval()
     m.load_state_dict(sd, strict=False)  # the pre-hook fills both towers, as run_simvtp_finetuning.py
     m.load_state_dict(ft["fc_norm"], strict=False)
     with torch.no_grad():
