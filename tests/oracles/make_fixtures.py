@@ -351,6 +351,131 @@ def make_dgl(src):
     save("dgl", payload)
 
 
+# ------------------------------------------------------------------------------------------------ Adapter
+ADAPTER_TINY = dict(embed_dim=32, image_resolution=16, vision_layers=2, vision_width=64, vision_patch_size=8,
+                    context_length=16, vocab_size=100, transformer_width=64, transformer_heads=1,
+                    transformer_layers=2)  # CLIP4Clip infers heads = width // 64
+ADAPTER_R, ADAPTER_FRAMES, ADAPTER_WORDS = 8, 4, 8
+ADAPTER_VARIANTS = {"share": 16, "noshare": 0}  # d_s: the method, and "w/o Share"
+ADAPTER_LR, ADAPTER_T_TOTAL = 1e-3, 10
+
+
+def make_adapter(src):
+    """LeapLabTHU/Cross-Modal-Adapter: modules/module_clip_jointvt_upshare_adapter.py CLIP inside
+    modules/modeling_jointvt_upshare_adapter.py CLIP4Clip (q-score similarity, tau 5), fp32 on the CPU, train.py's
+    freezing rule (only 'adapter' tensors train). Saved per variant: every adapter call's input and output
+    (eval), text and frame embeddings, the q-score logits and the masked mean-pooling logits (q_score=0), the
+    training forward's loss (one-process all-gather, symmetric CrossEn), the adapter gradients, and three steps of
+    modules/optimization.py BertAdam (train.py's two groups, warmup_cosine over t_total=10 steps, so step 0 has
+    lr 0) after clip_grad_norm_(1.0), as train.py. Adapter tensors are re-drawn from N(0, 0.2) (biases N(0, 0.05))
+    after the official init (std 0.01) so that the adapter branch is numerically visible."""
+    stub_missing(["tqdm", "boto3", "requests", "botocore", "botocore.exceptions"])
+    purge({"modules"})
+    sys.path.insert(0, src)
+    try:
+        cm = importlib.import_module("modules.module_clip_jointvt_upshare_adapter")
+        modeling = importlib.import_module("modules.modeling_jointvt_upshare_adapter")
+        cross = importlib.import_module("modules.module_cross")
+        optim = importlib.import_module("modules.optimization")
+    finally:
+        sys.path.remove(src)
+    import torch.distributed as dist
+    if not dist.is_initialized():  # the training forward all-gathers over the ranks
+        dist.init_process_group("gloo", init_method="file://" + os.path.join(tempfile.mkdtemp(), "pg"),
+                                rank=0, world_size=1)
+    c, T, L = ADAPTER_TINY, ADAPTER_FRAMES, ADAPTER_WORDS
+    g = gen(1)
+    ids = captions(g, [6, 3, 4], L, c["vocab_size"])  # EOT at 7 (the last slot), 4, 5
+    text_mask = (torch.arange(L)[None] <= ids.argmax(-1)[:, None]).long()
+    video_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]])
+    video = randn16(3, T, 3, c["image_resolution"], c["image_resolution"], g=g) * video_mask[..., None, None, None]
+    text_args = (ids, torch.zeros_like(ids), text_mask)
+    payload = dict(provenance=provenance("LeapLabTHU/Cross-Modal-Adapter", src),
+                   config=dict(c, r=ADAPTER_R, num_frames=T, words=L, tau=5.0, variants=ADAPTER_VARIANTS,
+                               lr=ADAPTER_LR, t_total=ADAPTER_T_TOTAL, warmup=0.1, betas=[0.9, 0.98], eps=1e-6,
+                               weight_decay=0.2, max_grad_norm=1.0),
+                   inputs=dict(text_ids=ids, text_mask=text_mask, video=video.half(), video_mask=video_mask))
+    frozen = None
+    for name, d_s in ADAPTER_VARIANTS.items():
+        torch.manual_seed(0)
+        clip = cm.CLIP(**c, linear_patch="2d", adapter_reduction_dims=ADAPTER_R, adapter_share_dim=d_s,
+                       adapter_non_linearity="quick_gelu", adapter_dropout=0.0, adapter_convert2fp16=True,
+                       adapter_share_use_non_linearity=False, adapter_init_std=0.01)
+        with torch.no_grad():
+            for n, p in clip.named_parameters():
+                if "adapter" in n:
+                    p.copy_(torch.randn(p.shape, generator=g) * (0.05 if "bias" in n else 0.2))
+        if frozen is None:
+            perturb(clip, gen(2), skip=("adapter",))
+            with torch.no_grad():
+                clip.logit_scale.fill_(LN100)
+            fp16_exact(clip)
+            frozen = {k: v.clone() for k, v in clip.state_dict().items() if "adapter" not in k}
+            payload["state_dict"] = half(frozen)  # the frozen CLIP, shared by the variants
+        else:
+            clip.load_state_dict(frozen, strict=False)
+            fp16_exact(clip)
+        sd = {k: v.clone() for k, v in clip.state_dict().items()}
+        task = argparse.Namespace(  # train.py's defaults that the model reads, with the README's adapter flags
+            max_words=L, max_frames=T, loose_type=True, q_score_proj=0, linear_patch="2d", sim_header="meanP",
+            cross_num_hidden_layers=4, intra_sim=0, text_cond_intra_sim=0, intra_sim_logit_scale=0, local_rank=0,
+            rank=0, world_size=1, q_score=1, q_score_temp=5.0, t_emb_norm=0, v_emb_norm=0, v_agg_norm=0,
+            linspace_samp=None, jcl=0, adapter_reduction_dims=ADAPTER_R, adapter_share_dim=d_s,
+            adapter_non_linearity="quick_gelu", adapter_dropout=0.0, adapter_convert2fp16=True,
+            adapter_init_std=0.01, adapter_share_use_non_linearity=False, pretrained_clip_name="ViT-B/32")
+        cc = cross.CrossConfig.from_json_file(os.path.join(src, "modules", "cross-base", "cross_config.json"))
+        model = modeling.CLIP4Clip(cc, dict(sd), task)
+        model.float()  # CLIP4Clip.__init__ casts to fp16 (convert_weights); the comparison is in fp32
+        model.clip.load_state_dict(sd, strict=True)
+        for n, p in model.clip.named_parameters():  # train.py: freeze_layer_num 0 -> only adapters train
+            p.requires_grad_("adapter" in n)
+        model.eval()
+        io = {"visual": [], "text": []}  # each block calls its adapter twice: after attention, after the MLP
+        hooks = [blk.adapter.register_forward_hook(lambda m, i, o, k=k: io[k].append((i[0].detach(), o.detach())))
+                 for k, tower in (("visual", model.clip.visual.transformer), ("text", model.clip.transformer))
+                 for blk in tower.resblocks]
+        with torch.no_grad():
+            t = model.get_sequence_output(*text_args)
+            v = model.get_visual_output(video, video_mask)
+        for h in hooks:
+            h.remove()
+        with torch.no_grad():
+            logits = model.get_similarity_logits(t, v, text_mask, video_mask, loose_type=True)[0]
+            model.task_config.q_score = 0
+            logits_mean = model.get_similarity_logits(t, v, text_mask, video_mask, loose_type=True)[0]
+            model.task_config.q_score = 1
+        adapter_io = {f"{k}_{j}": torch.stack([call[i] for call in calls])  # [2 * layers, tokens, batch, width]
+                      for k, calls in io.items() for i, j in ((0, "in"), (1, "out"))}
+        model.train()
+        loss = model(*text_args, video, video_mask)
+        loss.backward()
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        first_grads = grads(model, trainable)
+        model.zero_grad(set_to_none=True)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        opt = optim.BertAdam([{"params": [p for n, p in named if "bias" not in n], "weight_decay": 0.2},
+                              {"params": [p for n, p in named if "bias" in n], "weight_decay": 0.0}],
+                             lr=ADAPTER_LR, warmup=0.1, schedule="warmup_cosine", b1=0.9, b2=0.98, e=1e-6,
+                             t_total=ADAPTER_T_TOTAL, weight_decay=0.2, max_grad_norm=0.0)
+        steps = dict(lr=[], loss=[], params=[])
+        for k in range(3):
+            opt.zero_grad()
+            lk = model(*text_args, video, video_mask)
+            lk.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            steps["lr"].append(ADAPTER_LR * optim.warmup_cosine(k / ADAPTER_T_TOTAL, 0.1))
+            steps["loss"].append(lk.item())
+            steps["params"].append({n.removeprefix("clip."): p.detach().clone() for n, p in named})
+        payload[name] = dict(
+            state_dict=half({k: v for k, v in sd.items() if k not in frozen}),
+            outputs=detach(dict(text_embeds=t[:, 0], frame_embeds=v, logits=logits, logits_meanP=logits_mean,
+                                **(adapter_io if name == "share" else {}))),  # the calls once: size
+            loss=detach(loss), grads={n.removeprefix("clip."): g_ for n, g_ in first_grads.items()}, optim=steps)
+    dist.destroy_process_group()
+    save("adapter", payload)
+
+
 # ------------------------------------------------------------------------------------------------ main
 def main():
     ap = argparse.ArgumentParser(description="write tests/fixtures/official_*.pt from the official code")
@@ -360,7 +485,7 @@ def main():
         ap.add_argument(f"--{flag}", metavar="PATH", help=f"a checkout of {what}")
     args = ap.parse_args()
     torch.set_num_threads(1)  # deterministic reduction order, and polite on shared machines
-    makers = dict(clip=make_clip, ump=make_ump, dgl=make_dgl)
+    makers = dict(clip=make_clip, ump=make_ump, dgl=make_dgl, adapter=make_adapter)
     ran = [name for name, fn in makers.items() if getattr(args, name) and fn(os.path.abspath(getattr(args, name))) is None]
     if not ran:
         ap.error("give the path of at least one official checkout")
