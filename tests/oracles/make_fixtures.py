@@ -476,6 +476,106 @@ def make_adapter(src):
     save("adapter", payload)
 
 
+# ------------------------------------------------------------------------------------------------ UniPT
+UNIPT_TINY = dict(embed_dim=32, image_resolution=16, vision_layers=2, vision_width=64, vision_patch_size=8,
+                  context_length=16, vocab_size=100, transformer_width=64, transformer_heads=1, transformer_layers=2)
+UNIPT_FRAMES, UNIPT_WORDS = 3, 12
+
+
+def make_unipt(src):
+    """Paranioar/UniPT's CLIP4Clip part: (a) the side network modules/module_adapter.py
+    Our_tuning_for_transformer alone on random hidden stacks (vision-like, text-like with mask and EOT position,
+    and downsample_D_factor 2), output and gradients of sum(output * probe); (b) end to end: modules/module_clip.py
+    CLIP (frozen, fp32) with both side networks, through modules/modeling.py CLIP4Clip's get_sequence_output,
+    get_visual_output, get_similarity_logits (meanP) and its training forward (symmetric CrossEn, one-process
+    all-gather). CLIP4Clip.__init__ hard-codes ViT-B sizes, so the object is made with __new__ and given the tiny
+    CLIP, the two side networks and the attributes those methods read."""
+    stub_missing(["tqdm", "boto3", "requests", "botocore", "botocore.exceptions"])
+    purge({"modules"})
+    root = os.path.join(src, "CLIP4Clip")
+    sys.path.insert(0, root)
+    try:
+        ma = importlib.import_module("modules.module_adapter")
+        mc = importlib.import_module("modules.module_clip")
+        mm = importlib.import_module("modules.modeling")
+        um = importlib.import_module("modules.until_module")
+    finally:
+        sys.path.remove(root)
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", init_method="file://" + os.path.join(tempfile.mkdtemp(), "pg"),
+                                rank=0, world_size=1)
+    g = gen(1)
+    payload = dict(provenance=provenance("Paranioar/UniPT", src), side={})
+    for name, (H, S, is_text, D) in {"vision": (48, 5, False, 1), "text": (40, 7, True, 1),
+                                     "vision_d2": (48, 5, False, 2)}.items():
+        L1, N, E = 4, 3, 32
+        kw = dict(num_layer=L1, hidden_size=[H] * L1, embed_size=E, downsample_D_factor=D)
+        torch.manual_seed(0)
+        net = ma.Our_tuning_for_transformer(**kw)
+        perturb(net, gen(2))
+        fp16_exact(net)
+        hidden, anchor = randn16(L1, N, S, H, g=g), randn16(N, 1, E, g=g)
+        mask = position = None
+        if is_text:
+            lengths = torch.tensor([S, 4, 2])
+            mask = (torch.arange(S)[None] < lengths[:, None]).float()
+            position = lengths - 1  # EOT: the last valid token
+        out = net(hidden, anchor, mask=mask, position=position)
+        probe = torch.randn(out.shape, generator=g)
+        (out * probe).sum().backward()
+        inputs = dict(hidden=hidden.half(), anchor=anchor.half())
+        if is_text:
+            inputs.update(mask=mask, position=position)
+        payload["side"][name] = dict(config=dict(num_layer=L1, hidden_size=H, embed_size=E, downsample_D_factor=D),
+                                     state_dict=half(net.state_dict()), inputs=inputs, output=detach(out),
+                                     probe=probe, grads=grads(net))
+    c, T, Lw = UNIPT_TINY, UNIPT_FRAMES, UNIPT_WORDS
+    torch.manual_seed(0)
+    clip = mc.CLIP(**c).float()
+    n_v, n_t = c["vision_layers"] + 1, c["transformer_layers"] + 1
+    image_adapter = ma.Our_tuning_for_transformer(num_layer=n_v, hidden_size=[c["vision_width"]] * n_v,
+                                                  embed_size=c["embed_dim"], downsample_D_factor=1)
+    text_adapter = ma.Our_tuning_for_transformer(num_layer=n_t, hidden_size=[c["transformer_width"]] * n_t,
+                                                 embed_size=c["embed_dim"], downsample_D_factor=1)
+    m = mm.CLIP4Clip.__new__(mm.CLIP4Clip)
+    torch.nn.Module.__init__(m)
+    m.clip, m.image_adapter, m.text_adapter = clip, image_adapter, text_adapter
+    m.task_config = types.SimpleNamespace(world_size=1, rank=0, local_rank=0)
+    m.sim_header, m.loose_type, m.loss_fct = "meanP", True, um.CrossEn()
+    perturb(m, gen(3))
+    with torch.no_grad():
+        clip.logit_scale.fill_(LN100)
+    fp16_exact(m)
+    for n, p in m.named_parameters():  # prep_optimizer: only names with 'adapter' train
+        p.requires_grad_("adapter" in n)
+    B, R = 4, c["image_resolution"]
+    ids = captions(g, [10, 3, 6, 1], Lw, c["vocab_size"])  # EOT at 11 (the last slot), 4, 7, 2
+    att = (torch.arange(Lw)[None] <= ids.argmax(-1)[:, None]).long()
+    frames = [3, 2, 3, 1]
+    vmask = (torch.arange(T)[None] < torch.tensor(frames)[:, None]).long()
+    video = randn16(B, T, 3, R, R, g=g) * vmask[..., None, None, None]  # padded frames stay 0, as the loader
+    ids7, att7, tt7 = ids[:, None], att[:, None], torch.zeros_like(ids)[:, None]  # CLIP4Clip's [B, pair, L]
+    video7, vmask7 = video[:, None, :, None], vmask[:, None]  # [B, pair, bs, ts, 3, H, W]
+    m.eval()
+    with torch.no_grad():
+        seq = m.get_sequence_output(ids7, tt7, att7)
+        vis = m.get_visual_output(video7, vmask7)
+        logits = m.get_similarity_logits(seq, vis, att7, vmask7, loose_type=True)[0]
+        v = m._mean_pooling_for_similarity_visual(vis / vis.norm(dim=-1, keepdim=True), vmask)
+    m.train()
+    loss = m(ids7, tt7, att7, video7, vmask7)
+    loss.backward()
+    payload["e2e"] = dict(config=dict(c, num_frames=T, words=Lw), state_dict=half(m.state_dict()),
+                          inputs=dict(text=ids, text_mask=att, video=video.half(), video_mask=vmask),
+                          outputs=detach(dict(text_embeds=seq[:, 0], frame_embeds=vis, video_pooled=v, logits=logits)),
+                          loss=detach(loss), grads=grads(m),
+                          clip_grads=[n for n, p in m.named_parameters() if n.startswith("clip.") and p.grad is not None])
+    assert not payload["e2e"]["clip_grads"] and len(payload["e2e"]["grads"]) == sum(p.requires_grad for p in m.parameters())
+    dist.destroy_process_group()
+    save("unipt", payload)
+
+
 # ------------------------------------------------------------------------------------------------ main
 def main():
     ap = argparse.ArgumentParser(description="write tests/fixtures/official_*.pt from the official code")
@@ -485,7 +585,7 @@ def main():
         ap.add_argument(f"--{flag}", metavar="PATH", help=f"a checkout of {what}")
     args = ap.parse_args()
     torch.set_num_threads(1)  # deterministic reduction order, and polite on shared machines
-    makers = dict(clip=make_clip, ump=make_ump, dgl=make_dgl, adapter=make_adapter)
+    makers = dict(clip=make_clip, ump=make_ump, dgl=make_dgl, adapter=make_adapter, unipt=make_unipt)
     ran = [name for name, fn in makers.items() if getattr(args, name) and fn(os.path.abspath(getattr(args, name))) is None]
     if not ran:
         ap.error("give the path of at least one official checkout")
