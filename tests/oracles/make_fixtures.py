@@ -4,13 +4,14 @@ Not part of nanoTVR: the project and the tests never import this file (pytest co
 It builds each official module on the CPU at a tiny config, feeds it fixed random inputs and saves, per
 method, one small file tests/fixtures/official_<method>.pt that holds the weights, the inputs, the outputs,
 the loss, the gradients of the trainable tensors and (Cross-Modal Adapter) three optimizer steps. The tests
-(tests/test_*_oracle.py, test_clip_load.py, test_ump_official.py, test_adapter.py, test_unipt.py) load them
+(test_clip_load.py, test_ump_official.py, test_dgl_oracle.py, test_adapter.py, test_unipt.py) load them
 with torch.load(path, weights_only=True) and run nanoTVR's modules on the same numbers. Every file records
 the official repository, the commit (`git rev-parse HEAD` of the checkout) and the torch version.
 
-Nothing of the official code is copied here: this script only imports, constructs and calls it. Weights,
-inputs and frozen tensors are rounded to fp16-exact values before the official run and stored as fp16
-(casting back to fp32 is exact), which halves the files; outputs and gradients are stored in fp32.
+Nothing of the official code is copied here: this script only imports, constructs and calls it. Weights
+and inputs are rounded to fp16-exact values before the official run and stored as fp16 (casting back to fp32
+is exact; scalars such as logit_scale = ln 100 stay fp32), which halves the files; outputs and gradients are
+stored in fp32.
 
 Regenerate
     # 1. checkouts of the official repositories at the commits nanoTVR pins (equal to their HEAD today)
@@ -20,7 +21,6 @@ Regenerate
     git clone https://github.com/knightyxp/DGL && git -C DGL checkout 9139fd1
     git clone https://github.com/LeapLabTHU/Cross-Modal-Adapter && git -C Cross-Modal-Adapter checkout 07b2203
     git clone https://github.com/Paranioar/UniPT && git -C UniPT checkout 3fa457d
-    git clone https://github.com/wufeim/SimVTP && git -C SimVTP checkout 558d24e
     # (a few large data blobs of UMP_TVR, DGL and UniPT may be missing from a mirror; only code is read)
     # 2. a separate environment: nanoTVR's requirements plus what the official files import
     python -m venv .venv && .venv/bin/pip install -r /path/to/nanoTVR/requirements.txt \
@@ -28,7 +28,7 @@ Regenerate
     # 3. from the nanoTVR root (a method whose path is not given is skipped)
     /work/official/.venv/bin/python tests/oracles/make_fixtures.py --clip /work/official/CLIP \
         --ump /work/official/UMP_TVR --dgl /work/official/DGL --adapter /work/official/Cross-Modal-Adapter \
-        --unipt /work/official/UniPT --simvtp /work/official/SimVTP
+        --unipt /work/official/UniPT
 Runs in about a minute on 2 CPU cores. With torch's CPU kernels, a regenerated file differs from the committed
 one only in the last bits of the outputs; the tests' tolerances are a few times the measured differences.
 """
@@ -580,8 +580,7 @@ def make_unipt(src):
 def main():
     ap = argparse.ArgumentParser(description="write tests/fixtures/official_*.pt from the official code")
     for flag, what in [("clip", "openai/CLIP"), ("ump", "zchoi/UMP_TVR"), ("dgl", "knightyxp/DGL"),
-                       ("adapter", "LeapLabTHU/Cross-Modal-Adapter"), ("unipt", "Paranioar/UniPT"),
-                       ("simvtp", "wufeim/SimVTP")]:
+                       ("adapter", "LeapLabTHU/Cross-Modal-Adapter"), ("unipt", "Paranioar/UniPT")]:
         ap.add_argument(f"--{flag}", metavar="PATH", help=f"a checkout of {what}")
     args = ap.parse_args()
     torch.set_num_threads(1)  # deterministic reduction order, and polite on shared machines
