@@ -338,7 +338,7 @@ def _read_clip_file(path):
     """The state dict of a CLIP file: OpenAI's TorchScript archives (weights taken out, no code run) or a
     torch.save'd state dict (weights_only: no code is ever unpickled); raises ModelFileError."""
     if os.path.getsize(path) == 0:
-        raise ModelFileError(f"{path} is empty (0 bytes); it should be {CLIP_FILE}")
+        raise ModelFileError(f"{path} is empty (0 bytes). It should be {CLIP_FILE}")
     archive = False
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as z:

@@ -106,7 +106,7 @@ def _read_list(path, origin):
 def _read_csv(path, columns, origin):
     """-> [(line number, row dict)]; every named column must exist and every row have the header's fields."""
     with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark is no column
-        reader = csv.DictReader(f)
+        reader = csv.DictReader(f, strict=True)  # strict: a quote left open (a file cut off) is an error
         try:
             header = reader.fieldnames
             if not header:
@@ -122,7 +122,7 @@ def _read_csv(path, columns, origin):
                                + (" (a comma in an unquoted caption?)" if n > len(header) else " (cut off?)"), origin)
                 rows.append((reader.line_num, row))
         except csv.Error as e:
-            raise _bad(path, f"is not valid CSV at line {reader.line_num} ({e}; cut off?)", origin) from e
+            raise _bad(path, f"is not valid CSV at line {reader.reader.line_num} ({e}; cut off?)", origin) from e
         except UnicodeDecodeError as e:
             raise _bad(path, f"is not UTF-8 text (byte {e.start})", origin) from e
     return rows
