@@ -138,6 +138,11 @@ def test_pickle_cut_off_or_empty(tmp_path):
     pickle.dump({"a": "one caption, not a list"}, open(path, "wb"))
     raises_unchanged(path, r"has \['a'\] = str, expected a list of captions", "msvd", "test", str(tmp_path),
                      str(tmp_path / "v"))
+    os.remove(path)  # UMP_TVR's format
+    (tmp_path / "captions_msvd.json").write_bytes(b"")
+    raises_unchanged(tmp_path / "captions_msvd.json", r"captions_msvd.json is empty \(0 bytes\): this file comes "
+                     "from CLIP4Clip's msvd_data.zip .* or UMP_TVR's data/MSVD", "msvd", "test", str(tmp_path),
+                     str(tmp_path / "v"))
 
 
 def test_missing_annotation_files_say_where_they_come_from(msrvtt, tmp_path):
@@ -246,7 +251,8 @@ def test_msvd_pickle_and_json_give_the_same_split(tmp_path):
 @pytest.fixture
 def videos(tmp_path):
     """good0-2 decode; empty is 0 bytes, junk is not a video, cut is an mp4 whose index (moov, at the end) was cut
-    off; short.avi is an MJPG file cut at 60%: its header says 24 frames, it holds fewer, and it still loads."""
+    off, zeroed an mp4 whose frames were overwritten with zeros; short.avi is an MJPG file cut at 60%: its header
+    says 24 frames, it holds fewer, and it still loads."""
     folder = tmp_path / "videos"
     folder.mkdir()
     frames = [np.full((32, 48, 3), 10 * k, np.uint8) for k in range(24)]
@@ -254,6 +260,8 @@ def videos(tmp_path):
         data.write_video(str(folder / f"good{k}.mp4"), frames)
     whole = (folder / "good0.mp4").read_bytes()
     (folder / "cut.mp4").write_bytes(whole[:len(whole) // 2])
+    start, end = whole.find(b"mdat") + 4, whole.find(b"moov") - 4  # the frames lie between, the index after
+    (folder / "zeroed.mp4").write_bytes(whole[:start] + bytes(end - start) + whole[end:])
     (folder / "empty.mp4").write_bytes(b"")
     (folder / "junk.mp4").write_bytes(b"\x00not a video" * 50)
     import cv2
@@ -263,7 +271,7 @@ def videos(tmp_path):
     writer.release()
     whole = (folder / "short.avi").read_bytes()
     (folder / "short.avi").write_bytes(whole[:len(whole) * 6 // 10])
-    names = ["good0.mp4", "cut.mp4", "good1.mp4", "empty.mp4", "short.avi", "junk.mp4", "good2.mp4"]
+    names = ["good0.mp4", "cut.mp4", "good1.mp4", "empty.mp4", "short.avi", "junk.mp4", "zeroed.mp4", "good2.mp4"]
     return data.Split("fixture-test", [str(folder / n) for n in names], names, list(range(len(names))))
 
 
@@ -272,18 +280,19 @@ def test_check_videos_names_every_unreadable_video_at_once(videos, tmp_path):
     assert [(os.path.basename(v), why) for v, why in bad] == [
         ("cut.mp4", "does not open as a video (cut off, damaged, or not a video)"),
         ("empty.mp4", "is empty (0 bytes)"),
-        ("junk.mp4", "does not open as a video (cut off, damaged, or not a video)")]
+        ("junk.mp4", "does not open as a video (cut off, damaged, or not a video)"),
+        ("zeroed.mp4", "opens, but its first frame does not decode")]
     before = {v: open(v, "rb").read() for v in videos.videos}
     report = tmp_path / "out" / "bad_videos.txt"
     with pytest.raises(data.DataError) as e:
         data.check_videos(videos, report=str(report), show=2)
     msg = str(e.value)
-    assert msg.startswith(f"3 of 7 fixture-test videos cannot be read: {bad[0][0]} does not open as a video")
+    assert msg.startswith(f"4 of 8 fixture-test videos cannot be read: {bad[0][0]} does not open as a video")
     assert "empty.mp4 is empty (0 bytes)" in msg and "junk.mp4" not in msg  # first `show`, then where the rest are
-    assert f"(all 3 listed in {report}). Re-download or re-encode them, or move them out of --video_path" in msg
+    assert f"(all 4 listed in {report}). Re-download or re-encode them, or move them out of --video_path" in msg
     assert report.read_text().splitlines() == [f"{v}\t{why}" for v, why in bad]
     assert {v: open(v, "rb").read() for v in videos.videos} == before  # nothing touched
-    with pytest.raises(data.DataError, match=r"\(and 1 more: `python data.py --check"):
+    with pytest.raises(data.DataError, match=r"\(and 2 more: `python data.py --check"):
         data.check_videos(videos, show=2)
     good = data.Split("ok", [v for v in videos.videos if "good" in v or "short" in v], ["x"] * 4, [0, 1, 2, 3])
     assert data.check_videos(good, report=str(tmp_path / "none.txt")) is None
