@@ -657,7 +657,8 @@ class VideoTextDataset(Dataset):
             try:
                 video, mask = self.load_video(i)
             except VideoError as e:  # a missing test video would silently change the metrics
-                raise VideoError(f"{e}. Evaluation needs every test video: re-download or re-encode it") from e
+                raise VideoError(f"{e}. Evaluation needs every test video: re-download or re-encode it (`python data.py "
+                                 "--check ...` lists every unreadable one)") from e
             return dict(video=video, video_mask=mask, video_index=i)
         n, j = len(self.split.captions), i
         for _ in range(n):  # training: replace an unreadable pair by the next caption whose video reads
