@@ -69,7 +69,8 @@ ORIGINS = dict(
     synthetic="synthetic.py (delete the synthetic set's folder and it is generated again)",
     msrvtt="CLIP4Clip's msrvtt_data.zip (README, 'Data sets')",
     msrvtt7k="CLIP4Clip's msrvtt_data.zip (README, 'Data sets')",
-    msvd="CLIP4Clip's msvd_data.zip (raw-captions.pkl) or UMP_TVR's data/MSVD (captions_msvd.json) (README, 'Data sets')",
+    msvd="CLIP4Clip's msvd_data.zip (raw-captions.pkl) or UMP_TVR's data/MSVD (captions_msvd.json) "
+         "(README, 'Data sets')",
     vatex="DGL's VATEX annotations (README, 'Data sets')",
     didemo="CLIP4Clip's DiDeMo annotations (README, 'Data sets')",
     activitynet="the ActivityNet Captions annotations (README, 'Data sets')",
@@ -217,7 +218,8 @@ def _read_msrvtt(root, split, origin, train_csv="9k"):
         return [r["video_id"] for _, r in rows], [(r["video_id"], r["sentence"]) for _, r in rows], path
     if split != "train":
         raise DataError(f"MSR-VTT has splits train/test, not {split!r}")
-    ids = [r["video_id"] for _, r in _read_csv(_need(root, f"MSRVTT_train.{train_csv}.csv", origin), ("video_id",), origin)]
+    rows = _read_csv(_need(root, f"MSRVTT_train.{train_csv}.csv", origin), ("video_id",), origin)
+    ids = [r["video_id"] for _, r in rows]
     path = _need(root, "MSRVTT_data.json", origin)
     if os.path.getsize(path) == 0:  # UMP_TVR's repository holds a 0-byte placeholder of this name
         raise _bad(path, "is empty (0 bytes; UMP_TVR's repository holds an empty placeholder of this name)", origin)
@@ -657,8 +659,8 @@ class VideoTextDataset(Dataset):
             try:
                 video, mask = self.load_video(i)
             except VideoError as e:  # a missing test video would silently change the metrics
-                raise VideoError(f"{e}. Evaluation needs every test video: re-download or re-encode it (`python data.py "
-                                 "--check ...` lists every unreadable one)") from e
+                raise VideoError(f"{e}. Evaluation needs every test video: re-download or re-encode it "
+                                 "(`python data.py --check ...` lists every unreadable one)") from e
             return dict(video=video, video_mask=mask, video_index=i)
         n, j = len(self.split.captions), i
         for _ in range(n):  # training: replace an unreadable pair by the next caption whose video reads

@@ -112,7 +112,8 @@ def test_non_clip_files_named_with_what_they_should_be(tmp_path, kind):
     expected = {"text": r"cannot be read as a torch file: it is a text file \(starting 'export CLIP=ViT-B/32\\n'\)",
                 "empty": r"is empty \(0 bytes\)",
                 "random": "cannot be read as a torch file: it is neither a torch file nor text",
-                "cut": r"cannot be read as a torch file: it is a zip archive, as torch files are, but cut off or damaged",
+                "cut": "cannot be read as a torch file: it is a zip archive, as torch files are, but cut off or "
+                       "damaged",
                 "cut_archive": "cannot be read as a torch file: it is a zip archive, as torch files are, but cut off",
                 "train_checkpoint": "is a nanoTVR training checkpoint .train.py's checkpoint.pt., not CLIP weights: "
                                     "pass it as --checkpoint or --init",

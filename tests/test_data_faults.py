@@ -222,7 +222,8 @@ def test_empty_captions_counted_and_dropped(msrvtt, tmp_path, capsys):
 # ---- MSVD: CLIP4Clip's pickle and UMP_TVR's JSON -----------------------------------------------------
 
 def test_msvd_pickle_and_json_give_the_same_split(tmp_path):
-    words = {"-4wsuPCjDBc_5_15": [["a", "squirrel", "eats"], ["a", "chipmunk", "is", "eating"], ["a", "squirrel", "eats"]],
+    words = {"-4wsuPCjDBc_5_15": [["a", "squirrel", "eats"], ["a", "chipmunk", "is", "eating"],
+                                  ["a", "squirrel", "eats"]],
              "zv2RIbUsnSw_159_165": [["a", "cat", "plays"]], "vid_train": [["a", "man", "cooks"]]}
     folders = {"pkl": tmp_path / "clip4clip", "json": tmp_path / "ump"}
     for kind, folder in folders.items():
@@ -232,10 +233,12 @@ def test_msvd_pickle_and_json_give_the_same_split(tmp_path):
         if kind == "pkl":  # id -> word lists
             pickle.dump(words, open(folder / "raw-captions.pkl", "wb"))
         else:  # id -> the same captions as strings
-            json.dump({v: [" ".join(c) for c in caps] for v, caps in words.items()}, open(folder / "captions_msvd.json", "w"))
+            json.dump({v: [" ".join(c) for c in caps] for v, caps in words.items()},
+                      open(folder / "captions_msvd.json", "w"))
     touch(tmp_path / "YouTubeClips", *(f"{v}.avi" for v in words))
     for split in ("test", "train"):
-        a, b = (data.read_split("msvd", split, str(folders[k]), str(tmp_path / "YouTubeClips")) for k in ("pkl", "json"))
+        a, b = (data.read_split("msvd", split, str(folders[k]), str(tmp_path / "YouTubeClips"))
+                for k in ("pkl", "json"))
         assert a == b
     assert a.captions == ["a man cooks"] and len(b.videos) == 1
     test = data.read_split("msvd", "test", str(folders["json"]), str(tmp_path / "YouTubeClips"))
