@@ -1,4 +1,4 @@
-"""Decode vs frame-cache load time per clip and clips/s, one worker thread (spec §6). Not a test: it times things.
+"""Start-up check, decode and frame-cache load time per clip and clips/s, one worker thread. Not a test: it times things.
 
   python bench_data.py                 # MSR-VTT-like clips (320x240, 30 fps, 15 s, mp4v) and synthetic clips
 
@@ -50,7 +50,8 @@ def bench(name, split, size, frames, repeats, tmp):
     cache = os.path.join(tmp, name + "-cache")
     os.makedirs(cache)
     items = range(len(split.videos))
-    rows = []
+    rows = [("start-up check (data.probe_video: open, first frame)",
+             time_per_clip(lambda v: data.probe_video(split.videos[v]), items, repeats))]
     for train in (False, True):
         ds = data.VideoTextDataset(split, frames=frames, words=32, size=size, train=train, mode="videos")
         rows.append((f"decode {frames} frames ({'random' if train else 'centre'} in segments)",
