@@ -4,7 +4,7 @@
     python bench.py --tiny              # the same on a tiny CLIP: CPU, seconds per method
     python bench.py --methods full,adapter --batch 32
     python bench.py memory              # one training step's memory per method, each in a fresh process
-    python bench.py data                # decoding a clip vs reading it from the frame cache, one worker
+    python bench.py data                # checking, decoding and cache-reading a clip, one worker
     python bench.py clip                # clip.py's image tower vs nn.MultiheadAttention, same weights
     python bench.py quality             # train every method on the synthetic set, 3 seeds: mean ± std
 
@@ -378,7 +378,7 @@ def memory(args):
 
 
 # ----------------------------------------------------------------------------------------------------
-# data: does the loader keep up? Decode vs frame-cache load per clip, one worker thread
+# data: does the loader keep up? The start-up check, decoding and frame-cache loads per clip, one worker thread
 
 def per_clip_ms(fn, items, repeats):
     times = []
@@ -394,7 +394,8 @@ def data_rows(name, split, size, frames, repeats, tmp):
     cache = os.path.join(tmp, name.split()[0] + "-cache")
     os.makedirs(cache)
     items = range(len(split.videos))
-    rows = []
+    rows = [("start-up check (data.probe_video: open, first frame)",
+             per_clip_ms(lambda v: data.probe_video(split.videos[v]), items, repeats))]
     for train_ in (False, True):
         ds = data.VideoTextDataset(split, frames=frames, words=32, size=size, train=train_, mode="videos")
         rows.append((f"decode {frames} frames ({'random' if train_ else 'centre'} in segments)",
