@@ -124,7 +124,7 @@ def test_folder_reader(colour_folder, tmp_path):
     ds = data.VideoTextDataset(split, frames=2, words=8, size=8, train=False, mode="videos")
     assert len(ds) == 3 and ds[1]["video"].shape == (2, 3, 8, 8) and ds[1]["video_mask"].all()
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no video files"):
+    with pytest.raises(data.DataError, match="no video files"):
         data.read_folder(str(tmp_path / "empty"))
 
 
@@ -228,10 +228,10 @@ def test_frame_cache_manifest_refuses_and_warns(tmp_path, capsys):
     assert data.build_frame_cache(videos, cache, size=16, fps=0) == []
     manifest = json.load(open(os.path.join(cache, data.MANIFEST)))
     assert manifest == dict(size=16, fps=0, max_seconds=None, frames={"v0.mp4": 3, "v1.mp4": 8})
-    with pytest.raises(ValueError, match="made with"):
+    with pytest.raises(data.DataError, match="made with"):
         data.build_frame_cache(videos, cache, size=32, fps=0)  # never mix two settings in one folder
     split = data.Split("t", videos, ["a", "b"], [0, 1])
-    with pytest.raises(ValueError, match="16 px frames, this run uses 32 px"):
+    with pytest.raises(data.DataError, match="16 px frames, this run uses 32 px"):
         data.VideoTextDataset(split, frames=4, words=8, size=32, train=False, frame_cache=cache)
     capsys.readouterr()
     data.VideoTextDataset(split, frames=4, words=8, size=8, train=False, frame_cache=cache)
