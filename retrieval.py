@@ -284,7 +284,8 @@ def video_cache_keys(split, args):
     """-> (file prefix, model key, videos key): the cache of this split's features under this model is
     <checkpoint>.videos-<model key>-<videos key>.pt (no checkpoint: <output_dir>/videos-...pt)."""
     files = [fingerprint(p) if p and os.path.isfile(p) else p for p in (args.checkpoint, args.clip, args.init)]
-    model = dict(method=args.method, kwargs=args.kwargs, data=args.data, files=files)
+    tiny = args.clip is None and (args.data == "synthetic" or getattr(args, "tiny_clip_data", None))
+    model = dict(method=args.method, kwargs=args.kwargs, backbone="tiny CLIP" if tiny else args.clip, files=files)
     stats = [(v, os.path.getsize(v), os.path.getmtime(v)) for v in split.videos]
     videos = dict(videos=stats, frames=args.frames, size=args.size, max_seconds=split.max_seconds,
                   frame_cache=args.frame_cache and (args.frame_cache, data.read_manifest(args.frame_cache)))

@@ -162,6 +162,11 @@ def test_query_finds_the_clip_and_caches_video_features(colour_folder, tmp_path,
     retrieval.search(method, "a red one", split, query_args(tmp_path, ck, frames=3), "cpu", nullcontext())
     assert method.video_calls == 6
     assert len([f for f in os.listdir(tmp_path) if f.startswith("checkpoint.pt.videos-")]) == 2
+    # so is another split, read with another --data: the same model, so nothing is removed
+    other = data.Split("other", split.videos[:2], [], [])
+    retrieval.search(method, "a red one", other, query_args(tmp_path, ck, data="msrvtt"), "cpu", nullcontext())
+    assert method.video_calls == 7
+    assert len([f for f in os.listdir(tmp_path) if f.startswith("checkpoint.pt.videos-")]) == 3
 
 
 def test_query_through_train_py(colour_folder, tmp_path, monkeypatch, capsys):
