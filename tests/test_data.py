@@ -51,15 +51,15 @@ def test_msrvtt_reader(msrvtt):
     test = data.read_split("msrvtt", "test", *msrvtt)
     assert test.captions == ['cars, trucks and "bikes"'] and test.caption_video == [0]
     assert len(data.read_split("msrvtt7k", "train", *msrvtt).videos) == 1
-    with pytest.raises(FileNotFoundError, match="MSRVTT_JSFUSION_test.csv.*msrvtt_data.zip"):
+    with pytest.raises(data.DataError, match="MSRVTT_JSFUSION_test.csv not found.*msrvtt_data.zip"):
         data.read_split("msrvtt", "test", msrvtt[1], msrvtt[1])
-    with pytest.raises(ValueError, match="unknown data set 'msr'.*msrvtt"):
+    with pytest.raises(data.DataError, match="unknown data set 'msr'.*msrvtt"):
         data.read_split("msr", "train", *msrvtt)
 
 
 def test_missing_videos_clear_error_or_loud_subset(msrvtt, capsys):
     os.remove(os.path.join(msrvtt[1], "video0.mp4"))
-    with pytest.raises(FileNotFoundError, match=r"1 of 2 msrvtt train videos are missing .*video0.*--allow_missing"):
+    with pytest.raises(data.DataError, match=r"1 of 2 msrvtt train videos are missing .*video0.*--allow_missing"):
         data.read_split("msrvtt", "train", *msrvtt)
     split = data.read_split("msrvtt", "train", *msrvtt, allow_missing=True)
     assert split.captions == ["a dog runs", "a dog plays"] and split.caption_video == [0, 0]
@@ -130,7 +130,7 @@ def test_text_tokens_and_sanitising():
 def test_frame_cache_equals_decoding(msrvtt, tmp_path):
     train = data.read_split("msrvtt", "train", *msrvtt)
     cache = str(tmp_path / "cache")
-    with pytest.raises(FileNotFoundError, match="python data.py --cache"):
+    with pytest.raises(data.DataError, match="python data.py --cache"):
         data.VideoTextDataset(train, frames=6, words=8, size=32, train=False, frame_cache=cache)
     os.makedirs(cache)
     errors = [data._cache_one((v, data.cache_file(cache, v), 32, 0, None)) for v in train.videos]  # fps 0: all
