@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import synthetic
 
 SIM_BLOCK_ELEMENTS = 2 ** 26  # a method's own similarity() sees [texts, videos, T, D] blocks of at most this
 
@@ -60,6 +61,14 @@ def retrieval_metrics(sim, caption_video, dsl=False):
             "v2t": summarize(ranks_of(groups.T, torch.arange(sim.shape[1])))}
 
 
+def temporal_pair_accuracy(sim, caption_video, twin):
+    """Share (%) of captions whose video scores above its time-reversed twin, twin[j] = the twin of video j
+    (a tie counts half): 50 for a model blind to frame order, 100 when order always decides. sim [Nt, Nv]."""
+    sim, cv = sim.double().cpu(), torch.as_tensor(caption_video)
+    own, other = sim[torch.arange(len(sim)), cv], sim[torch.arange(len(sim)), torch.as_tensor(twin)[cv]]
+    return 100 * ((own > other).double() + 0.5 * (own == other).double()).mean().item()
+
+
 @torch.no_grad()
 def encode(method, split, mode, args, device, amp):
     """mode "texts": -> [Nt, D]; mode "videos": -> (what encode_video returns for every video, [Nv, D] or
@@ -95,16 +104,26 @@ def evaluate(method, split, args, device, amp, keep=None):
     video, mask = encode(method, split, "videos", args, device, amp)
     sim = similarity_matrix(method, text, video, mask)
     method.train(was_training)
+    metrics = {f"{label}{d}": m for label, dsl in (("", False), ("DSL ", True)) if dsl <= args.dsl
+               for d, m in retrieval_metrics(sim, split.caption_video, dsl).items()}
+    if split.name == "synthetic-test":  # its clips come in time-reversed pairs (synthetic.twins)
+        metrics["temporal"] = {"pair_acc": temporal_pair_accuracy(sim, split.caption_video, synthetic.twins(split))}
     if keep is not None:
         keep["sim"] = sim
-    return {f"{label}{d}": m for label, dsl in (("", False), ("DSL ", True)) if dsl <= args.dsl
-            for d, m in retrieval_metrics(sim, split.caption_video, dsl).items()}
+    return metrics
 
 
 def table(metrics):
-    return "\n".join([f"{'':>12} {'R@1':>6} {'R@5':>6} {'R@10':>6} {'MdR':>6} {'MnR':>7}"] + [
+    rows = {k: m for k, m in metrics.items() if k != "temporal"}
+    lines = [f"{'':>12} {'R@1':>6} {'R@5':>6} {'R@10':>6} {'MdR':>6} {'MnR':>7}"] + [
         f"{k:>12} {m['R@1']:6.1f} {m['R@5']:6.1f} {m['R@10']:6.1f} {m['MdR']:6.1f} {m['MnR']:7.2f}"
-        for k, m in metrics.items()] + [DSL_NOTE] * any(k.startswith("DSL") for k in metrics))
+        for k, m in rows.items()]
+    if "temporal" in metrics:
+        lines.append(f"temporal pair accuracy {metrics['temporal']['pair_acc']:.1f}% "
+                     "(caption's clip above its time-reversed twin; order-blind: 50%)")
+    if any(k.startswith("DSL") for k in rows):
+        lines.append(DSL_NOTE)
+    return "\n".join(lines)
 
 
 DSL_NOTE = ("DSL rows: CAMoE's dual softmax normalises over all test queries at once, so they are transductive "

@@ -460,6 +460,8 @@ def epoch_line(epoch, args, step, last, seconds, metrics):
     line = f"epoch {epoch + 1}/{args.epochs}: step {step}, loss {last['loss']:.4f}, {seconds:.0f} s"
     for d in ("t2v", "v2t") if metrics else ():
         line += f"; {d} R@1 {metrics[d]['R@1']:.1f} R@5 {metrics[d]['R@5']:.1f} R@10 {metrics[d]['R@10']:.1f}"
+    if metrics and "temporal" in metrics:
+        line += f"; temporal pair accuracy {metrics['temporal']['pair_acc']:.1f}%"
     return line
 
 
