@@ -391,7 +391,8 @@ def train_epoch(epoch, batch_no, step, *, model, method, loader, opt, scaler, pa
                 steps_per_epoch, world, record, log):
     """One epoch from micro-batch `batch_no` on: -> (step, mean losses of the last logging window, stopped)."""
     micro, pretrain, master = args.accum, args.stage == "pretrain", is_master()
-    tty = sys.stderr.isatty()  # a bar on a terminal; plain lines in a log file (no carriage returns)
+    tty = sys.stderr.isatty()  # a bar on a terminal; plain lines into a file (no carriage returns)
+    plain = not (tty and sys.stdout.isatty())
     bar = tqdm(total=steps_per_epoch, initial=batch_no // micro, desc=f"epoch {epoch + 1}",
                disable=not (master and tty), leave=False, dynamic_ncols=True)
     t_log = t_fetch = time.time()
@@ -436,7 +437,7 @@ def train_epoch(epoch, batch_no, step, *, model, method, loader, opt, scaler, pa
             record(**row)
             bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{row['lr']:.1e}", clips_s=f"{seen / dt:.0f}",
                             wait=f"{100 * wait / dt:.0f}%")
-            if not tty:
+            if plain:
                 log(f"epoch {epoch + 1} step {step}/{total}: loss {last['loss']:.4f}, lr {row['lr']:.2e}, "
                     f"{seen / dt:.0f} clips/s, data wait {100 * wait / dt:.0f}%")
             t_log, wait, seen, losses = time.time(), 0.0, 0, []

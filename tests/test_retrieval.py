@@ -246,3 +246,10 @@ def test_frame_cache_manifest_refuses_and_warns(tmp_path, capsys):
     assert capsys.readouterr().err == ""  # said once per process
     data.VideoTextDataset(split, frames=2, words=8, size=16, train=False, frame_cache=cache)
     assert capsys.readouterr().err == ""  # the run's settings: nothing to say
+
+
+def test_simvtp_pretraining_names_its_checkpoint(tiny_run, capsys):
+    out = tiny_run / "pretrain"
+    train.main(["--method", "simvtp", "--stage", "pretrain", "--data_path", str(tiny_run / "synthetic"),
+                "--output_dir", str(out), "--num_workers", "0", "--batch_size", "8", "--max_steps", "1"])
+    assert f"pretraining checkpoint: {out / 'checkpoint.pt'}; fine-tune from it with --init" in capsys.readouterr().out
