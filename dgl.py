@@ -41,7 +41,8 @@ Deliberate deviations (spec §7):
      `--unified_transformer_layers` and cannot run ViT-L/14). Same numbers for ViT-B/32 and ViT-B/16.
   5. Optimiser and schedule are train.py's (AdamW, per-step warmup + cosine, clip 1.0), the same as the
      release's AdamW path; the global batch of 512 is all-gathered as the release's 128 x 4 GPUs (§7.10).
-     The release's bugged shell flags (§7.4) and its tie-counting recall (§7.9) are not reproduced.
+     The release's bugged shell flags (§7.4) are not reproduced. Its recall (utils/metrics.py, CLIP4Clip's
+     compute_metrics: a k-way tie with the ground truth counts k times, §7.9) is, by retrieval.py.
 
 Usage:
     model = DGL(clip.load("ViT-B/32"), num_frames=12, latent="transformer")
