@@ -3,45 +3,53 @@
 SimVTP: Simple Video Text Pre-training with Masked Autoencoders (Ma, Yang, Shan, Li; arXiv 2212.03490,
 https://arxiv.org/abs/2212.03490; only the abstract was available to us). Official code: mayuelala/SimVTP,
 read in the copy wufeim/SimVTP @ 558d24e (modeling_pretrain.py, modeling_finetune.py, engine_for_*.py,
-masking_generator.py, loss.py, scripts/*.sh), as settled in ../shared/specs/simvtp.md ("spec §n").
+masking_generator.py, loss.py, scripts/*.sh). Walk-through with line references: docs/simvtp.md.
 
-Faithful to (spec §2-§3): one ViT (tubelet Conv3d, fixed sin/cos positions added before masking, pre-LN
-blocks with q/v biases and no k bias, LN eps 1e-6) encodes [visible video ; masked caption]. 90% of the
-spatial cells are hidden in every time slice (tube masking, int() floor), 75% of the real caption tokens
-are drawn i.i.d. and ALL replaced by the mask id (no 80/10/10). A 384-wide decoder regresses per-tubelet
-normalised pixels of the masked tubes from [visible ; mask tokens]; a single Linear predicts the masked
-words; VTC (mean pooling, tau 0.05, both directions summed) runs the encoder per modality; VTM classifies
-B positives and B random non-matching (video swapped) pairs. Loss = L_mvm + L_mlm + L_vtc + L_vtm.
-Every pass sees the masked caption and masked video (the release masks input_ids in place; spec §9.1).
-Retrieval: two separate copies of the encoder, mean pooling, a fresh LN (fc_norm), cosine, tau 0.05.
+Two models, one per stage, built from the same encoder pieces (Block, PatchEmbed, TextEmbeddings below):
+  SimVTPPretraining  modeling_pretrain.PretrainVisionTransformer: one ViT (tubelet Conv3d, fixed sin/cos
+    positions added before masking, pre-LN blocks with q/v biases and no k bias, LN eps 1e-6) encodes
+    [visible video ; masked caption]. 90% of the spatial cells are hidden in every time slice (tube masking,
+    int() floor), 75% of the real caption tokens are drawn i.i.d. and ALL replaced by the mask id (no
+    80/10/10). A 384-wide decoder regresses per-tubelet normalised pixels of the masked tubes from
+    [visible ; mask tokens]; a single Linear predicts the masked words; VTC (mean pooling, tau 0.05, both
+    directions summed) runs the encoder per modality; VTM classifies B positives and B random non-matching
+    (video swapped) pairs. Loss = L_mvm + L_mlm + L_vtc + L_vtm. Every pass sees the masked caption and
+    masked video (the release masks input_ids in place, so VTC and VTM see them too).
+  SimVTP  modeling_finetune.DualVideoTextEncoder, the retrieval model: two separate copies of the pretrained
+    encoder (a video tower and a text tower), mean pooling, a fresh LN (fc_norm), cosine, tau 0.05. A
+    SimVTPPretraining state dict loads into it (load_state_dict(strict=False): both towers are filled from
+    `encoder.*` and `text_embeddings.*`, as run_simvtp_finetuning.py does), so `train.py --init` works.
 
-Replacements (spec §8): timm Block/Attention/Mlp/DropPath/PatchEmbed -> the ~60 lines below (same
-parameter names: `encoder.blocks.i.attn.qkv.weight`, `q_bias`, `v_bias`, `mlp.fc1`, ...; attention via
-F.scaled_dot_product_attention); HF BertEmbeddings -> `TextEmbeddings` (same keys); BertTokenizerFast ->
-clip.tokenize; einops -> view/permute; decord -> data.py (OpenCV).
+Replacements for the release's dependencies: timm Block/Attention/Mlp/DropPath/PatchEmbed -> the ~60 lines
+below (same parameter names: `encoder.blocks.i.attn.qkv.weight`, `q_bias`, `v_bias`, `mlp.fc1`, ...;
+attention via F.scaled_dot_product_attention); HF BertEmbeddings -> `TextEmbeddings` (same keys);
+BertTokenizerFast -> clip.tokenize; einops -> view/permute; decord -> data.py (OpenCV).
 
 Deliberate deviations:
   1. Vocabulary: CLIP BPE (49408) + one mask id 49408 (vocab_size 49409), 77 text positions, SOT/EOT
      instead of [CLS]/[SEP]. CLIP pads with id 0 ("!"), so padding is found from the EOT position (argmax),
      not from id 0, and the pad rows are "!" embeddings (BERT's [PAD] row is 0). Batches are trimmed to
-     their longest caption as the release pads to the longest (pooling counts pads, spec §9.5).
+     their longest caption as the release pads to the longest (its mean pooling counts the pads, so the
+     padded length changes the embedding).
   2. Init: random (BERT-style N(0, 0.02) text embeddings; xavier as the release elsewhere). The release
      starts from VideoMAE K400 and bert-base-uncased; `convert_official` maps VideoMAE/SimVTP checkpoints
      (the WordPiece-sized word embeddings and MLM head cannot map to BPE and are dropped).
-  3. The positive half of the VTM batch is the joint pass of MVM/MLM (the release recomputes it; equal up
-     to embedding-dropout noise, spec §9.6): 2B joint rows per step instead of 3B. The MLM head scores
+  3. The positive half of the VTM batch is the joint pass of MVM/MLM (the release recomputes it; the two
+     differ only by the embedding dropout's noise): 2B joint rows per step instead of 3B. The MLM head scores
      only the masked positions (same loss; the 49409-wide head is most of a tiny model's step).
   4. Frames are a parameter (the release assumes 16). Padded frames (video_mask False) are ignored by
      retrieval: their tubelets are key-masked and left out of the pooling; pretraining ignores video_mask.
-  5. Retrieval towers carry no dead weights (spec §9.9); one view per clip (the release averages 3x3 / 15x3
-     test views); layer decay is off as it is, in effect, in the release (spec §9.8).
+  5. Retrieval towers carry no dead weights (the release's video tower holds an unused BERT embedding, its
+     text tower an unused patch embedding); one view per clip (the release averages 3x3 / 15x3 test views);
+     no layer decay, as in effect in the release (its layer_decay=0.75 matches no parameter name, since they
+     all start with video_encoder./text_encoder., so every group keeps scale 1).
   6. Recipe: single-stage cosine to 0 (the release decays to min lr 4e-5 / 2.5e-7). Fine-tuning uses train.py's
      symmetric InfoNCE: it averages the two directions where NormSoftmax sums them (a factor 2 on the loss)
-     and gathers negatives across GPUs where the release uses the local batch (spec §9.7).
+     and gathers negatives across GPUs where the release uses each GPU's local batch of 8.
   7. Augmentations (multi-scale crop, RandAugment, RandomErasing) are not applied: data.py's own.
 
-Usage (one class, one stage's modules at a time: `pretraining=True` builds the release's pretraining model):
-    pre = SimVTP(16, pretraining=True)                       # ViT-B/16, 16 frames, 224 px
+Usage:
+    pre = SimVTPPretraining(16)                               # ViT-B/16, 16 frames, 224 px
     out = pre.pretraining_loss(normalize_pixels(uint8_video), video_mask, clip.tokenize(captions))  # out["loss"]
     model = SimVTP(16); model.load_state_dict(pre.state_dict(), strict=False)   # both towers from the encoder
     t, v = model.encode_text(ids), model.encode_video(video, video_mask)          # [B, 768] each, cosine
@@ -54,27 +62,27 @@ from torch import nn
 
 import clip
 
-RECIPE = dict(  # fine-tuning, scripts/finetune_msrvtt.sh (spec §4)
+RECIPE = dict(  # fine-tuning, scripts/finetune_msrvtt.sh
     lr=7.5e-5, clip_lr=None,  # base 3e-4 x 64/256; no CLIP weights
     epochs=100, batch_size=64, frames=16, size=224,  # size = the release's img_size, passed to the constructor
     words=77,             # the release pads to the longest caption (trunc 512); we trim to the batch's longest
     weight_decay=0.05, warmup=0.05, grad_clip=0.0,  # 5 of 100 epochs warmup, cosine; no clipping
     betas=(0.9, 0.999), eps=1e-8,
     patch_size=16, tubelet_size=2, width=768, depth=12, heads=12,  # ViT-B/16 (VideoMAE)
-    decoder_width=384, decoder_depth=4, decoder_heads=6,  # pretrain_simvtp_base_patch16_224, decoder_depth=4
-    video_mask_ratio=0.9, text_mask_ratio=0.75,           # hard-coded in the pretraining script
     drop_path=0.1, text_dropout=0.1,  # finetune_msrvtt.sh; BERT hidden_dropout_prob
     tau=0.05,             # NormSoftmaxLoss temperature, fixed
-    pool_pads=True,       # mean pooling counts pad positions, as the release (spec §9.5)
-    pretraining=False,    # which stage's modules to build: the retrieval towers here
+    pool_pads=True,       # mean pooling counts pad positions, as the release (deviation 1)
 )
 PRETRAIN_RECIPE = dict(RECIPE, lr=6e-4, epochs=200, batch_size=1024, warmup=0.2, betas=(0.9, 0.95), drop_path=0.0,
-                       pretraining=True)
-# scripts/pretrain_webvid.sh (spec §4), 8x8 V100 on WebVid-2M: base lr 1.5e-4 x 1024/256, 40 warmup epochs of 200
-TINY = dict(frames=8, size=32, patch_size=8, tubelet_size=2, width=64, depth=2, heads=2, decoder_width=32,
-            decoder_depth=1, decoder_heads=1, batch_size=32, warmup=0.1)  # synthetic set: minutes on 2 CPU cores
-DATASET_RECIPES = dict(synthetic=dict(TINY, lr=5e-4, epochs=10))
-PRETRAIN_DATASET_RECIPES = dict(synthetic=dict(TINY, lr=1e-3, epochs=10))
+                       decoder_width=384, decoder_depth=4, decoder_heads=6,  # pretrain_simvtp_base_patch16_224
+                       video_mask_ratio=0.9, text_mask_ratio=0.75)           # hard-coded in the pretraining script
+# scripts/pretrain_webvid.sh, 8x8 V100 on WebVid-2M: base lr 1.5e-4 x 1024/256, 40 warmup epochs of 200
+TINY = dict(frames=8, size=32, patch_size=8, tubelet_size=2, width=64, depth=2, heads=2, batch_size=32,
+            warmup=0.1)  # synthetic set: minutes on 2 CPU cores
+TINY_DECODER = dict(decoder_width=32, decoder_depth=1, decoder_heads=1)
+# 5 epochs of the synthetic set's 9,000 training pairs (10 when it had 4,500): the same ~1,400 steps
+DATASET_RECIPES = dict(synthetic=dict(TINY, lr=5e-4, epochs=5))
+PRETRAIN_DATASET_RECIPES = dict(synthetic=dict(TINY, **TINY_DECODER, lr=1e-3, epochs=5))
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # VideoMAE's normalisation
 
 
@@ -183,43 +191,77 @@ def init_linears(module, init):  # the release's _init_weights: Linear weights b
 
 
 # ----------------------------------------------------------------------------------------------------
+# What both stages share
 
-class SimVTP(nn.Module):
-    # train.py's method contract (docs/design.md)
-    uses_clip = False  # its own encoders: built as SimVTP(num_frames, size=..., **kwargs)
+class SimVTPBase(nn.Module):
+    """The ViT geometry and its fixed positions, tau, caption handling and AdamW groups of both stages."""
+    # train.py's method contract (docs/design.md), for both stages
+    uses_clip = False  # its own encoders: built as cls(num_frames, size=..., **kwargs)
     normalize_pixels = staticmethod(normalize_pixels)  # VideoMAE's ImageNet statistics, not CLIP's
     similarity = None  # the loop's cosine of the pooled embeddings x logit_scale
 
-    def __init__(self, num_frames, *, size=224, patch_size=16, tubelet_size=2, width=768, depth=12,
-                 heads=12, decoder_width=384, decoder_depth=4, decoder_heads=6, video_mask_ratio=0.9,
-                 text_mask_ratio=0.75, drop_path=0.0, text_dropout=0.1, tau=0.05, pool_pads=True,
-                 pretraining=False, vocab_size=49409, context_length=77):
+    def __init__(self, num_frames, size, patch_size, tubelet_size, width, heads, tau, pool_pads, vocab_size,
+                 context_length, widths_ok=True):
         super().__init__()
-        if num_frames % tubelet_size or size % patch_size or width % heads or decoder_width % decoder_heads:
+        if num_frames % tubelet_size or size % patch_size or width % heads or not widths_ok:
             raise ValueError(f"need frames % tubelet == 0 ({num_frames}, {tubelet_size}), size % patch == 0 "
                              f"({size}, {patch_size}) and widths divisible by heads")
         self.num_frames, self.size, self.patch_size, self.tubelet_size = num_frames, size, patch_size, tubelet_size
         self.grid = size // patch_size
         self.num_tokens = num_frames // tubelet_size * self.grid ** 2  # 8 * 196 = 1568 for ViT-B, 16 frames
-        self.num_masked = int(video_mask_ratio * self.grid ** 2)      # per time slice, int() floor: 176 of 196
-        self.text_mask_ratio, self.pool_pads, self.mask_id = text_mask_ratio, pool_pads, vocab_size - 1
-        self.context_length, self.pretraining = context_length, pretraining
+        self.pool_pads, self.mask_id, self.context_length = pool_pads, vocab_size - 1, context_length
         self.register_buffer("pos_embed", sincos_table(self.num_tokens, width), persistent=False)
+        self.register_buffer("logit_scale", torch.tensor(math.log(1 / tau)), persistent=False)  # fixed tau
+
+    def _check_video(self, video):
+        if video.dim() != 5 or tuple(video.shape[1:]) != (self.num_frames, 3, self.size, self.size):
+            raise ValueError(f"video must be [B, {self.num_frames}, 3, {self.size}, {self.size}] "
+                             f"(num_frames, size of the model), got {tuple(video.shape)}")
+
+    def text_inputs(self, text):
+        """CLIP ids [B, L] -> (ids [B, L'] trimmed to the longest caption, real-token mask [B, L'] bool)."""
+        if text.dim() != 2 or text.dtype.is_floating_point:
+            raise ValueError(f"text must be integer token ids [B, L], got {text.dtype} {tuple(text.shape)}")
+        eot = text.argmax(-1)  # EOT (49407) is the largest id the tokenizer emits
+        ids = text[:, :int(eot.max()) + 1].long()
+        if ids.shape[1] > self.context_length or int(ids.max()) >= self.mask_id:
+            raise ValueError(f"captions must have <= {self.context_length} tokens and ids < {self.mask_id}")
+        return ids, torch.arange(ids.shape[1], device=ids.device) <= eot[:, None]
+
+    def _pool(self, x, valid):  # mean over tokens; pads counted unless pool_pads=False (deviation 1)
+        if self.pool_pads:
+            return x.mean(1)
+        return (x * valid[..., None]).sum(1) / valid.sum(1, keepdim=True)
+
+    def contrastive_loss(self, t, v):
+        """NormSoftmax (loss.py): cosine / tau, CE in both directions, summed."""
+        logits = F.normalize(t, dim=-1) @ F.normalize(v, dim=-1).T * self.logit_scale.exp()
+        labels = torch.arange(len(logits), device=logits.device)
+        return F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)
+
+    def param_groups(self, weight_decay):
+        """AdamW groups as optim_factory: no decay for 1-D params (biases, LN, q/v bias) and mask_token."""
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        no = [p for n, p in named if p.ndim <= 1 or n == "mask_token"]
+        return [dict(params=[p for n, p in named if not (p.ndim <= 1 or n == "mask_token")],
+                     weight_decay=weight_decay), dict(params=no, weight_decay=0.0)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stage 1: masked video/text pretraining (modeling_pretrain.PretrainVisionTransformer, same key names)
+
+class SimVTPPretraining(SimVTPBase):
+    """The joint encoder, the pixel decoder, the MLM and VTM heads; `pretraining_loss` is its objective."""
+
+    def __init__(self, num_frames, *, size=224, patch_size=16, tubelet_size=2, width=768, depth=12, heads=12,
+                 decoder_width=384, decoder_depth=4, decoder_heads=6, video_mask_ratio=0.9, text_mask_ratio=0.75,
+                 drop_path=0.0, text_dropout=0.1, tau=0.05, pool_pads=True, vocab_size=49409, context_length=77):
+        super().__init__(num_frames, size, patch_size, tubelet_size, width, heads, tau, pool_pads, vocab_size,
+                         context_length, widths_ok=decoder_width % decoder_heads == 0)
+        self.num_masked = int(video_mask_ratio * self.grid ** 2)  # per time slice, int() floor: 176 of 196
+        self.text_mask_ratio = text_mask_ratio
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(3, 1, 1), persistent=False)
-        self.register_buffer("logit_scale", torch.tensor(math.log(1 / tau)), persistent=False)  # fixed tau
-        if not pretraining:  # retrieval towers (modeling_finetune.DualVideoTextEncoder without dead weights)
-            self.video_encoder = nn.ModuleDict(dict(patch_embed=PatchEmbed(patch_size, tubelet_size, width),
-                                                    blocks=make_blocks(width, depth, heads, drop_path),
-                                                    fc_norm=nn.LayerNorm(width, eps=1e-6)))
-            self.text_encoder = nn.ModuleDict(dict(
-                text_embeddings=TextEmbeddings(vocab_size, context_length, width, text_dropout),
-                blocks=make_blocks(width, depth, heads, drop_path), fc_norm=nn.LayerNorm(width, eps=1e-6)))
-            for m in (self.video_encoder.blocks, self.text_encoder.blocks):  # modeling_finetune.py, if not loaded
-                init_linears(m, lambda w: nn.init.trunc_normal_(w, std=0.02))
-            self._register_load_state_dict_pre_hook(self._towers_from_pretraining)
-            return
-        # pretraining model (modeling_pretrain.PretrainVisionTransformer, same key names)
         self.register_buffer("decoder_pos_embed", sincos_table(self.num_tokens, decoder_width), persistent=False)
         self.encoder = nn.ModuleDict(dict(patch_embed=PatchEmbed(patch_size, tubelet_size, width),
                                           blocks=make_blocks(width, depth, heads, drop_path),
@@ -235,25 +277,7 @@ class SimVTP(nn.Module):
         for m in (self.encoder, self.decoder, self.text_cls, self.vtm_head):
             init_linears(m, nn.init.xavier_uniform_)  # modeling_pretrain.py
 
-    # ------------------------------------------------------------------ inputs
-    def _check_video(self, video, stage):
-        if self.pretraining != (stage == "pretraining"):
-            raise RuntimeError(f"this SimVTP was built with pretraining={self.pretraining}: {stage} needs "
-                               f"pretraining={stage == 'pretraining'} (a pretraining state dict loads into the towers)")
-        if video.dim() != 5 or tuple(video.shape[1:]) != (self.num_frames, 3, self.size, self.size):
-            raise ValueError(f"video must be [B, {self.num_frames}, 3, {self.size}, {self.size}] "
-                             f"(num_frames, size of the model), got {tuple(video.shape)}")
-
-    def text_inputs(self, text):
-        """CLIP ids [B, L] -> (ids [B, L'] trimmed to the longest caption, real-token mask [B, L'] bool)."""
-        if text.dim() != 2 or text.dtype.is_floating_point:
-            raise ValueError(f"text must be integer token ids [B, L], got {text.dtype} {tuple(text.shape)}")
-        eot = text.argmax(-1)  # EOT (49407) is the largest id the tokenizer emits
-        ids = text[:, :int(eot.max()) + 1].long()
-        if ids.shape[1] > self.context_length or int(ids.max()) >= self.mask_id:
-            raise ValueError(f"captions must have <= {self.context_length} tokens and ids < {self.mask_id}")
-        return ids, torch.arange(ids.shape[1], device=ids.device) <= eot[:, None]
-
+    # ------------------------------------------------------------------ masks and targets
     def random_tube_mask(self, batch, device=None):
         """Tube masking: per clip the same num_masked random spatial cells in every time slice. True = hidden."""
         cells = torch.rand(batch, self.grid ** 2, device=device).argsort(-1)[:, :self.num_masked]
@@ -277,16 +301,11 @@ class SimVTP(nn.Module):
         v = v.reshape(B, self.num_tokens, t * p * p * C)
         return v[tube_mask].view(B, -1, v.shape[-1])
 
-    # ------------------------------------------------------------------ pretraining (spec §2)
+    # ------------------------------------------------------------------ the four heads and their loss
     def _encode(self, x, key_bias=None):  # the unified encoder with its final LN
         for blk in self.encoder.blocks:
             x = blk(x, key_bias)
         return self.encoder.norm(x)
-
-    def _pool(self, x, valid):  # mean over tokens; pads counted unless pool_pads=False (spec §9.5)
-        if self.pool_pads:
-            return x.mean(1)
-        return (x * valid[..., None]).sum(1) / valid.sum(1, keepdim=True)
 
     def pretraining_outputs(self, video, ids, attn, tube_mask, text_select, negatives):
         """All four heads on one batch. video [B, T, 3, H, W] normalised; ids/attn [B, L]; tube_mask [B, N]
@@ -319,16 +338,10 @@ class SimVTP(nn.Module):
         return dict(pixel_pred=pixel_pred, mlm_logits=mlm_logits, vtc_video=vtc_video, vtc_text=vtc_text,
                     vtm_logits=vtm_logits)
 
-    def contrastive_loss(self, t, v):
-        """NormSoftmax (loss.py): cosine / tau, CE in both directions, summed."""
-        logits = F.normalize(t, dim=-1) @ F.normalize(v, dim=-1).T * self.logit_scale.exp()
-        labels = torch.arange(len(logits), device=logits.device)
-        return F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)
-
     def pretraining_loss(self, video, video_mask, text, *, tube_mask=None, text_select=None, negatives=None):
         """-> dict(loss = mvm + mlm + vtc + vtm, and the four terms). Masks and VTM negatives are drawn here
         unless given (tests, oracle). video_mask is not used in pretraining (deviation 4)."""
-        self._check_video(video, "pretraining")
+        self._check_video(video)
         ids, attn = self.text_inputs(text)
         B = video.shape[0]
         if B < 2 or ids.shape[0] != B:
@@ -339,7 +352,7 @@ class SimVTP(nn.Module):
             negatives = (torch.arange(B, device=video.device) + torch.randint(1, B, (B,), device=video.device)) % B
         out = self.pretraining_outputs(video, ids, attn, tube_mask, text_select, negatives)
         mvm = F.mse_loss(out["pixel_pred"], self.pixel_targets(video, tube_mask))
-        # mean CE over the masked words; Bernoulli masking can select none in a batch: 0, not NaN (spec §9.3)
+        # mean CE over the masked words; Bernoulli masking can select none in a batch: 0, not NaN
         logits = out["mlm_logits"]
         mlm = F.cross_entropy(logits, ids[text_select]) if len(logits) else logits.sum() * 0
         vtc = self.contrastive_loss(out["vtc_text"], out["vtc_video"])
@@ -347,10 +360,30 @@ class SimVTP(nn.Module):
         vtm = F.cross_entropy(out["vtm_logits"], vtm_labels)
         return dict(loss=mvm + mlm + vtc + vtm, mvm=mvm, mlm=mlm, vtc=vtc, vtm=vtm)
 
-    # ------------------------------------------------------------------ retrieval towers (spec §3)
+
+# ----------------------------------------------------------------------------------------------------
+# Stage 2: the retrieval model (modeling_finetune.DualVideoTextEncoder, without its dead weights)
+
+class SimVTP(SimVTPBase):
+    """Two towers, each a copy of the pretrained encoder: encode_video / encode_text, cosine at tau 0.05."""
+
+    def __init__(self, num_frames, *, size=224, patch_size=16, tubelet_size=2, width=768, depth=12, heads=12,
+                 drop_path=0.0, text_dropout=0.1, tau=0.05, pool_pads=True, vocab_size=49409, context_length=77):
+        super().__init__(num_frames, size, patch_size, tubelet_size, width, heads, tau, pool_pads, vocab_size,
+                         context_length)
+        self.video_encoder = nn.ModuleDict(dict(patch_embed=PatchEmbed(patch_size, tubelet_size, width),
+                                                blocks=make_blocks(width, depth, heads, drop_path),
+                                                fc_norm=nn.LayerNorm(width, eps=1e-6)))
+        self.text_encoder = nn.ModuleDict(dict(
+            text_embeddings=TextEmbeddings(vocab_size, context_length, width, text_dropout),
+            blocks=make_blocks(width, depth, heads, drop_path), fc_norm=nn.LayerNorm(width, eps=1e-6)))
+        for m in (self.video_encoder.blocks, self.text_encoder.blocks):  # modeling_finetune.py, if not loaded
+            init_linears(m, lambda w: nn.init.trunc_normal_(w, std=0.02))
+        self._register_load_state_dict_pre_hook(self._towers_from_pretraining)
+
     def encode_video(self, video, video_mask):
         """[B, T, 3, H, W] ImageNet-normalised, [B, T] bool -> [B, W]: all tokens, no final LN, fc_norm(mean)."""
-        self._check_video(video, "retrieval")
+        self._check_video(video)
         B, T = video_mask.shape
         valid = video_mask.view(B, T // self.tubelet_size, self.tubelet_size).any(-1)  # [B, T/t] tubelet has a frame
         valid = valid[:, :, None].expand(-1, -1, self.grid ** 2).reshape(B, self.num_tokens)  # [B, N]
@@ -369,16 +402,9 @@ class SimVTP(nn.Module):
             x = blk(x, (~attn).float() * -10000.0)
         return self.text_encoder.fc_norm(self._pool(x, attn))
 
-    def param_groups(self, weight_decay):
-        """AdamW groups as optim_factory: no decay for 1-D params (biases, LN, q/v bias) and mask_token."""
-        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        no = [p for n, p in named if p.ndim <= 1 or n == "mask_token"]
-        return [dict(params=[p for n, p in named if not (p.ndim <= 1 or n == "mask_token")],
-                     weight_decay=weight_decay), dict(params=no, weight_decay=0.0)]
-
     # ------------------------------------------------------------------ checkpoints
     def _towers_from_pretraining(self, sd, prefix, *args):
-        """A pretraining state dict (`encoder.*`, `text_embeddings.*`) loads into both towers, as
+        """A SimVTPPretraining state dict (`encoder.*`, `text_embeddings.*`) loads into both towers, as
         run_simvtp_finetuning.py does; the rest (final LN, decoder, heads) stays unexpected, fc_norm fresh."""
         for k in [k for k in sd if k.startswith(prefix + "encoder.") or k.startswith(prefix + "text_embeddings.")]:
             name = k[len(prefix):]
@@ -418,7 +444,7 @@ def convert_official(sd, model):
     return out
 
 
-def param_counts(p, f):  # a pretraining and a retrieval (pretraining=False) SimVTP
+def param_counts(p, f):  # a SimVTPPretraining and a SimVTP
     n = lambda *mods: sum(q.numel() for x in mods for q in x.parameters())  # noqa: E731
     return {"encoder": n(p.encoder), "text_embeddings": n(p.text_embeddings), "encoder_to_decoder + mask_token":
             n(p.encoder_to_decoder) + p.mask_token.numel(), "pixel decoder": n(p.decoder), "MLM head": n(p.text_cls),
@@ -428,7 +454,7 @@ def param_counts(p, f):  # a pretraining and a retrieval (pretraining=False) Sim
 
 @torch.no_grad()
 def visualize(model, video, text, path, scale=4):
-    """The README's figure for a few clips (video ImageNet-normalised [B, T, 3, H, W], CLIP ids [B, L]): per clip
+    """docs/simvtp_vis.png for a few clips (video ImageNet-normalised [B, T, 3, H, W], CLIP ids [B, L]): per clip
     the original frames, the masked input (grey), the reconstruction (predicted masked tubes de-normalised with
     their true mean/std, as VideoMAE's visualisation), then the caption with its masked words [in brackets] and
     the predicted words. Writes the PNG to path (cv2.imwrite) and returns it (BGR uint8)."""
@@ -474,13 +500,13 @@ def visualize(model, video, text, path, scale=4):
 
 if __name__ == "__main__":  # tiny-config check, then the official ViT-B/16 counts (meta device: no memory)
     tiny = {k: v for k, v in TINY.items() if k not in ("frames", "batch_size", "warmup")}
-    pre, ret = SimVTP(8, pretraining=True, **tiny), SimVTP(8, **tiny)
+    pre, ret = SimVTPPretraining(8, **tiny, **TINY_DECODER), SimVTP(8, **tiny)
     video, text, mask = torch.randn(2, 8, 3, 32, 32), clip.tokenize(["a red circle", "a blue square grows"]), None
     print({k: round(v.item(), 3) for k, v in pre.pretraining_loss(video, mask, text).items()})
     ret.load_state_dict(pre.state_dict(), strict=False)  # towers from the pretraining weights
     print("tiny:", ret.encode_text(text).shape, ret.encode_video(video, torch.ones(2, 8, dtype=torch.bool)).shape,
           sum(p.numel() for p in pre.parameters()), "/", sum(p.numel() for p in ret.parameters()), "trainable")
     with torch.device("meta"):
-        counts = param_counts(SimVTP(16, pretraining=True), SimVTP(16))
+        counts = param_counts(SimVTPPretraining(16), SimVTP(16))
     for k, v in counts.items():
         print(f"ViT-B/16 {k:32s} {v:>13,d}")

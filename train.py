@@ -57,7 +57,7 @@ METHODS = {"zeroshot": (meanp.ZeroShot, meanp.RECIPE, meanp.DATASET_RECIPES),
            "adapter": (adapter.CrossModalAdapter, adapter.RECIPE, adapter.DATASET_RECIPES),
            "unipt": (unipt.UniPT, unipt.RECIPE, unipt.DATASET_RECIPES),
            "simvtp": (simvtp.SimVTP, simvtp.RECIPE, simvtp.DATASET_RECIPES)}
-PRETRAINING = {"simvtp": (simvtp.SimVTP, simvtp.PRETRAIN_RECIPE, simvtp.PRETRAIN_DATASET_RECIPES)}
+PRETRAINING = {"simvtp": (simvtp.SimVTPPretraining, simvtp.PRETRAIN_RECIPE, simvtp.PRETRAIN_DATASET_RECIPES)}
 STANDARD = ("lr", "clip_lr", "epochs", "batch_size", "frames", "words", "weight_decay", "warmup", "grad_clip",
             "betas", "eps", "size")  # the loop's own hyperparameters; every other RECIPE key goes to the class
 DEFAULT_ADAMW = dict(betas=(0.9, 0.999), eps=1e-8)  # torch's, for a RECIPE that names none

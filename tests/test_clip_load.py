@@ -176,7 +176,7 @@ def test_cache_dir_without_xdg(monkeypatch, tmp_path):
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
     assert clip.default_cache_dir() == str(tmp_path / ".cache" / "clip")
-    with pytest.raises(FileNotFoundError, match="ViT-B/32"):  # neither a file nor a known name
+    with pytest.raises(clip.ModelFileError, match="ViT-B/32"):  # neither a file nor a known name
         clip.load(str(tmp_path / "missing.pt"))
 
 
@@ -196,9 +196,9 @@ def test_matches_official_clip():
         assert (v - out[k]).abs().max() <= (2e-5 if k == "logits_per_image" else 2e-6), k  # measured 0 (bit-equal)
     labels = torch.arange(len(images))
     loss = (F.cross_entropy(ours["logits_per_image"], labels) + F.cross_entropy(ours["logits_per_image"].t(), labels)) / 2
-    assert abs(loss.item() - ref["loss"].item()) <= 4e-6  # measured 0 (loss 8.66)
+    assert abs(loss.item() - ref["loss"].item()) <= 4e-6  # measured 0 (loss 8.66, chance ln 4 = 1.39)
     loss.backward()
     params = dict(model.named_parameters())
     assert len(ref["grads"]) == 39  # every tensor of <= 8192 entries: LNs, biases, embeddings, projections
     for k, g in ref["grads"].items():  # |grad| <= 59
-        assert (params[k].grad - g).abs().max() <= 4e-6, k  # measured 1.0e-6
+        assert (params[k].grad - g).abs().max() <= 5e-6, k  # measured 1.7e-6

@@ -1,7 +1,7 @@
 """DDP on CPU (gloo): two ranks with half a batch each take exactly the step of one process on the whole batch
-(the all-gather sums gradients, DDP averages them), for loss, gradients and updated weights; and train.py on two
-"nodes" of one process each (env rendezvous on localhost, LOCAL_RANK 0 on both, as torchrun --nnodes 2 sets it)
-equals train.py in one process."""
+(train.py deviation 1: the all-gather sums gradients, DDP averages them), for loss, gradients and updated
+weights; and train.py on two "nodes" of one process each (env rendezvous on localhost, LOCAL_RANK 0 on both, as
+torchrun --nnodes 2 sets it) equals train.py in one process."""
 import json
 import os
 import socket

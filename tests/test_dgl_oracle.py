@@ -1,5 +1,10 @@
-"""DGL (dgl.py) against the official modules (spec §6 item 13): run ../shared/oracles/dgl_oracle.py (its
-docstring says how), then DGL_REF=/path/to/dgl_ref.pt pytest tests/test_dgl_oracle.py. Skipped otherwise."""
+"""DGL (dgl.py) against the official modules, with both shared latent spaces.
+
+tests/fixtures/official_dgl.pt (made by tests/oracles/make_fixtures.py) holds knightyxp/DGL's modules/clip.py
+CLIP run in eval mode on a tiny config (vision width 64, 2 layers per tower, 3 frames, 8 words, 3 pairs,
+logit_scale ln 100): the shared frozen CLIP, each latent space's prompt tensors, the generated prompts, the
+embeddings, the logits, the symmetric CrossEn loss and the gradient of every trainable tensor.
+"""
 import os
 
 import pytest
@@ -9,8 +14,9 @@ import torch.nn.functional as F
 import clip
 import dgl
 
-REF = os.environ.get("DGL_REF")
-pytestmark = pytest.mark.skipif(not REF, reason="set DGL_REF to dgl_oracle.py's output file")
+REF = torch.load(os.path.join(os.path.dirname(__file__), "fixtures", "official_dgl.pt"), weights_only=True)
+KEYS = ("embed_dim", "image_resolution", "vision_layers", "vision_width", "vision_patch_size", "context_length",
+        "vocab_size", "transformer_width", "transformer_heads", "transformer_layers")
 
 
 def official_name(name):
@@ -22,29 +28,29 @@ def official_name(name):
 
 @pytest.mark.parametrize("latent", ["linear", "transformer"])
 def test_matches_official_modules(latent):
-    r = torch.load(REF, weights_only=False)
-    c, ref = r["config"], r[latent]
-    text, video = r["inputs"]["text"], r["inputs"]["video"]
-    model = dgl.DGL(clip.CLIP(c["embed_dim"], c["image_resolution"], c["layers"], c["vision_width"], c["patch"],
-                              c["context_length"], c["vocab_size"], c["text_width"], c["text_heads"], c["layers"]),
-                    num_frames=c["frames"], latent=latent).eval()
-    assert model.load_official_state_dict(ref["state_dict"]) == []  # every tensor loaded
+    c, ref = REF["config"], REF[latent]
+    text, video, out = REF["inputs"]["text"], REF["inputs"]["video"].float(), ref["outputs"]
+    model = dgl.DGL(clip.CLIP(**{k: c[k] for k in KEYS}), num_frames=c["num_frames"], latent=latent).eval()
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in {**REF["state_dict"], **ref["state_dict"]}.items()}
+    assert model.load_official_state_dict(sd) == []  # every tensor loaded
     assert sorted(official_name(n) for n, p in model.named_parameters() if p.requires_grad) == sorted(ref["trainable"])
+    assert abs(model.logit_scale.exp().item() - 100) < 1e-3  # ln 100: the loss is far from chance (ln 3)
     P_t, P_f = model.latent_space()
-    assert torch.allclose(P_t, ref["text_prompts"][:, 0], atol=1e-6)  # the B copies are identical
-    assert torch.allclose(P_f.flatten(1, 2), ref["visual_prompts"][:, 0], atol=1e-6)
     t = model.encode_text(text)
     v = model.encode_video(video, torch.ones(video.shape[:2], dtype=torch.bool))
     logits = model.logit_scale.exp() * F.normalize(t, dim=-1) @ F.normalize(v, dim=-1).t()
     labels = torch.arange(len(t))
     loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2  # CrossEn both ways
     loss.backward()
-    for ours, theirs in [(t, ref["text_embeds"]), (v, ref["video_embeds"]), (logits, ref["logits"]),
-                         (loss, ref["loss"])]:
-        assert (ours.detach() - theirs).abs().max() <= 1e-5
+    for ours, theirs, tol in [(P_t, "text_prompts", 1e-6), (P_f.flatten(1, 2), "visual_prompts", 1e-6),  # measured 0
+                              (t, "text_embeds", 1.5e-6),  # measured 3.6e-7 (|x| <= 2.6)
+                              (v, "video_embeds", 6e-6),  # measured 1.8e-6
+                              (logits, "logits", 4e-5)]:  # measured 1.1e-5 (|logit| <= 27)
+        assert (ours.detach() - out[theirs]).abs().max() <= tol, theirs
+    assert abs(loss.item() - ref["loss"].item()) <= 2e-6, loss  # measured 4.8e-7 (loss 5.6 and 13.2; chance ln 3)
     for n, p in model.named_parameters():
         if p.requires_grad:
             g = ref["grads"][official_name(n)]
-            assert (p.grad - g).abs().max() <= 1e-4 * g.abs().max().clamp(min=1e-8), n
+            assert (p.grad - g).abs().max() <= 5e-6 * g.abs().max().clamp(min=1), n  # measured 1.5e-6 x max|g|
             if "postfix" in n:
-                assert not p.grad.any() and not g.any()  # dead in both
+                assert not p.grad.any() and not g.any()  # dead in both: the postfix slots follow every EOT
