@@ -3,12 +3,13 @@ its learning rate follows the schedule, and its evaluation of a checkpoint is th
 
 The data: 12 clips of the synthetic set, one per (colour, shape), each with one caption, trained on and evaluated
 on (the same captions, other frames: uniform at evaluation, random in training). This is a check of the loop,
-not of generalisation: a correct loop fits 12 pairs in 24 steps; a broken objective does not. The backbone: the
-synthetic default's tiny CLIP at 32 px, pretrained for 80 steps on still frames (a few seconds), so that it
-knows colours a little and zero-shot R@1 sits well below what training reaches.
-Measured (2026-12-01, 2-core VM under a load average of ~10, three pretraining seeds 0/1/2): zero-shot t2v R@1
-25 / 33 / 33; after 30 epochs `full` 92 / 92 / 100 and `adapter` 92 / 92 / 83; at epoch 24 both were >= 75
-(9 of 12 captions) in every run; the tests ask for 25 points (3 captions) above zero-shot.
+not of generalisation: a correct loop fits 12 pairs in 24 steps; a broken objective does not. The backbone: a
+tiny CLIP (32 px, widths 64, 2 + 2 layers) pretrained as the synthetic default's is (synthetic.tiny_clip) but
+for 80 steps only, so that it knows colours a little and zero-shot R@1 sits well below what training reaches.
+Measured on the synthetic set version 3 (2026-12-01, 2-core VM, load average ~20, one torch thread): zero-shot
+t2v R@1 33; after 24 epochs `full` 92 and `adapter` 83-92 under training seeds 42, 1, 2, 3 (loss falling to
+0.14-0.23 of its start); with other pretraining seeds (1, 2, 3) zero-shot 33-50, `full` 75-100, `adapter`
+75-92. The tests ask for 25 points (3 of 12 captions) above zero-shot and the loss below 0.6 of its start.
 """
 import csv
 import json
@@ -24,6 +25,11 @@ import retrieval
 import synthetic
 import train
 
+# The backbone and its pretraining, fixed here (not the default job's, which its own tuning may move)
+BACKBONE = dict(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=8,
+                context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1, transformer_layers=2)
+PRETRAIN = dict(seed=0, steps=80, batch_size=32, lr=5e-4, weight_decay=0.1, frames=4, words=32,
+                frozen=("token_embedding.weight",))
 # CLIP's pixel statistics, written out here so that the test does not trust clip.normalize_pixels
 MEAN, STD = torch.tensor([0.48145466, 0.4578275, 0.40821073]), torch.tensor([0.26862954, 0.26130258, 0.27577711])
 
@@ -65,10 +71,8 @@ def fit(tmp_path_factory):
     root = str(tmp / "synthetic")
     synthetic.make_synthetic(root, n_train=60, n_test_pairs=1)  # 60 clips: ~40 still ones to pretrain on
     with pytest.MonkeyPatch.context() as mp:  # the default job's backbone, smaller and pretrained briefly
-        mp.setitem(synthetic.TINY_CLIP, "image_resolution", 32)
-        mp.setitem(synthetic.TINY_CLIP, "vision_patch_size", 8)
-        for k, v in dict(steps=80, batch_size=32, frames=4, lr=5e-4).items():
-            mp.setitem(synthetic.TINY_PRETRAIN, k, v)
+        mp.setattr(synthetic, "TINY_CLIP", BACKBONE)
+        mp.setattr(synthetic, "TINY_PRETRAIN", PRETRAIN)
         backbone = synthetic.tiny_clip(str(tmp / "cache"), root, log=lambda *a: None)
     torch.save(backbone.state_dict(), tmp / "clip.pt")
     assert len(one_clip_per_object(root)) == 12
@@ -93,7 +97,7 @@ def test_training_fits_far_above_zero_shot(fit, method, lr):
     final = train.main(flags(fit, method, method, "--batch_size", "12", "--epochs", "24", *lr))
     loss = [r["loss"] for r in rows(fit, method, "train")]
     assert len(loss) == 24
-    assert sum(loss[-5:]) / 5 < 0.6 * sum(loss[:3]) / 3, loss  # measured 0.2-0.4
+    assert sum(loss[-5:]) / 5 < 0.6 * sum(loss[:3]) / 3, loss  # measured 0.14-0.23
     zeroshot = fit["zeroshot"]["t2v"]
     assert final["t2v"]["R@1"] >= zeroshot["R@1"] + 25, (final["t2v"], zeroshot)
     assert final["t2v"]["MnR"] < zeroshot["MnR"]
