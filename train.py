@@ -4,31 +4,37 @@
   python train.py --method zeroshot                  # frozen CLIP, mean of frames: evaluation only
   python train.py --method ump --data msrvtt --clip ViT-B/32 --data_path ANN --video_path VIDEOS   # 1 GPU
   torchrun --standalone --nproc_per_node=4 train.py --method dgl --data msrvtt ...   # 4 GPUs, global batch
+  python train.py --method ump --resume              # continue the run in out/ump-synthetic, exactly
   python train.py --method full --eval_only --checkpoint out/full-synthetic/checkpoint.pt
   python train.py --method simvtp --stage pretrain ...; python train.py --method simvtp --init CKPT ...
 
-Flags follow CLIP4Clip's (main_task_retrieval.py) where it has one; defaults come from the method's RECIPE,
-then its DATASET_RECIPES[--data], then the command line; every other RECIPE key is a constructor argument and
-a flag (`--K_d 0`). What a method class must provide is its contract (docs/design.md). Faithful to CLIP4Clip's
-loop (symmetric InfoNCE over the global batch, meanP, its tie and multi-caption metric rules). Deviations:
+Flags follow CLIP4Clip's (main_task_retrieval.py) where it has one, X-Pool/UMP's --num_frames, --num_epochs and
+--noclip_lr are aliases; defaults come from the method's RECIPE, then its DATASET_RECIPES[--data], then the
+command line; every other RECIPE key is a constructor argument and a flag (`--K_d 0`). What a method class must
+provide is its contract (docs/design.md). Faithful to CLIP4Clip's loop (symmetric InfoNCE over the global batch,
+meanP, its tie and multi-caption metric rules).
+
+A run owns its --output_dir (runs.py): log.jsonl, checkpoint.pt (every --save_every, at epoch ends before the
+evaluation, at --max_steps, on SIGINT/SIGTERM after the step) and a lock. Bad flags and data stop before anything
+slow with one line `error: ...` (exit 2); a non-finite loss or gradient stops at once (exit 1). Deviations:
  1. The all-gather sums gradients: N ranks give the one-process gradient (CLIP4Clip's gives 1/N of it).
  2. AdamW (bias-corrected) instead of BertAdam; cosine over the steps after warmup, not the whole run.
  3. Default decay groups exempt biases, LayerNorms, embeddings, logit_scale (CLIP4Clip: biases only).
  4. `full`: fp32 masters + autocast, CLIP at lr 1e-7. CLIP4Clip's CLIP trains in pure fp16 by accident, where
     most 1e-7 updates round away; CLIP4Clip issue #96 reports R@1 ~43 with it, ~40 without. Expect ~40.
  5. Batches: one permutation per (seed, epoch) cut into global batches, rank r reads slice r of each; random
-    frames seeded per (epoch, item). 1 or N ranks see the same batches; --resume is exact mid-epoch too.
+    frames seeded per (epoch, item), dropout and masks per (epoch, micro-batch, rank). 1 or N ranks see the same
+    batches, and --resume is exact, mid-epoch too: nothing depends on what the global generator drew before.
 """
 import argparse
 import json
 import math
 import os
-import random
+import signal
 import sys
 import time
 from contextlib import nullcontext
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -44,6 +50,7 @@ import data
 import dgl
 import meanp
 import retrieval
+import runs
 import simvtp
 import synthetic
 import ump
@@ -62,12 +69,24 @@ STANDARD = ("lr", "clip_lr", "epochs", "batch_size", "frames", "words", "weight_
             "betas", "eps", "size")  # the loop's own hyperparameters; every other RECIPE key goes to the class
 DEFAULT_ADAMW = dict(betas=(0.9, 0.999), eps=1e-8)  # torch's, for a RECIPE that names none
 MAX_LOGIT_SCALE = math.log(100)  # CLIP and CLIP4Clip clamp the learnt temperature here after every step
-# Seeds of the training order (deviation 5): large primes, so that (seed, epoch, item) never collide
-EPOCH_STRIDE, SEED_STRIDE, ITEM_STRIDE = 100_003, 1_000_003, 100_000_007
+# Seeds of the training order (deviation 5): large primes, so that (seed, epoch, item) never collide; dropout
+# seeds are the (epoch, micro-batch) one x RANK_STRIDE + rank
+EPOCH_STRIDE, SEED_STRIDE, ITEM_STRIDE, RANK_STRIDE = 100_003, 1_000_003, 100_000_007, 1024
+
+
+def fail(message, status=2):
+    """A user error: one line on stderr, exit 2 (as argparse); status 1 for a run that failed in training."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(status)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Arguments: --method/--data/--stage first (they choose the recipe), then every flag with recipe defaults
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own errors in one line too
+        fail(f"{message} (python train.py --method M --help lists M's flags)")
+
 
 def boolean(s):  # argparse reports the ValueError as "invalid boolean value"
     return ("false", "true").index(s.lower()) == 1
@@ -77,105 +96,146 @@ def flag_type(default):
     return boolean if isinstance(default, bool) else str if default is None else type(default)
 
 
-def parse_args(argv=None):
-    first = argparse.ArgumentParser(add_help=False)
+def save_interval(s):
+    """--save_every: N optimizer steps, "Nmin" minutes, 0 at epoch ends only -> ("steps" | "seconds", N)."""
+    n = float(s[:-3]) * 60 if s.endswith("min") else int(s)
+    if not 0 <= n < math.inf:
+        raise ValueError(s)
+    return ("seconds" if s.endswith("min") else "steps", n)
+
+
+def parse_args(argv):
+    """-> (args, method class, the dests given on the command line); a bad flag exits 2 with one line."""
+    first = Parser(add_help=False, allow_abbrev=False)
     first.add_argument("--method", help=f"one of {', '.join(METHODS)}")
-    first.add_argument("--data", default="synthetic", help=f"one of {', '.join(data.DATASETS)}")
+    first.add_argument("--data", default="synthetic", help=f"one of {', '.join(data.DATASETS)} (default synthetic)")
     first.add_argument("--stage", default="finetune", choices=("pretrain", "finetune"),
-                       help="pretrain: the method's pretraining objective (SimVTP), no evaluation")
+                       help="pretrain: the method's pretraining objective (SimVTP), no evaluation (default finetune)")
     a, _ = first.parse_known_args(argv)
-    helping = {"-h", "--help"} & set(sys.argv[1:] if argv is None else argv)
-    for flag, value, allowed in (("--method", a.method, tuple(METHODS)), ("--data", a.data, data.DATASETS)):
-        if value not in allowed and not helping:
-            first.error(f"{flag} {value!r} is not known; choose from {', '.join(allowed)}")
-    if a.stage == "pretrain" and a.method not in PRETRAINING and not helping:
-        first.error(f"--stage pretrain exists for {', '.join(PRETRAINING)}, not {a.method}")
+    if not {"-h", "--help"} & set(argv):
+        for flag, value, allowed in (("--method", a.method, tuple(METHODS)), ("--data", a.data, data.DATASETS)):
+            if value not in allowed:
+                fail(f"{flag} {value!r} is not known; choose from {', '.join(allowed)}")
+        if a.stage == "pretrain" and a.method not in PRETRAINING:
+            fail(f"--stage pretrain exists for {', '.join(PRETRAINING)}, not {a.method}")
     cls, recipe, dataset_recipes = (PRETRAINING if a.stage == "pretrain" else METHODS).get(a.method, (None, {}, {}))
     recipe = {**recipe, **dataset_recipes.get(a.data, {})}
 
-    p = argparse.ArgumentParser(parents=[first], description=__doc__.split("\n")[0])
-    add, r = p.add_argument, recipe.get
-    for flag, kind, text in (  # value flags; None defaults are filled from the recipe below
-            ("--clip", str, "CLIP name (ViT-B/32, ...) or file; default tiny CLIP for synthetic, else ViT-B/32"),
+    def default(k, none="none"):  # the default that applies to the chosen method, for --help
+        v = recipe.get(k, DEFAULT_ADAMW.get(k))
+        return f"default {none if v is None else v}" if cls else "default: set by --method"
+
+    p = Parser(parents=[first], allow_abbrev=False, description=__doc__.split("\n")[0],
+               epilog=None if cls else "python train.py --method M --help shows M's defaults and its own flags.")
+    for flags, kind, text in (  # value flags; None defaults are filled from the recipe below
+            ("--clip", str, "CLIP name (ViT-B/32, ...) or file (default: tiny CLIP for synthetic, else ViT-B/32)"),
             ("--data_path", str, "annotation directory (synthetic: generated there on first use)"),
             ("--video_path", str, "video directory (synthetic: <data_path>/videos)"),
             ("--frame_cache", str, "data.py's uint8 frame cache (python data.py --cache DIR ...)"),
-            ("--output_dir", str, "log.jsonl and checkpoint.pt go here (default out/<method>-<data>)"),
+            ("--output_dir", str, "the run's folder: log.jsonl, checkpoint.pt (default out/<method>-<data>)"),
             ("--cache_dir", str, "tiny CLIP cache (default $XDG_CACHE_HOME/nanotvr or ~/.cache/nanotvr)"),
             ("--init", str, "load model weights from a (pretraining) checkpoint, non-strict"),
             ("--checkpoint", str, "with --eval_only: the checkpoint to evaluate"),
-            ("--size", int, f"frame size (recipe: {r('size')}; else the CLIP model's input resolution)"),
-            ("--batch_size", int, f"global batch per optimizer step ({r('batch_size')})"),
-            ("--lr", float, f"new parameters ({r('lr')})"),
-            ("--clip_lr", float, f"trainable CLIP parameters ({r('clip_lr')})"),
-            ("--coef_lr", float, "clip_lr = lr x coef_lr (CLIP4Clip's flag)"),
-            ("--epochs", int, f"({r('epochs')})"),
-            ("--weight_decay", float, f"({r('weight_decay')})"),
-            ("--grad_clip", float, f"({r('grad_clip')})"),
-            ("--eps", float, f"({r('eps')})")):
-        add(flag, type=kind, help=text)
-    add("--max_frames", dest="frames", type=int, help=f"frames per clip ({r('frames')})")
-    add("--max_words", dest="words", type=int, help=f"text tokens ({r('words')})")
-    add("--warmup_proportion", dest="warmup", type=float, help=f"({r('warmup')})")
-    add("--betas", type=float, nargs=2, help=f"({r('betas')})")
-    add("--gradient_accumulation_steps", dest="accum", type=int, default=1,
-        help="forward passes per step; the loss sees batch_size/accum pairs at a time (CLIP4Clip)")
-    for flag, default in (("--seed", 42), ("--num_workers", 2), ("--batch_size_val", 64), ("--log_every", 20)):
-        add(flag, type=int, default=default)
-    add("--max_steps", type=int, default=0, help="checkpoint and stop after N steps in all (0: no limit)")
+            ("--size", int, f"frame size ({default('size', 'the CLIP model input resolution')})"),
+            ("--batch_size", int, f"global batch per optimizer step ({default('batch_size')})"),
+            ("--lr --noclip_lr", float, f"learning rate of the new (non-CLIP) parameters ({default('lr')})"),
+            ("--clip_lr", float, f"of trainable CLIP parameters ({default('clip_lr', 'none: no CLIP weight trains')})"),
+            ("--coef_lr", float, "clip_lr = lr x coef_lr (CLIP4Clip's flag; default unset)"),
+            ("--epochs --num_epochs", int, f"({default('epochs')})"),
+            ("--max_frames --num_frames", int, f"frames per clip ({default('frames')})"),
+            ("--max_words", int, f"text tokens with [SOT] and [EOT] ({default('words')})"),
+            ("--warmup_proportion", float, f"linear warmup, share of the steps ({default('warmup')})"),
+            ("--weight_decay", float, f"AdamW's, on the method's decay groups ({default('weight_decay')})"),
+            ("--grad_clip", float, f"max gradient norm, 0: none ({default('grad_clip')})"),
+            ("--eps", float, f"AdamW's epsilon ({default('eps')})")):
+        dest = dict(max_frames="frames", max_words="words", warmup_proportion="warmup").get(flags.split()[0][2:])
+        p.add_argument(*flags.split(), dest=dest, type=kind, help=text)
+    p.add_argument("--betas", type=float, nargs=2, help=f"AdamW's ({default('betas')})")
+    for flag, kind, value, text in (
+            ("--gradient_accumulation_steps", int, 1, "forward passes per step, batch_size/accum pairs each (CLIP4Clip)"),
+            ("--seed", int, 42, "initial weights, data order, frames, dropout"),
+            ("--num_workers", int, 2, "data loading processes per rank (0: in the main process)"),
+            ("--batch_size_val", int, 64, "evaluation batch"), ("--log_every", int, 20, "a log.jsonl row every N steps"),
+            ("--save_every", save_interval, "30min", "also checkpoint every N steps, or N minutes as Nmin; 0: epoch ends only"),
+            ("--max_steps", int, 0, "checkpoint and stop after N steps in all (0: no limit)"),
+            ("--device", str, "cuda" if torch.cuda.is_available() else "cpu", "torch device")):
+        p.add_argument(flag, dest="accum" if "accum" in flag else None, type=kind, default=value,
+                       help=f"{text} (default {value})")
     for flag, text in (("--allow_missing", "use the videos that exist (say so when reporting)"),
-                       ("--resume", "continue from <output_dir>/checkpoint.pt"), ("--eval_only", "no training"),
-                       ("--dsl", "also report DSL (CAMoE) metrics, as separate rows")):
-        add(flag, action="store_true", help=text)
-    add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+                       ("--resume", "continue the run in --output_dir from its checkpoint.pt, exactly"),
+                       ("--overwrite", "replace the run in --output_dir (its checkpoint.pt and log.jsonl)"),
+                       ("--eval_only", "no training: evaluate --checkpoint (zeroshot: CLIP as it is)"),
+                       ("--dsl", "also report DSL (CAMoE) metrics, as separate rows (transductive)")):
+        p.add_argument(flag, action="store_true", help=text)
     extra = {k: v for k, v in recipe.items() if k not in STANDARD}
-    group = p.add_argument_group(f"{a.method} hyperparameters (RECIPE; constructor arguments)")
+    group = p.add_argument_group(f"{a.method} hyperparameters (RECIPE; constructor arguments)") if cls else p
     for k, v in extra.items():
         seq = isinstance(v, (tuple, list))
         group.add_argument(f"--{k}", type=flag_type(v[0] if seq else v), nargs=len(v) if seq else None, default=v,
                            help=f"(default {v})")
     args = p.parse_args(argv)
+    given = {x.dest for x in p._actions if any(t.split("=")[0] in x.option_strings for t in argv)}
     for k in STANDARD:
         if getattr(args, k) is None:
             setattr(args, k, recipe.get(k, DEFAULT_ADAMW.get(k)))
     args.clip_lr = args.clip_lr if args.coef_lr is None else args.lr * args.coef_lr
     args.betas, args.kwargs = tuple(args.betas), {k: getattr(args, k) for k in extra}
     args.output_dir = args.output_dir or os.path.join("out", f"{args.method}-{args.data}")
-    for flag, path in (("--checkpoint", args.checkpoint), ("--init", args.init)):
-        if path and not os.path.isfile(path):
-            p.error(f"{flag} {path}: no such file")
-    return args, cls
+    problems = runs.flag_problems(args, cls)
+    if problems:
+        fail("; ".join(problems))
+    return args, cls, given
 
 
 # ----------------------------------------------------------------------------------------------------
 # The model: CLIP (or the tiny CLIP of the synthetic default), then the method on top of it
 
-def build_method(args, cls, device, log=print):
+def construct(args, cls, clip_model):
+    """The method on clip_model; its constructor's ValueErrors are what a user fixes with a flag."""
+    try:
+        return cls(clip_model, args.frames, **args.kwargs) if cls.uses_clip else cls(args.frames, size=args.size, **args.kwargs)
+    except ValueError as e:
+        fail(f"--method {args.method}: {e}")
+
+
+def probe_method(args, cls, given, log):
+    """The method built on a meta-device stand-in of its CLIP towers (no weights), when they are known before
+    loading: every constructor check and flag check before anything slow. -> the stand-in method, or None."""
+    stand_in = runs.clip_stand_in(args) if cls.uses_clip else None
+    if cls.uses_clip and stand_in is None:
+        return None
+    args.size = args.size or (stand_in.visual.input_resolution if stand_in else None)
+    with torch.device("meta"):
+        method = construct(args, cls, stand_in)
+    runs.check_method(args, given, method, log)
+    return method
+
+
+def load_clip(args, log):
+    if args.clip is None and args.data == "synthetic":
+        cache_dir = args.cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "nanotvr")
+        if not is_master():  # rank 0 pretrains and caches it, the others read the cache
+            dist.barrier()
+        clip_model = synthetic.tiny_clip(cache_dir, args.data_path, log)
+        if dist.is_initialized() and is_master():
+            dist.barrier()
+        return clip_model
+    try:
+        return clip.load(args.clip or "ViT-B/32")
+    except (FileNotFoundError, ValueError, RuntimeError) as e:  # clip.ModelFileError is a RuntimeError
+        fail(f"--clip {args.clip}: {e}")
+
+
+def build_method(args, cls, device, log):
     """-> the method on `device`; sets args.size when the CLIP model decides it."""
-    clip_model = None
-    if cls.uses_clip:
-        if args.clip is None and args.data == "synthetic":
-            cache_dir = args.cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "nanotvr")
-            if not is_master():  # rank 0 pretrains and caches it, the others read the cache
-                dist.barrier()
-            clip_model = synthetic.tiny_clip(cache_dir, args.data_path, log)
-            if dist.is_initialized() and is_master():
-                dist.barrier()
-        else:
-            clip_model = clip.load(args.clip or "ViT-B/32")
-        args.size = args.size or clip_model.visual.input_resolution
-    elif not args.size:
-        raise SystemExit(f"error: {args.method} has no CLIP model to take the frame size from: pass --size")
+    clip_model = load_clip(args, log) if cls.uses_clip else None
+    args.size = args.size or (clip_model.visual.input_resolution if clip_model else None)
     torch.manual_seed(args.seed)  # identical initial weights on every rank
-    if cls.uses_clip:
-        method = cls(clip_model, args.frames, **args.kwargs)
-    else:
-        method = cls(args.frames, size=args.size, **args.kwargs)
-    return method.to(device)
+    return construct(args, cls, clip_model).to(device)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Distributed helpers, loss, optimizer, schedule
+# Distributed helpers, loss, optimizer, schedule, batches
 
 def is_master():
     return not dist.is_initialized() or dist.get_rank() == 0
@@ -265,67 +325,6 @@ class SeededItems(Dataset):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Checkpoints: one plain dict, written to a temporary file then renamed, loaded with weights_only=True
-
-def atomic_save(obj, path):
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)  # a crash before this line leaves the previous file untouched
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def rng_state():  # tensors and ints, which weights_only=True loads
-    _, keys, pos, *_ = np.random.get_state()
-    return dict(torch=torch.get_rng_state(), numpy=torch.from_numpy(keys.astype(np.int64)), numpy_pos=int(pos),
-                python=torch.tensor(random.getstate()[1]), cuda=torch.cuda.get_rng_state_all())
-
-
-def set_rng_state(s):
-    torch.set_rng_state(s["torch"])
-    np.random.set_state(("MT19937", s["numpy"].numpy().astype(np.uint32), s["numpy_pos"]))
-    random.setstate((3, tuple(s["python"].tolist()), None))
-    s["cuda"] and torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def trainable_state(method):
-    return {n: p.detach().cpu().clone() for n, p in method.named_parameters() if p.requires_grad}
-
-
-def load_trainable(method, path):
-    """Strict on the trainable set: the checkpoint must hold exactly the tensors that train here."""
-    ck = torch.load(path, map_location="cpu", weights_only=True)
-    names, have = set(trainable_state(method)), set(ck["model"])
-    if have != names:
-        raise SystemExit(f"error: {path} does not hold this model's trainable tensors (missing {sorted(names - have)[:4]}, "
-                         f"unexpected {sorted(have - names)[:4]}): same --method and method flags as its run?")
-    method.load_state_dict(ck["model"], strict=False)
-    return ck
-
-
-def save_checkpoint(path, method, opt, scaler, step, epoch, batch, args):
-    rng = [rng_state()] * max(dist.is_initialized() and dist.get_world_size(), 1)
-    if dist.is_initialized():  # every rank's generators, for an exact --resume
-        dist.all_gather_object(rng, rng_state())
-    if is_master():
-        atomic_save(dict(model=trainable_state(method), optimizer=opt.state_dict(), scaler=scaler.state_dict(),
-                         step=step, epoch=epoch, batch=batch, rng=rng, args=vars(args)), path)
-
-
-def resume(path, method, opt, scaler, rank, world):
-    """Load <output_dir>/checkpoint.pt into the method, optimizer, scaler and generators: -> (step, epoch, batch)."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: --resume: no checkpoint at {path}")
-    ck = load_trainable(method, path)
-    opt.load_state_dict(ck["optimizer"])
-    scaler.load_state_dict(ck["scaler"])
-    set_rng_state(ck["rng"][rank if len(ck["rng"]) == world else 0])
-    return ck["step"], ck["epoch"], ck["batch"]
-
-
-# ----------------------------------------------------------------------------------------------------
 # The phases of a run
 
 def setup(args):
@@ -344,17 +343,24 @@ def setup(args):
     return device, world, rank, amp, amp_dtype, scaler
 
 
-def train_loader(args, world, rank, device):
+def read_data(args, pretrain, evaluating):
+    """The splits this run needs, read (the synthetic set generated) before any CLIP is loaded: -> (train, test)."""
+    try:
+        if args.data == "synthetic":
+            args.data_path = synthetic.ensure_synthetic(args.data_path)
+        read = lambda split: data.read_split(args.data, split, args.data_path, args.video_path, args.allow_missing)
+        return None if evaluating else read("train"), None if pretrain else read("test")
+    except (FileNotFoundError, ValueError) as e:  # the annotations' problem, said by data.py (DataError too)
+        fail(e)
+
+
+def train_loader(args, split, world, rank, device):
     """Global batches cut from one permutation per epoch, rank r reads slice r of each (deviation 5)."""
-    if args.batch_size % (world * args.accum):
-        raise SystemExit(f"error: --batch_size {args.batch_size} must divide by ranks x accumulation ({world * args.accum})")
-    rank_batch = args.batch_size // (world * args.accum)
-    split = data.read_split(args.data, "train", args.data_path, args.video_path, args.allow_missing)
     ds = data.VideoTextDataset(split, frames=args.frames, words=args.words, size=args.size, train=True,
                                frame_cache=args.frame_cache)
-    steps_per_epoch = len(ds) // args.batch_size
+    steps_per_epoch, rank_batch = len(ds) // args.batch_size, args.batch_size // (world * args.accum)
     if steps_per_epoch == 0:
-        raise SystemExit(f"error: {len(ds)} training pairs make no batch of {args.batch_size}")
+        fail(f"{len(ds)} training pairs make no batch of {args.batch_size}: lower --batch_size")
     sampler = EpochSampler(len(ds), rank_batch, steps_per_epoch * args.accum, rank, world, args.seed)
     loader = DataLoader(SeededItems(ds, args.seed), batch_size=rank_batch, sampler=sampler,
                         num_workers=args.num_workers, pin_memory=device.type == "cuda",
@@ -362,144 +368,191 @@ def train_loader(args, world, rank, device):
     return ds, loader, sampler, steps_per_epoch
 
 
-def train_epoch(epoch, batch_no, step, *, model, method, loader, opt, scaler, params, amp, device, args, total,
-                steps_per_epoch, world, record, log):
-    """One epoch from micro-batch `batch_no` on: -> (step, mean losses of the last logging window, stopped)."""
-    micro, pretrain, master = args.accum, args.stage == "pretrain", is_master()
-    bar = tqdm(total=steps_per_epoch, initial=batch_no // micro, desc=f"epoch {epoch + 1}", disable=not master,
-               leave=False, dynamic_ncols=True)
+def diverged(what, step, opt):
+    lrs = ", ".join(sorted({f"{g['lr']:.3g}" for g in opt.param_groups}))
+    fail(f"non-finite {what} at step {step + 1} (lr {lrs}): try a lower --lr (or --clip_lr), a longer "
+         f"--warmup_proportion or --grad_clip 1.0; nothing of this step was applied or saved", 1)
+
+
+def train_epoch(pos, *, model, method, loader, opt, scaler, params, amp, device, args, total, steps_per_epoch,
+                world, rank, record, checkpoints, stop):
+    """Epoch pos["epoch"] from micro-batch pos["batch"] on, updating pos -> what stopped it early, or None.
+    pos["window"]: the losses since the last log row (checkpointed: resumed rows equal uninterrupted ones)."""
+    micro, pretrain, epoch, n_micro = args.accum, args.stage == "pretrain", pos["epoch"], steps_per_epoch * args.accum
+    bar = tqdm(total=steps_per_epoch, initial=pos["batch"] // micro, desc=f"epoch {epoch + 1}",
+               disable=not is_master(), leave=False, dynamic_ncols=True)
     t_log = t_fetch = time.time()
-    wait, seen, losses, last = 0.0, 0, [], {"loss": math.nan}
+    wait, seen, timed = 0.0, 0, 0
     for batch in loader:
         wait += time.time() - t_fetch
-        batch_no += 1
+        # dropout and masks: a function of the position, whatever ran before (evaluation, loaders, a resume)
+        torch.manual_seed(((args.seed * SEED_STRIDE + epoch) * ITEM_STRIDE + pos["batch"]) * RANK_STRIDE + rank)
+        for g in opt.param_groups if pos["batch"] % micro == 0 else ():
+            g["lr"] = g["base_lr"] * lr_factor(pos["step"], total, args.warmup)
+        pos["batch"] += 1
         video = method.normalize_pixels(batch["video"].to(device, non_blocking=True))
         text, mask = batch["text"].to(device, non_blocking=True), batch["video_mask"].to(device, non_blocking=True)
-        with (model.no_sync() if world > 1 and batch_no % micro else nullcontext()), amp:
+        with (model.no_sync() if world > 1 and pos["batch"] % micro else nullcontext()), amp:
             if pretrain:  # SimVTP: masked video/text modelling, a dict of losses with a "loss" entry
                 parts = model(text, video, mask)
                 loss = parts["loss"]
             else:
                 loss, parts = contrastive_loss(method, *model(text, video, mask), mask), {}
             scaler.scale(loss / micro).backward()
-        losses.append({k: torch.as_tensor(x).item() for k, x in {**parts, "loss": loss}.items()})
-        seen += len(text) * world
-        if batch_no % micro:
+        pos["window"].append({k: torch.as_tensor(x).item() for k, x in {**parts, "loss": loss}.items()})
+        if not math.isfinite(pos["window"][-1]["loss"]):
+            diverged("loss", pos["step"], opt)
+        seen, timed = seen + len(text) * world, timed + 1
+        if pos["batch"] % micro:
             t_fetch = time.time()
             continue
-        for g in opt.param_groups:
-            g["lr"] = g["base_lr"] * lr_factor(step, total, args.warmup)
         scaler.unscale_(opt)
-        if args.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip or math.inf)
+        if not scaler.is_enabled() and not math.isfinite(norm):  # fp16: the scaler skips such steps itself
+            diverged("gradient", pos["step"], opt)
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
         if method.logit_scale.requires_grad:  # CLIP4Clip clamps after every step
             method.logit_scale.data.clamp_(max=MAX_LOGIT_SCALE)
-        step += 1
+        pos["step"] += 1
         bar.update(1)
-        if step % args.log_every == 0 or batch_no == steps_per_epoch * micro:
-            dt = time.time() - t_log
-            last = {k: sum(x[k] for x in losses) / len(losses) for k in losses[-1]}
-            row = dict(event="train", step=step, epoch=epoch + batch_no / (steps_per_epoch * micro), **last,
-                       lr=opt.param_groups[0]["lr"], step_time=dt * micro / len(losses), clips_per_s=seen / dt,
+        if pos["step"] % args.log_every == 0 or pos["batch"] == n_micro:
+            dt, window = time.time() - t_log, pos["window"]
+            pos["last"] = {k: sum(x[k] for x in window) / len(window) for k in window[-1]}
+            row = dict(event="train", step=pos["step"], epoch=epoch + pos["batch"] / n_micro, **pos["last"],
+                       lr=opt.param_groups[0]["lr"], step_time=dt * micro / timed, clips_per_s=seen / dt,
                        data_wait=wait / dt)
             if device.type == "cuda":
                 row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
             record(**row)
-            bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{row['lr']:.1e}", clips_s=f"{seen / dt:.0f}",
+            bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.1e}", clips_s=f"{seen / dt:.0f}",
                             wait=f"{100 * wait / dt:.0f}%")
-            t_log, wait, seen, losses = time.time(), 0.0, 0, []
-        if step == args.max_steps:  # a mid-epoch checkpoint, as a pre-empted job would want
-            bar.close()
-            return step, last, batch_no
+            t_log, wait, seen, timed, pos["window"] = time.time(), 0.0, 0, 0, []
+        why = stop.reason(pos["step"], args.max_steps, device) if pos["batch"] < n_micro else None  # else: epoch end
+        if why or pos["batch"] < n_micro and checkpoints.due(pos["step"]):
+            checkpoints.save(pos)
+        if why:
+            break
         t_fetch = time.time()
     bar.close()
-    return step, last, None
+    return why
+
+
+def evaluate_epoch(method, test, args, device, amp, pos, record, log, resume):
+    """The evaluation after an epoch's checkpoint; a failure says that the epoch is kept and how to evaluate it."""
+    try:
+        metrics = retrieval.evaluate(method, test, args, device, amp)
+    except Exception as e:
+        print(f"error: the evaluation after epoch {pos['epoch']} failed ({(str(e).strip() or type(e).__name__).splitlines()[-1]})"
+              f"; the epoch's training is kept in its checkpoint: fix the cause, then `{resume}` evaluates it and "
+              f"goes on", file=sys.stderr, flush=True)
+        if isinstance(e, (data.VideoError, OSError)):  # the data's fault, said above: no traceback
+            raise SystemExit(1)
+        raise
+    record(event="eval", epoch=pos["epoch"], step=pos["step"], **metrics)
+    loss = f", loss {pos['last']['loss']:.4f}" if pos["last"] else ""
+    log(f"epoch {pos['epoch']}/{args.epochs}, step {pos['step']}{loss}\n" + retrieval.table(metrics))
+    return metrics
+
+
+def evaluate_only(method, test, args, device, amp, log):
+    """--eval_only and zeroshot: evaluate, print, and write <output_dir>/eval-<time>.json (no training log)."""
+    if args.checkpoint:
+        runs.load_trainable(method, runs.read_checkpoint(args.checkpoint, "--checkpoint"), args.checkpoint)
+    metrics = retrieval.evaluate(method, test, args, device, amp) if is_master() else None
+    if metrics:
+        path = runs.write_eval(args, metrics)
+        log(f"{args.method} on {args.data} test ({len(test.captions)} captions, {len(test.videos)} videos)\n"
+            + retrieval.table(metrics) + f"\nrecord: {path}")
+    return metrics
 
 
 def main(argv=None):
-    # setup: flags, processes, precision, the output folder and its log
-    args, cls = parse_args(argv)
+    # setup: flags and the method's own checks before anything slow, processes, precision, signals, the folder
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, cls, given = parse_args(argv)
     device, world, rank, amp, amp_dtype, scaler = setup(args)
-    master, pretrain = rank == 0, args.stage == "pretrain"
+    master, pretrain, folder, stop = rank == 0, args.stage == "pretrain", None, runs.Stop()
     log = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)
-    os.makedirs(args.output_dir, exist_ok=True)
-    jsonl = open(os.path.join(args.output_dir, "log.jsonl"), "a") if master else None
-
-    def record(**row):
-        if jsonl:
-            jsonl.write(json.dumps(row) + "\n")
-            jsonl.flush()
-
     try:
+        probe = probe_method(args, cls, given, log)  # None: --clip names a file, checked once it is loaded
+        evaluating = args.eval_only or probe is not None and not any(p.requires_grad for p in probe.parameters())
+        folder = runs.Folder(args) if master and not evaluating else None
+        ckpt, log_path = (os.path.join(args.output_dir, f) for f in ("checkpoint.pt", "log.jsonl"))
+        log(f"run folder {args.output_dir}" + f": checkpoint {ckpt}, log {log_path}" * (not evaluating))
+
         # data and model
-        if args.data == "synthetic":
-            args.data_path = synthetic.ensure_synthetic(args.data_path)
+        train_split, test = read_data(args, pretrain, evaluating)
         method = build_method(args, cls, device, log)
-        torch.manual_seed(args.seed + rank), random.seed(args.seed + rank), np.random.seed(args.seed + rank)
+        if probe is None:
+            runs.check_method(args, given, method, log)
         if args.init:
-            state = torch.load(args.init, map_location="cpu", weights_only=True)
-            missing, unexpected = method.load_state_dict(state.get("model", state), strict=False)
-            log(f"--init {args.init}: {len(missing)} missing {missing[:4]}, {len(unexpected)} unexpected {unexpected[:4]}")
+            runs.load_init(method, args.init, log)
         n_all = sum(p.numel() for p in method.parameters())
         n_train = sum(p.numel() for p in method.parameters() if p.requires_grad)
         log(f"{args.method}: {n_train:,} trainable of {n_all:,} parameters ({100 * n_train / n_all:.3f}%); device "
             f"{device} x {world}, autocast {amp_dtype}, {args.frames} frames of {args.size} px, {args.words} words")
-        test = None if pretrain else data.read_split(args.data, "test", args.data_path, args.video_path, args.allow_missing)
-        if args.eval_only or n_train == 0:  # zeroshot: nothing trains
-            if args.checkpoint:
-                load_trainable(method, args.checkpoint)
-            metrics = retrieval.evaluate(method, test, args, device, amp) if master else None
-            record(event="eval", epoch=None, **(metrics or {}))
-            log(f"{args.method} on {args.data} test ({len(test.captions)} captions, {len(test.videos)} videos)\n"
-                + retrieval.table(metrics or {}))
-            return metrics
-        train_ds, loader, sampler, steps_per_epoch = train_loader(args, world, rank, device)
+        if evaluating or n_train == 0:  # zeroshot: nothing trains
+            return evaluate_only(method, test, args, device, amp, log)
+        train_ds, loader, sampler, steps_per_epoch = train_loader(args, train_split, world, rank, device)
 
-        # optimizer: AdamW over the trainable parameters only; DDP reduces their gradients
+        # optimizer: AdamW over the trainable parameters only; DDP reduces their gradients; --resume's state
         groups = param_groups(method, args.lr, args.clip_lr, args.weight_decay)
         opt = torch.optim.AdamW(groups, betas=args.betas, eps=args.eps)
-        params = [p for g in groups for p in g["params"]]
         forward = Forward(method, pretrain)
         model = DDP(forward, device_ids=[device] if device.type == "cuda" else None) if world > 1 else forward
-        total, step, start_epoch, start_batch = steps_per_epoch * args.epochs, 0, 0, 0
-        ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
+        pos = dict(step=0, epoch=0, batch=0, window=[], last=None)  # what the checkpoint holds of the loop
         if args.resume:
-            step, start_epoch, start_batch = resume(ckpt_path, method, opt, scaler, rank, world)
-            log(f"resumed from {ckpt_path}: step {step}, epoch {start_epoch}, batch {start_batch}")
-        log(f"{len(train_ds)} training pairs: {steps_per_epoch} steps/epoch x {args.epochs} epochs of "
-            f"{args.batch_size} ({args.batch_size // (world * args.accum)} per rank x {world} ranks x {args.accum} accumulation)")
+            ck = folder.resumed if master else runs.read_checkpoint(ckpt, "--resume")
+            runs.load_trainable(method, ck, ckpt)
+            opt.load_state_dict(ck["optimizer"])
+            scaler.load_state_dict(ck["scaler"])
+            pos.update({k: ck[k] for k in pos if k in ck})
+            log(f"resumed from {ckpt}: step {pos['step']}, epoch {pos['epoch']}, batch {pos['batch']}"
+                + "".join(f"; --{k} {b} (was {a})" for k, (a, b) in (folder.changed.items() if master else ())))
+        record, evaluated = folder.open_log(pos["step"], argv) if master else (lambda **row: None, True)
+        log(f"{len(train_ds)} training pairs: {steps_per_epoch} steps/epoch x {args.epochs} epochs of {args.batch_size} "
+            f"({args.batch_size // (world * args.accum)} per rank x {world} ranks x {args.accum} accumulation)")
 
-        # the loop: an epoch, its checkpoint, its evaluation
-        metrics, loop = None, dict(model=model, method=method, loader=loader, opt=opt, scaler=scaler, params=params,
-                                   amp=amp, device=device, args=args, total=total, steps_per_epoch=steps_per_epoch,
-                                   world=world, record=record, log=log)
-        for epoch in range(start_epoch, args.epochs):
-            batch_no = start_batch if epoch == start_epoch else 0
-            sampler.set_epoch(epoch, batch_no)
+        # the loop: an epoch, its checkpoint, then its evaluation (which may fail without losing the epoch)
+        checkpoints, resume = runs.Checkpoints(ckpt, method, opt, scaler, args), runs.resume_command(argv, world)
+        evaluate = lambda: evaluate_epoch(method, test, args, device, amp, pos, record, log, resume)
+        metrics = evaluate() if pos["epoch"] and not (pos["batch"] or evaluated or pretrain) else None
+        loop = dict(model=model, method=method, loader=loader, opt=opt, scaler=scaler, amp=amp, device=device,
+                    params=[p for g in groups for p in g["params"]], args=args, total=steps_per_epoch * args.epochs,
+                    steps_per_epoch=steps_per_epoch, world=world, rank=rank, record=record, checkpoints=checkpoints,
+                    stop=stop)
+        stop.armed = True
+        for epoch in range(pos["epoch"], args.epochs):
+            sampler.set_epoch(epoch, pos["batch"])
             method.train()
-            step, last, stopped_at = train_epoch(epoch, batch_no, step, **loop)
-            if stopped_at is not None:
-                save_checkpoint(ckpt_path, method, opt, scaler, step, epoch, stopped_at, args)
-                log(f"stopped at step {step} (--max_steps); continue with --resume")
-                break
-            if not pretrain and master:
-                metrics = retrieval.evaluate(method, test, args, device, amp)
-                record(event="eval", epoch=epoch + 1, step=step, **metrics)
-                log(f"epoch {epoch + 1}/{args.epochs}, step {step}, loss {last['loss']:.4f}\n" + retrieval.table(metrics))
-            save_checkpoint(ckpt_path, method, opt, scaler, step, epoch + 1, 0, args)
+            why = train_epoch(pos, **loop)
+            if why is None:  # the epoch's end
+                pos.update(epoch=epoch + 1, batch=0)
+                checkpoints.save(pos)
+                metrics = evaluate() if not pretrain and master else metrics
+                why = stop.reason(pos["step"], args.max_steps, device) if epoch + 1 < args.epochs else None
+            if why:
+                log(f"stopped by {why} at step {pos['step']} ({pos['batch'] // args.accum} steps into epoch "
+                    f"{pos['epoch'] + 1}): checkpoint {ckpt}; continue with\n  {resume}")
+                if why.startswith("SIG"):
+                    raise SystemExit(128 + signal.Signals[why])
+                return metrics
 
         # summary
         if train_ds.substitutions:
             log(f"WARNING: {train_ds.substitutions} training items replaced an unreadable video: {train_ds.corrupt_videos[:5]}")
         if metrics:
             log(f"final ({args.method}, {args.data}, epoch {args.epochs})\n" + retrieval.table(metrics))
+        log(f"run folder {args.output_dir}: checkpoint {ckpt}, log {log_path}")
         return metrics
+    except runs.RunError as e:
+        fail(e, e.status)
     finally:  # the one teardown path
-        if jsonl:
-            jsonl.close()
+        stop.restore()
+        if folder:
+            folder.close()
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -8,6 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import meanp
+import runs
 import train
 from conftest import make_tiny_clip
 
@@ -43,7 +44,7 @@ def run(rank, world):
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
-    return torch.tensor(losses), train.trainable_state(method)
+    return torch.tensor(losses), runs.trainable_state(method)
 
 
 def worker(rank, world, init_file, out):
