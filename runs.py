@@ -1,11 +1,15 @@
-"""runs.py: a training run's folder, its checkpoint, and how a run stops and continues (train.py's bookkeeping).
+"""runs.py: a training run from the outside, train.py's bookkeeping: the checks before anything slow, the
+training order, the run's folder and checkpoint, and how a run stops and continues exactly.
 
-  <output_dir>/lock           one run at a time: "host pid", created exclusively; a dead process's is taken over
-  <output_dir>/checkpoint.pt  the trainable tensors, optimizer, scaler, position (step, epoch, micro-batch, the
-                              losses since the last log row) and flags: written whole (a temporary file, renamed)
-                              or not at all, and never with a non-finite tensor
-  <output_dir>/log.jsonl      a JSON row per event (start, resume, train, eval); a resume drops the rows after its
-                              checkpoint's step, which the resumed run writes again, equal
+  flag_problems, check_method  the flags' ranges, and what they mean for the method (on a meta-device stand-in
+                               of its CLIP towers when they are known before loading: no weights, no download)
+  EpochSampler, SeededItems    batches, frames and dropout as a function of (seed, epoch, position) only
+  <output_dir>/lock            one run at a time: "host pid", created exclusively; a dead process's is taken over
+  <output_dir>/checkpoint.pt   the trainable tensors, optimizer, scaler, position (step, epoch, micro-batch, the
+                               losses since the last log row) and flags: written whole (a temporary file,
+                               renamed) or not at all, and never with a non-finite tensor
+  <output_dir>/log.jsonl       a JSON row per event (start, resume, train, eval); a resume drops the rows after
+                               its checkpoint's step, which the resumed run writes again, equal
 A new run refuses a folder that holds a checkpoint (--resume continues it, --overwrite replaces it); --resume
 refuses flags that differ from the checkpoint's run, except RESUME_MAY_CHANGE. Stop turns SIGINT/SIGTERM into a
 checkpoint after the current step. A fault the user fixes raises RunError; train.py prints it as `error: ...`.
@@ -23,6 +27,7 @@ import warnings
 
 import torch
 import torch.distributed as dist
+from torch.utils.data import Dataset, Sampler
 
 import clip
 import synthetic
@@ -31,6 +36,8 @@ import synthetic
 RESUME_MAY_CHANGE = ("epochs", "max_steps", "save_every", "log_every", "num_workers", "batch_size_val", "device",
                      "dsl", "output_dir", "data_path", "video_path", "frame_cache", "cache_dir", "resume")
 CHECKPOINT = ("model", "optimizer", "scaler", "args", "step", "epoch", "batch")  # what train.py's checkpoints hold
+# Seeds of the training order: large primes, so that (seed, epoch, item) never collide
+EPOCH_STRIDE, SEED_STRIDE, ITEM_STRIDE, RANK_STRIDE = 100_003, 1_000_003, 100_000_007, 1024
 FLAG = dict(frames="--max_frames", words="--max_words", warmup="--warmup_proportion",
             accum="--gradient_accumulation_steps")  # flags whose argparse dest is another name
 
@@ -115,6 +122,48 @@ def check_method(args, given, method, log):
 
 
 # ----------------------------------------------------------------------------------------------------
+# The training order, a function of (seed, epoch, position) only: what makes a resume exact (train.py deviation 5)
+
+class EpochSampler(Sampler):
+    """Yields (epoch, item) keys: rank `rank`'s slice of each global batch of this epoch's permutation."""
+
+    def __init__(self, n, rank_batch, batches, rank, world, seed):
+        self.n, self.b, self.batches, self.rank, self.world, self.seed = n, rank_batch, batches, rank, world, seed
+        self.epoch = self.start = 0
+
+    def set_epoch(self, epoch, start=0):  # start: micro-batches of this epoch already done
+        self.epoch, self.start = epoch, start
+
+    def __len__(self):
+        return (self.batches - self.start) * self.b
+
+    def __iter__(self):
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * EPOCH_STRIDE + self.epoch))
+        mine = perm[:self.batches * self.world * self.b].view(self.batches, self.world, self.b)[self.start:, self.rank]
+        return iter([(self.epoch, int(i)) for i in mine.flatten()])
+
+
+class SeededItems(Dataset):
+    """Item (epoch, i) is read under a torch seed made of (seed, epoch, i): its random frames repeat exactly."""
+
+    def __init__(self, dataset, seed):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * SEED_STRIDE + key[0]) * ITEM_STRIDE + key[1])
+            return self.dataset[key[1]]
+
+
+def dropout_seed(seed, epoch, batch, rank):
+    """The torch seed of micro-batch `batch` of `epoch` on `rank` (dropout, masks): the same in a resumed run."""
+    return ((seed * SEED_STRIDE + epoch) * ITEM_STRIDE + batch) * RANK_STRIDE + rank
+
+
+# ----------------------------------------------------------------------------------------------------
 # Checkpoints and the run's folder
 
 def read_checkpoint(path, flag, keys=CHECKPOINT):
@@ -127,8 +176,8 @@ def read_checkpoint(path, flag, keys=CHECKPOINT):
         raise RunError(f"{flag} {path} ({os.path.getsize(path)} bytes) is truncated or not a torch checkpoint "
                        f"(written by train.py?)") from None
     if not isinstance(ck, dict) or not set(keys) <= set(ck):
-        lacks = f" without {', '.join(sorted(set(keys) - set(ck)))}" if isinstance(ck, dict) else ""
-        raise RunError(f"{flag} {path} holds a {type(ck).__name__}{lacks}, not a checkpoint of train.py")
+        kind = f"dict without {', '.join(sorted(set(keys) - set(ck)))}" if isinstance(ck, dict) else type(ck).__name__
+        raise RunError(f"{flag} {path} holds a {kind}, not a checkpoint of train.py")
     return ck
 
 
@@ -169,6 +218,14 @@ def load_init(method, path, log):
         f"{names(unexpected)}; {len(missing)} keep their initialisation (not in the file): {names(missing)}")
 
 
+def restore(ck, path, method, opt, scaler, pos):
+    """--resume: the checkpoint into the method, the optimizer, the scaler and the loop's position `pos`."""
+    load_trainable(method, ck, path)
+    opt.load_state_dict(ck["optimizer"])
+    scaler.load_state_dict(ck["scaler"])
+    pos.update({k: ck[k] for k in pos if k in ck})
+
+
 def atomic_save(obj, path):
     tmp = f"{path}.tmp{os.getpid()}"
     try:
@@ -202,10 +259,11 @@ class Checkpoints:
 
 
 class Folder:
-    """A training run's --output_dir (rank 0 only): the checks of a new or resumed run, the lock, the log."""
+    """A training run's --output_dir (rank 0 only): the checks of a new or resumed run (no side effect), then
+    claim(): the folder and its lock, then open_log()."""
 
     def __init__(self, args):
-        self.dir, self.log = args.output_dir, None
+        self.dir, self.log, self.owned = args.output_dir, None, None
         self.ckpt, self.log_path, self.lock = (os.path.join(self.dir, f) for f in ("checkpoint.pt", "log.jsonl", "lock"))
         if os.path.exists(self.ckpt) and not (args.resume or args.overwrite):
             raise RunError(f"{self.dir} holds a run ({self.ckpt}); pass --resume to continue it or --overwrite to "
@@ -221,13 +279,16 @@ class Folder:
         if refused:
             raise RunError(f"--resume with flags that differ from the checkpoint's run: {', '.join(refused)}; pass "
                            f"the run's values (only --{', --'.join(RESUME_MAY_CHANGE[:-1])} may change)")
+
+    def claim(self, overwrite):
+        """Once the data are found: the folder, its lock; a killed checkpoint write removed, --overwrite's run too."""
         os.makedirs(self.dir, exist_ok=True)
         self.owned = self.take_lock()
         for f in os.listdir(self.dir):
             if f.startswith("checkpoint.pt.tmp"):  # a checkpoint write that was killed
                 os.remove(os.path.join(self.dir, f))
                 print(f"WARNING: removed {f}, a checkpoint write a killed run left in {self.dir}", file=sys.stderr)
-        for f in (self.ckpt, self.log_path) if args.overwrite else ():
+        for f in (self.ckpt, self.log_path) if overwrite else ():
             if os.path.exists(f):
                 os.remove(f)
 
@@ -332,6 +393,10 @@ class Stop:
         if dist.is_initialized():
             dist.all_reduce(flag, dist.ReduceOp.MAX)
         return signal.Signals(int(flag)).name if flag else "--max_steps" if step == max_steps else None
+
+    def exit(self, why):
+        if why.startswith("SIG"):
+            raise SystemExit(128 + signal.Signals[why])
 
     def restore(self):
         for s, handler in self.previous.items():

@@ -24,13 +24,13 @@ slow with one line `error: ...` (exit 2); a non-finite loss or gradient stops at
     most 1e-7 updates round away; CLIP4Clip issue #96 reports R@1 ~43 with it, ~40 without. Expect ~40.
  5. Batches: one permutation per (seed, epoch) cut into global batches, rank r reads slice r of each; random
     frames seeded per (epoch, item), dropout and masks per (epoch, micro-batch, rank). 1 or N ranks see the same
-    batches, and --resume is exact, mid-epoch too: nothing depends on what the global generator drew before.
+    batches, and --resume is exact, mid-epoch too: nothing depends on what the global generator drew before
+    (runs.py: EpochSampler, SeededItems, dropout_seed).
 """
 import argparse
 import json
 import math
 import os
-import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.nn.functional import all_gather as all_gather_with_grad
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import adapter
@@ -69,9 +69,6 @@ STANDARD = ("lr", "clip_lr", "epochs", "batch_size", "frames", "words", "weight_
             "betas", "eps", "size")  # the loop's own hyperparameters; every other RECIPE key goes to the class
 DEFAULT_ADAMW = dict(betas=(0.9, 0.999), eps=1e-8)  # torch's, for a RECIPE that names none
 MAX_LOGIT_SCALE = math.log(100)  # CLIP and CLIP4Clip clamp the learnt temperature here after every step
-# Seeds of the training order (deviation 5): large primes, so that (seed, epoch, item) never collide; dropout
-# seeds are the (epoch, micro-batch) one x RANK_STRIDE + rank
-EPOCH_STRIDE, SEED_STRIDE, ITEM_STRIDE, RANK_STRIDE = 100_003, 1_000_003, 100_000_007, 1024
 
 
 def fail(message, status=2):
@@ -106,7 +103,7 @@ def save_interval(s):
 
 def parse_args(argv):
     """-> (args, method class, the dests given on the command line); a bad flag exits 2 with one line."""
-    first = Parser(add_help=False, allow_abbrev=False)
+    first = Parser(prog="train.py", add_help=False, allow_abbrev=False)
     first.add_argument("--method", help=f"one of {', '.join(METHODS)}")
     first.add_argument("--data", default="synthetic", help=f"one of {', '.join(data.DATASETS)} (default synthetic)")
     first.add_argument("--stage", default="finetune", choices=("pretrain", "finetune"),
@@ -120,12 +117,30 @@ def parse_args(argv):
             fail(f"--stage pretrain exists for {', '.join(PRETRAINING)}, not {a.method}")
     cls, recipe, dataset_recipes = (PRETRAINING if a.stage == "pretrain" else METHODS).get(a.method, (None, {}, {}))
     recipe = {**recipe, **dataset_recipes.get(a.data, {})}
+    extra = {k: v for k, v in recipe.items() if k not in STANDARD}
+    p = parser(first, a.method, cls, recipe, extra)
+    args = p.parse_args(argv)
+    given = {x.dest for x in p._actions if any(t.split("=")[0] in x.option_strings for t in argv)}
+    for k in STANDARD:
+        if getattr(args, k) is None:
+            setattr(args, k, recipe.get(k, DEFAULT_ADAMW.get(k)))
+    args.clip_lr = args.clip_lr if args.coef_lr is None else args.lr * args.coef_lr
+    args.betas, args.kwargs = tuple(args.betas), {k: getattr(args, k) for k in extra}
+    args.output_dir = args.output_dir or os.path.join("out", f"{args.method}-{args.data}")
+    problems = runs.flag_problems(args, cls)
+    if problems:
+        fail("; ".join(problems))
+    return args, cls, given
+
+
+def parser(first, method, cls, recipe, extra):
+    """Every flag, with the default that applies to the chosen method in its help."""
 
     def default(k, none="none"):  # the default that applies to the chosen method, for --help
         v = recipe.get(k, DEFAULT_ADAMW.get(k))
         return f"default {none if v is None else v}" if cls else "default: set by --method"
 
-    p = Parser(parents=[first], allow_abbrev=False, description=__doc__.split("\n")[0],
+    p = Parser(prog="train.py", parents=[first], allow_abbrev=False, description=__doc__.split("\n")[0],
                epilog=None if cls else "python train.py --method M --help shows M's defaults and its own flags.")
     for flags, kind, text in (  # value flags; None defaults are filled from the recipe below
             ("--clip", str, "CLIP name (ViT-B/32, ...) or file (default: tiny CLIP for synthetic, else ViT-B/32)"),
@@ -167,24 +182,12 @@ def parse_args(argv):
                        ("--eval_only", "no training: evaluate --checkpoint (zeroshot: CLIP as it is)"),
                        ("--dsl", "also report DSL (CAMoE) metrics, as separate rows (transductive)")):
         p.add_argument(flag, action="store_true", help=text)
-    extra = {k: v for k, v in recipe.items() if k not in STANDARD}
-    group = p.add_argument_group(f"{a.method} hyperparameters (RECIPE; constructor arguments)") if cls else p
+    group = p.add_argument_group(f"{method} hyperparameters (RECIPE; constructor arguments)") if cls else p
     for k, v in extra.items():
         seq = isinstance(v, (tuple, list))
         group.add_argument(f"--{k}", type=flag_type(v[0] if seq else v), nargs=len(v) if seq else None, default=v,
-                           help=f"(default {v})")
-    args = p.parse_args(argv)
-    given = {x.dest for x in p._actions if any(t.split("=")[0] in x.option_strings for t in argv)}
-    for k in STANDARD:
-        if getattr(args, k) is None:
-            setattr(args, k, recipe.get(k, DEFAULT_ADAMW.get(k)))
-    args.clip_lr = args.clip_lr if args.coef_lr is None else args.lr * args.coef_lr
-    args.betas, args.kwargs = tuple(args.betas), {k: getattr(args, k) for k in extra}
-    args.output_dir = args.output_dir or os.path.join("out", f"{args.method}-{args.data}")
-    problems = runs.flag_problems(args, cls)
-    if problems:
-        fail("; ".join(problems))
-    return args, cls, given
+                           help=f"constructor argument, see RECIPE in {cls.__module__}.py (default {v})")
+    return p
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -226,16 +229,22 @@ def load_clip(args, log):
         fail(f"--clip {args.clip}: {e}")
 
 
-def build_method(args, cls, device, log):
-    """-> the method on `device`; sets args.size when the CLIP model decides it."""
+def build_method(args, cls, device, log, unchecked=None):
+    """-> the method on `device`, --init loaded; sets args.size when the CLIP model decides it. unchecked: the
+    flags given, when the method could not be probed before the CLIP file was loaded."""
     clip_model = load_clip(args, log) if cls.uses_clip else None
     args.size = args.size or (clip_model.visual.input_resolution if clip_model else None)
     torch.manual_seed(args.seed)  # identical initial weights on every rank
-    return construct(args, cls, clip_model).to(device)
+    method = construct(args, cls, clip_model)
+    if unchecked is not None:
+        runs.check_method(args, unchecked, method, log)
+    if args.init:
+        runs.load_init(method, args.init, log)
+    return method.to(device)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Distributed helpers, loss, optimizer, schedule, batches
+# Distributed helpers, loss, optimizer, schedule
 
 def is_master():
     return not dist.is_initialized() or dist.get_rank() == 0
@@ -290,40 +299,6 @@ def lr_factor(step, total, warmup):
     return (step + 1) / w if step < w else 0.5 * (1 + math.cos(math.pi * (step - w) / max(total - w, 1)))
 
 
-class EpochSampler(Sampler):
-    """Yields (epoch, item) keys: rank `rank`'s slice of each global batch of this epoch's permutation."""
-
-    def __init__(self, n, rank_batch, batches, rank, world, seed):
-        self.n, self.b, self.batches, self.rank, self.world, self.seed = n, rank_batch, batches, rank, world, seed
-        self.epoch = self.start = 0
-
-    def set_epoch(self, epoch, start=0):  # start: micro-batches of this epoch already done
-        self.epoch, self.start = epoch, start
-
-    def __len__(self):
-        return (self.batches - self.start) * self.b
-
-    def __iter__(self):
-        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * EPOCH_STRIDE + self.epoch))
-        mine = perm[:self.batches * self.world * self.b].view(self.batches, self.world, self.b)[self.start:, self.rank]
-        return iter([(self.epoch, int(i)) for i in mine.flatten()])
-
-
-class SeededItems(Dataset):
-    """Item (epoch, i) is read under a torch seed made of (seed, epoch, i): its random frames repeat exactly."""
-
-    def __init__(self, dataset, seed):
-        self.dataset, self.seed = dataset, seed
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, key):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * SEED_STRIDE + key[0]) * ITEM_STRIDE + key[1])
-            return self.dataset[key[1]]
-
-
 # ----------------------------------------------------------------------------------------------------
 # The phases of a run
 
@@ -361,8 +336,8 @@ def train_loader(args, split, world, rank, device):
     steps_per_epoch, rank_batch = len(ds) // args.batch_size, args.batch_size // (world * args.accum)
     if steps_per_epoch == 0:
         fail(f"{len(ds)} training pairs make no batch of {args.batch_size}: lower --batch_size")
-    sampler = EpochSampler(len(ds), rank_batch, steps_per_epoch * args.accum, rank, world, args.seed)
-    loader = DataLoader(SeededItems(ds, args.seed), batch_size=rank_batch, sampler=sampler,
+    sampler = runs.EpochSampler(len(ds), rank_batch, steps_per_epoch * args.accum, rank, world, args.seed)
+    loader = DataLoader(runs.SeededItems(ds, args.seed), batch_size=rank_batch, sampler=sampler,
                         num_workers=args.num_workers, pin_memory=device.type == "cuda",
                         persistent_workers=args.num_workers > 0, worker_init_fn=data._worker_init)
     return ds, loader, sampler, steps_per_epoch
@@ -386,7 +361,7 @@ def train_epoch(pos, *, model, method, loader, opt, scaler, params, amp, device,
     for batch in loader:
         wait += time.time() - t_fetch
         # dropout and masks: a function of the position, whatever ran before (evaluation, loaders, a resume)
-        torch.manual_seed(((args.seed * SEED_STRIDE + epoch) * ITEM_STRIDE + pos["batch"]) * RANK_STRIDE + rank)
+        torch.manual_seed(runs.dropout_seed(args.seed, epoch, pos["batch"], rank))
         for g in opt.param_groups if pos["batch"] % micro == 0 else ():
             g["lr"] = g["base_lr"] * lr_factor(pos["step"], total, args.warmup)
         pos["batch"] += 1
@@ -475,20 +450,18 @@ def main(argv=None):
     device, world, rank, amp, amp_dtype, scaler = setup(args)
     master, pretrain, folder, stop = rank == 0, args.stage == "pretrain", None, runs.Stop()
     log = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)
+    ckpt, log_path = (os.path.join(args.output_dir, f) for f in ("checkpoint.pt", "log.jsonl"))
     try:
         probe = probe_method(args, cls, given, log)  # None: --clip names a file, checked once it is loaded
         evaluating = args.eval_only or probe is not None and not any(p.requires_grad for p in probe.parameters())
-        folder = runs.Folder(args) if master and not evaluating else None
-        ckpt, log_path = (os.path.join(args.output_dir, f) for f in ("checkpoint.pt", "log.jsonl"))
-        log(f"run folder {args.output_dir}" + f": checkpoint {ckpt}, log {log_path}" * (not evaluating))
+        folder = runs.Folder(args) if master and not evaluating else None  # refuses a run it would overwrite
 
         # data and model
         train_split, test = read_data(args, pretrain, evaluating)
-        method = build_method(args, cls, device, log)
-        if probe is None:
-            runs.check_method(args, given, method, log)
-        if args.init:
-            runs.load_init(method, args.init, log)
+        if folder:
+            folder.claim(args.overwrite)
+            log(f"run folder {folder.dir}: checkpoint {ckpt}, log {log_path}")
+        method = build_method(args, cls, device, log, given if probe is None else None)
         n_all = sum(p.numel() for p in method.parameters())
         n_train = sum(p.numel() for p in method.parameters() if p.requires_grad)
         log(f"{args.method}: {n_train:,} trainable of {n_all:,} parameters ({100 * n_train / n_all:.3f}%); device "
@@ -504,13 +477,9 @@ def main(argv=None):
         model = DDP(forward, device_ids=[device] if device.type == "cuda" else None) if world > 1 else forward
         pos = dict(step=0, epoch=0, batch=0, window=[], last=None)  # what the checkpoint holds of the loop
         if args.resume:
-            ck = folder.resumed if master else runs.read_checkpoint(ckpt, "--resume")
-            runs.load_trainable(method, ck, ckpt)
-            opt.load_state_dict(ck["optimizer"])
-            scaler.load_state_dict(ck["scaler"])
-            pos.update({k: ck[k] for k in pos if k in ck})
-            log(f"resumed from {ckpt}: step {pos['step']}, epoch {pos['epoch']}, batch {pos['batch']}"
-                + "".join(f"; --{k} {b} (was {a})" for k, (a, b) in (folder.changed.items() if master else ())))
+            runs.restore(folder.resumed if master else runs.read_checkpoint(ckpt, "--resume"), ckpt, method, opt, scaler, pos)
+            log(f"resumed from {ckpt}: step {pos['step']}, epoch {pos['epoch']}, micro-batch {pos['batch']}"
+                + "".join(f"; --{k} {b} (was {a})" for k, (a, b) in (folder.changed.items() if folder else ())))
         record, evaluated = folder.open_log(pos["step"], argv) if master else (lambda **row: None, True)
         log(f"{len(train_ds)} training pairs: {steps_per_epoch} steps/epoch x {args.epochs} epochs of {args.batch_size} "
             f"({args.batch_size // (world * args.accum)} per rank x {world} ranks x {args.accum} accumulation)")
@@ -533,12 +502,10 @@ def main(argv=None):
                 checkpoints.save(pos)
                 metrics = evaluate() if not pretrain and master else metrics
                 why = stop.reason(pos["step"], args.max_steps, device) if epoch + 1 < args.epochs else None
-            if why:
-                log(f"stopped by {why} at step {pos['step']} ({pos['batch'] // args.accum} steps into epoch "
-                    f"{pos['epoch'] + 1}): checkpoint {ckpt}; continue with\n  {resume}")
-                if why.startswith("SIG"):
-                    raise SystemExit(128 + signal.Signals[why])
-                return metrics
+            if why:  # a signal exits 128 + its number; --max_steps returns
+                log(f"stopped by {why} at step {pos['step']} (epoch {pos['epoch'] + 1}, micro-batch {pos['batch']}): "
+                    f"checkpoint {ckpt}; continue with\n  {resume}")
+                return stop.exit(why) or metrics
 
         # summary
         if train_ds.substitutions:
