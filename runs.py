@@ -237,7 +237,7 @@ def atomic_save(obj, path):
 
 
 class Checkpoints:
-    """checkpoint.pt, written by rank 0: at epoch ends, stops and every --save_every (steps, or seconds)."""
+    """checkpoint.pt, written by rank 0: at epoch ends, stops and every --save_every (steps, or minutes)."""
 
     def __init__(self, path, method, opt, scaler, args):
         self.path, self.method, self.opt, self.scaler, self.args, self.saved = path, method, opt, scaler, args, time.time()
@@ -253,9 +253,11 @@ class Checkpoints:
                              args=vars(self.args), **pos), self.path)
         self.saved = time.time()
 
-    def due(self, step):
-        unit, n = self.args.save_every
-        return n > 0 and (step % n == 0 if unit == "steps" else time.time() - self.saved >= n)
+    def due(self, step):  # --save_every N (steps) or Nmin
+        every = self.args.save_every
+        if every.endswith("min"):
+            return float(every[:-3]) > 0 and time.time() - self.saved >= 60 * float(every[:-3])
+        return int(every) > 0 and step % int(every) == 0
 
 
 class Folder:

@@ -94,11 +94,10 @@ def flag_type(default):
 
 
 def save_interval(s):
-    """--save_every: N optimizer steps, "Nmin" minutes, 0 at epoch ends only -> ("steps" | "seconds", N)."""
-    n = float(s[:-3]) * 60 if s.endswith("min") else int(s)
-    if not 0 <= n < math.inf:
+    """--save_every: N optimizer steps, or N minutes as "Nmin"; 0: at epoch ends only."""
+    if not 0 <= (float(s[:-3]) if s.endswith("min") else int(s)) < math.inf:
         raise ValueError(s)
-    return ("seconds" if s.endswith("min") else "steps", n)
+    return s
 
 
 def parse_args(argv):

@@ -129,6 +129,12 @@ def test_sigint_finishes_the_step_and_a_second_quits(setup, tmp_path, capsys, mo
     assert signal.getsignal(signal.SIGINT) is handler  # restored
 
 
+def test_resume_command():
+    argv = ["--method", "ump", "--max_steps", "4", "--overwrite", "--max_steps=5", "--output_dir", "out dir"]
+    assert runs.resume_command(argv, 1) == "python train.py --method ump --output_dir 'out dir' --resume"
+    assert runs.resume_command(["--resume"], 4) == "torchrun --nproc_per_node=4 train.py --resume"
+
+
 def test_huge_lr_stops_at_the_first_non_finite_step(setup, tmp_path, capsys):
     line = error(capsys, flags(setup, tmp_path, "--lr", "1e6", "--save_every", "1"), status=1)
     step = int(re.search(r"non-finite (?:loss|gradient) at step (\d+) \(lr [0-9.e+]+\): try a lower --lr", line)[1])
