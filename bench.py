@@ -1,77 +1,117 @@
-"""bench.py: every method side by side on one machine, in one run.
+"""bench.py: nanoTVR's benchmarks. They time and measure things; the tests never do.
 
-For each method: trainable / total parameters, median training-step time (forward + backward + AdamW step,
-after warm-up), clips/s, peak memory, evaluation throughput (video encodings/s, no grad), the FLOPs of one step
-as torch's FlopCounterMode counts them, the GFLOP/s achieved and, on CUDA, the model FLOPs utilisation against
-the GPU's dense bf16 peak. `prompt` (frozen CLIP, 8 learnable input tokens per tower) is the frozen-backbone
-forward + backward that the prompt methods are measured against. Methods are interleaved round-robin (one step
-of each per round), so that drift on a noisy machine hits all of them alike. Weights are random: speed and
-memory do not depend on them. Quality (retrieval metrics) comes from `--quality`, which trains every method on
-the synthetic set with three seeds through train.py and reports mean ± std.
-
-    python bench.py --tiny                         # CPU, tiny CLIP, seconds per method
-    python bench.py                                # ViT-B/32, 12 frames, 224 px (meant for a GPU)
+    python bench.py                     # speed: every method at ViT-B/32, 12 frames, 224 px (bf16 on a GPU)
+    python bench.py --tiny              # the same on a tiny CLIP: CPU, seconds per method
     python bench.py --methods full,adapter --batch 32
-    python bench.py --quality --seeds 0,1,2        # train + evaluate every method on synthetic data
-    python bench.py --quality --jobs 2             # two training runs at a time, one CPU thread each
+    python bench.py memory              # one training step's memory per method, each in a fresh process
+    python bench.py data                # checking, decoding and cache-reading a clip, one worker
+    python bench.py clip                # clip.py's image tower vs nn.MultiheadAttention, same weights
+    python bench.py quality             # train every method on the synthetic set, 3 seeds: mean ± std
 
-Peak memory: on CUDA, torch.cuda.max_memory_allocated over the step. On the CPU there is no allocator peak to
-read, so we report the bytes of tensors saved for backward by autograd (activations kept alive between forward
-and backward, counted once per storage, parameters excluded; bench_memory.py has the details) plus parameters,
-gradients and AdamW state of the trainable tensors.
+speed (the default) builds every method through train.py's METHODS table on random weights (speed and memory do
+not depend on them) and reports per method: trainable / total parameters, median training-step time (forward +
+backward + AdamW step, after warm-up), clips/s, peak memory, evaluation throughput (video encodings/s), the FLOPs
+of one step as torch's FlopCounterMode counts them, GFLOP/s and, on CUDA, the model FLOPs utilisation against the
+GPU's dense bf16 peak; then the loader wait: a few steps more fed by a DataLoader reading MSR-VTT-like clips
+from a frame cache, and the share of the time spent waiting for it (train.py's data_wait). Methods are
+interleaved round-robin (one step of each per round), so that drift on a noisy machine hits all of them alike.
+`prompt` (frozen CLIP, 8 learnable input tokens per tower) is the frozen-backbone forward + backward every
+prompt method pays at least. Peak memory: on CUDA torch.cuda.max_memory_allocated over a step; on the CPU there
+is no allocator peak to read, so it is the bytes autograd saves for backward (each storage once, parameters
+excluded) plus the trainable parameters, their gradients and AdamW's two moments. docs/speed.md has the tables.
 """
 import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
+import cv2
+import numpy as np
 import torch
+import torch.nn.functional as F
 import torch.utils.flop_counter
+from torch import nn
 
 import clip
-import train  # the baselines, method table and loss are train.py's, so the benchmark times what trains
-from bench_memory import InputPrompt, SavedBytes  # shallow-prompt baseline; bytes autograd saves for backward
+import data
+import meanp
+import synthetic
+import train  # the method table, loss and STANDARD keys are train.py's: the benchmark times what trains
 
 ALL = ["zeroshot", "full", "prompt", "ump", "dgl", "dgl-linear", "adapter", "unipt", "simvtp"]
 TINY = dict(embed_dim=64, image_resolution=64, vision_layers=4, vision_width=128, vision_patch_size=16,
             context_length=77, vocab_size=49408, transformer_width=128, transformer_heads=2, transformer_layers=4)
 B32 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=32,
            context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8, transformer_layers=12)
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s, for the MFU column
+
+
+# ----------------------------------------------------------------------------------------------------
+# What every benchmark shares: the models, a batch, one training step, the hardware line
+
+class InputPrompt(meanp.MeanP):
+    """Frozen CLIP, n learnable input tokens per tower (shallow VPT / CoOp-style): gradient through CLIP."""
+
+    def __init__(self, clip_model, num_frames, n=8):
+        super().__init__(clip_model, num_frames, train_clip=False)
+        self.vision_prompt = nn.Parameter(0.02 * torch.randn(n, clip_model.visual.transformer.width))
+        self.text_prompt = nn.Parameter(0.02 * torch.randn(n, clip_model.transformer.width))
+
+    def param_groups(self, weight_decay):
+        return [dict(params=[self.vision_prompt, self.text_prompt], weight_decay=weight_decay)]
+
+    def encode_text(self, text):
+        m, n = self.clip, len(self.text_prompt)
+        x = m.embed_text(text)  # [B, L, Wt]
+        x = torch.cat([x[:, :1], self.text_prompt.expand(len(x), -1, -1), x[:, 1:]], 1)  # [B, L+n, Wt]
+        x = m.transformer(x, is_causal=True)
+        return m.text_head(x[torch.arange(len(x)), text.argmax(-1) + n])  # EOT moved n places right
+
+    def encode_video(self, video, video_mask):
+        v = self.clip.visual
+        x = v.embed(video.flatten(0, 1))  # [B*T, 1+g*g, Wv]
+        x = torch.cat([x[:, :1], self.vision_prompt.expand(len(x), -1, -1), x[:, 1:]], 1)  # [B*T, 1+n+g*g, Wv]
+        frames = F.normalize(v.head(v.transformer(x)[:, 0]), dim=-1).view(*video.shape[:2], -1)  # [B, T, E]
+        m = video_mask.to(frames.dtype)[:, :, None]
+        return (frames * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
 def build(name, clip_cfg, frames, tiny):
-    """(model, frame size) for a method name, on random weights; kwargs from the method's RECIPE."""
-    if name == "prompt":  # the frozen-backbone forward + backward every prompt method pays at least
+    """(method, frame size) for a benchmark name on random weights, built as train.py builds it: the class and
+    RECIPE from train.METHODS (with DATASET_RECIPES["synthetic"] for --tiny: UMP's K_d, SimVTP's tiny ViT)."""
+    if name == "prompt":
         return InputPrompt(clip.CLIP(**clip_cfg), frames), clip_cfg["image_resolution"]
     cls, recipe, dataset_recipes = train.METHODS[name.split("-")[0]]
-    recipe = dict(recipe)
-    if tiny:  # the method's own settings for the tiny synthetic setting (UMP's K_d, SimVTP's tiny ViT, ...)
-        recipe.update(dataset_recipes.get("synthetic", {}))
+    recipe = {**recipe, **(dataset_recipes.get("synthetic", {}) if tiny else {})}
     if name == "dgl-linear":
         recipe["latent"] = "linear"
     kwargs = {k: v for k, v in recipe.items() if k not in train.STANDARD}
     if not cls.uses_clip:
-        return cls(frames, size=recipe.get("size", 224), **kwargs), recipe.get("size", 224)
+        return cls(frames, size=recipe["size"], **kwargs), recipe["size"]
     return cls(clip.CLIP(**clip_cfg), frames, **kwargs), clip_cfg["image_resolution"]
 
 
 def make_batch(batch, frames, size, words, device):
+    """Random normalised frames, all frames valid, captions of words/2 tokens (EOT mid-sequence, zeros behind)."""
     video = torch.randn(batch, frames, 3, size, size, device=device)
     text = torch.randint(1, 49000, (batch, words), device=device)
-    text[:, 0], text[:, words // 2] = clip.SOT, clip.EOT  # EOT mid-sequence, zero padding behind it
+    text[:, 0], text[:, words // 2] = clip.SOT, clip.EOT
     text[:, words // 2 + 1:] = 0
     return video, torch.ones(batch, frames, dtype=torch.bool, device=device), text
 
 
-def train_step(model, opt, batch, device, dtype):
+def train_step(model, opt, batch, dtype):
+    """train.py's step on one process: both encoders, symmetric InfoNCE, backward, AdamW."""
     video, mask, text = batch
     model.train()
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+    with torch.autocast(video.device.type, dtype=dtype, enabled=dtype != torch.float32):
         loss = train.contrastive_loss(model, model.encode_text(text), model.encode_video(video, mask), mask)
     loss.backward()
     opt.step()
@@ -80,84 +120,39 @@ def train_step(model, opt, batch, device, dtype):
 
 def sync(device):
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
-def bench_speed(args):
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    cfg = TINY if args.tiny else B32
-    names = args.methods.split(",")
-    rows, models = {}, {}
-    for name in names:
-        torch.manual_seed(0)
-        model, size = build(name, cfg, args.frames, args.tiny)
-        model.to(device)
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(trainable, lr=1e-5) if trainable else None
-        batch = make_batch(args.batch, args.frames, size, args.words, device)
-        models[name] = (model, opt, batch)
-        rows[name] = dict(method=name, trainable=sum(p.numel() for p in trainable),
-                          total=sum(p.numel() for p in model.parameters()), step_s=[], eval_s=[])
-    for r in range(args.warmup + args.steps):  # round-robin: one step of every method per round
-        for name in names:
-            model, opt, batch = models[name]
-            if opt is not None:
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
-                sync(device)
-                t0 = time.perf_counter()
-                if r == 0:  # first warm-up step: count the FLOPs of forward + backward (not timed)
-                    with flop_counter() as fc:
-                        train_step(model, opt, batch, device, dtype)
-                    rows[name]["flops"] = fc.get_total_flops()
-                elif r == args.warmup and device.type == "cpu":
-                    with SavedBytes(skip=model.parameters()) as sb:
-                        train_step(model, opt, batch, device, dtype)
-                    state = sum(p.numel() * p.element_size() * 4 for p in model.parameters() if p.requires_grad)
-                    rows[name]["peak_mem_MB"] = (sb.bytes + state) / 2**20  # saved activations + p, grad, 2 moments
-                else:
-                    train_step(model, opt, batch, device, dtype)
-                sync(device)
-                if r >= args.warmup:
-                    rows[name]["step_s"].append(time.perf_counter() - t0)
-                if device.type == "cuda" and r == args.warmup:
-                    rows[name]["peak_mem_MB"] = torch.cuda.max_memory_allocated() / 2**20
-            model.eval()
-            sync(device)
-            t0 = time.perf_counter()
-            with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                model.encode_video(batch[0], batch[1])
-            sync(device)
-            if r >= args.warmup:
-                rows[name]["eval_s"].append(time.perf_counter() - t0)
-    peak = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s
-    gpu = torch.cuda.get_device_name() if device.type == "cuda" else ""
-    for name in names:
-        row = rows[name]
-        row["eval_videos_per_s"] = args.batch / statistics.median(row.pop("eval_s"))
-        steps = row.pop("step_s")
-        if steps:
-            row["step_ms"] = 1e3 * statistics.median(steps)
-            row["clips_per_s"] = args.batch / statistics.median(steps)
-        if steps and "flops" in row:
-            row["gflops_per_s"] = row["flops"] / statistics.median(steps) / 1e9
-            row["gflop_per_clip"] = row["flops"] / args.batch / 1e9
-            peak_flops = next((v for k, v in peak.items() if k in gpu), None)
-            row["mfu"] = row["flops"] / statistics.median(steps) / peak_flops if peak_flops else None
-    hardware = gpu or f"{cpu_name()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
-    return dict(hardware=hardware, torch=torch.__version__, dtype=str(dtype), config="tiny" if args.tiny else "ViT-B/32",
-                batch=args.batch, frames=args.frames, words=args.words, steps=args.steps,
-                memory="cuda max_memory_allocated" if device.type == "cuda" else "autograd-saved bytes + trainable p/grad/AdamW state",
-                rows=[rows[n] for n in names])
-
-
-def cpu_name():
+def hardware(device):
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, CUDA {torch.version.cuda}"
     try:
-        return next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
     except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
+        cpu = platform.processor() or platform.machine()
+    return f"CPU {cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, torch {torch.__version__}"
+
+
+class SavedBytes:
+    """Counts the storages autograd saves for backward (each once), skipping the model's parameters."""
+
+    def __init__(self, skip):
+        self.skip, self.seen, self.bytes = {p.data_ptr() for p in skip}, set(), 0
+
+    def pack(self, t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in self.skip and s.data_ptr() not in self.seen:
+            self.seen.add(s.data_ptr())
+            self.bytes += s.nbytes()
+        return t
+
+    def __enter__(self):
+        self.ctx = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+        self.ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.ctx.__exit__(*exc)
 
 
 def flop_counter():
@@ -174,26 +169,362 @@ def flop_counter():
     return fc.FlopCounterMode(display=False, custom_mapping=mapping)
 
 
-def table(result):
-    lines = [f"Hardware: {result['hardware']}, torch {result['torch']}, {result['dtype']}, {result['config']}, "
-             f"batch {result['batch']} x {result['frames']} frames, {result['words']} words; memory = {result['memory']}",
-             "", "| method | trainable | total | step ms | clips/s | peak MB | eval videos/s | GFLOP/clip | GFLOP/s "
-                 "| MFU |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+def msrvtt_like_clip(path, seed, seconds=15, fps=30, size=(320, 240)):
+    """A textured, panning background with a few moving discs: an mp4v file that decodes like MSR-VTT's."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    base = cv2.GaussianBlur(rng.integers(0, 255, (h, w, 3), dtype=np.uint8), (0, 0), 3)
+    centres, speeds = rng.uniform(0, [w, h], (4, 2)), rng.uniform(-4, 4, (4, 2))
+    frames = []
+    for t in range(int(seconds * fps)):
+        frame = np.roll(base, t, axis=1).copy()  # camera pan
+        for c, v in zip(centres, speeds):
+            x, y = (c + v * t) % [w, h]
+            cv2.circle(frame, (int(x), int(y)), 20, (255, 200, 50), -1)
+        frames.append(frame)
+    data.write_video(path, frames, fps)
+
+
+def msrvtt_like_split(folder, clips, captions=None, seconds=15):
+    """`clips` MSR-VTT-like videos written into folder, as a Split of `captions` pairs (the clips repeat)."""
+    cv2.setNumThreads(1)  # no OpenCV thread pool in this process: a forked loader worker would hang on its lock
+    os.makedirs(folder, exist_ok=True)
+    videos = [os.path.join(folder, f"video{i}.mp4") for i in range(clips)]
+    for i, path in enumerate(videos):
+        msrvtt_like_clip(path, i, seconds)
+    n = captions or clips
+    return data.Split("msrvtt-like", videos, [f"a disc moves over a textured field {i}" for i in range(n)],
+                      [i % clips for i in range(n)])
+
+
+# ----------------------------------------------------------------------------------------------------
+# speed: step time, FLOPs, MFU, peak memory, eval throughput, loader wait
+
+def speed(args):
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    cfg, names = TINY if args.tiny else B32, args.methods.split(",")
+    rows, models = {}, {}
+    for name in names:
+        torch.manual_seed(0)
+        model, size = build(name, cfg, args.frames, args.tiny)
+        model.to(device)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(trainable, lr=1e-5) if trainable else None
+        models[name] = (model, opt, make_batch(args.batch, args.frames, size, args.words, device), size)
+        rows[name] = dict(method=name, trainable=sum(p.numel() for p in trainable),
+                          total=sum(p.numel() for p in model.parameters()), step_s=[], eval_s=[])
+    for r in range(args.warmup + args.steps):  # round-robin: one step of every method per round
+        for name in names:
+            model, opt, batch, _ = models[name]
+            row = rows[name]
+            if opt is not None:
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                sync(device)
+                t0 = time.perf_counter()
+                if r == 0:  # first warm-up step: count the FLOPs of forward + backward (not timed)
+                    with flop_counter() as fc:
+                        train_step(model, opt, batch, dtype)
+                    row["flops"] = fc.get_total_flops()
+                elif r == args.warmup and device.type == "cpu":
+                    with SavedBytes(skip=model.parameters()) as sb:
+                        train_step(model, opt, batch, dtype)
+                    state = sum(p.numel() * p.element_size() * 4 for p in model.parameters() if p.requires_grad)
+                    row["peak_mem_MB"] = (sb.bytes + state) / 2**20  # saved activations + p, grad, 2 moments
+                else:
+                    train_step(model, opt, batch, dtype)
+                sync(device)
+                if r >= args.warmup:
+                    row["step_s"].append(time.perf_counter() - t0)
+                if device.type == "cuda" and r == args.warmup:
+                    row["peak_mem_MB"] = torch.cuda.max_memory_allocated(device) / 2**20
+            model.eval()
+            sync(device)
+            t0 = time.perf_counter()
+            with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                model.encode_video(batch[0], batch[1])
+            sync(device)
+            if r >= args.warmup:
+                row["eval_s"].append(time.perf_counter() - t0)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    peak = next((v for k, v in PEAK_BF16.items() if k in gpu), None)
+    for row in rows.values():
+        row["eval_videos_per_s"] = args.batch / statistics.median(row.pop("eval_s"))
+        steps = row.pop("step_s")
+        if steps:
+            t = statistics.median(steps)
+            row.update(step_ms=1e3 * t, clips_per_s=args.batch / t, gflops_per_s=row["flops"] / t / 1e9,
+                       gflop_per_clip=row["flops"] / args.batch / 1e9, mfu=row["flops"] / t / peak if peak else None)
+    if args.loader_steps:
+        loader_wait(args, models, rows, device, dtype)
+    return dict(hardware=hardware(device), dtype=str(dtype), config="tiny" if args.tiny else "ViT-B/32",
+                batch=args.batch, frames=args.frames, words=args.words, steps=args.steps,
+                memory="cuda max_memory_allocated" if device.type == "cuda" else
+                "autograd-saved bytes + trainable p/grad/AdamW state",
+                loader=f"{args.workers} workers, frame cache of {args.loader_clips} MSR-VTT-like clips"
+                if args.loader_steps else None, rows=[rows[n] for n in names])
+
+
+def loader_wait(args, models, rows, device, dtype):
+    """Each method trains `loader_steps` more steps on uint8 batches that a DataLoader (train.py's workers,
+    pinned memory) reads from a frame cache; loader_wait = time waiting for a batch / wall time, after one
+    warm-up batch. The cache holds loader_clips clips read over and over: the page cache serves them."""
+    tmp = tempfile.mkdtemp(prefix="nanotvr-bench-")
+    try:
+        sizes = {size for *_, size in models.values()}
+        split = msrvtt_like_split(os.path.join(tmp, "videos"), args.loader_clips, args.batch * (args.loader_steps + 1))
+        cache = os.path.join(tmp, "cache")
+        data.build_frame_cache(split.videos, cache, size=max(sizes), workers=1)
+        loaders = {s: data.make_loader(data.VideoTextDataset(split, frames=args.frames, words=args.words, size=s,
+                                                             train=True, frame_cache=cache),
+                                       batch_size=args.batch, shuffle=False, num_workers=args.workers)
+                   for s in sizes}
+        for name, (model, opt, _, size) in models.items():
+            if opt is None:
+                continue
+            it = iter(loaders[size])
+
+            def step(b):
+                video = model.normalize_pixels(b["video"].to(device, non_blocking=True))
+                train_step(model, opt, (video, b["video_mask"].to(device), b["text"].to(device)), dtype)
+                sync(device)
+
+            step(next(it))  # warm-up: the workers start and fill their queues
+            waited, t_start = 0.0, time.perf_counter()
+            for _ in range(args.loader_steps):
+                t0 = time.perf_counter()
+                b = next(it)
+                waited += time.perf_counter() - t0
+                step(b)
+            rows[name]["loader_wait"] = waited / (time.perf_counter() - t_start)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def speed_table(result):
+    lines = [f"Hardware: {result['hardware']}, {result['dtype']}, {result['config']}, batch {result['batch']} x "
+             f"{result['frames']} frames, {result['words']} words; memory = {result['memory']}; loader: "
+             f"{result['loader'] or 'not measured'}", "",
+             "| method | trainable | total | step ms | clips/s | peak MB | eval videos/s | GFLOP/clip | GFLOP/s "
+             "| MFU | loader wait |", "|---|" + "---:|" * 10]
     for r in result["rows"]:
-        f = lambda k, fmt: (fmt.format(r[k]) if r.get(k) is not None else "–")
+        f = lambda k, fmt: fmt.format(r[k]) if r.get(k) is not None else "–"  # noqa: E731
         lines.append(f"| {r['method']} | {r['trainable']:,} | {r['total']:,} | {f('step_ms', '{:.0f}')} | "
-                     f"{f('clips_per_s', '{:.1f}')} | {f('peak_mem_MB', '{:.0f}')} | {f('eval_videos_per_s', '{:.1f}')} | "
-                     f"{f('gflop_per_clip', '{:.2f}')} | {f('gflops_per_s', '{:.0f}')} | "
-                     f"{f('mfu', '{:.1%}')} |")
+                     f"{f('clips_per_s', '{:.1f}')} | {f('peak_mem_MB', '{:.0f}')} | "
+                     f"{f('eval_videos_per_s', '{:.1f}')} | {f('gflop_per_clip', '{:.2f}')} | "
+                     f"{f('gflops_per_s', '{:.0f}')} | {f('mfu', '{:.1%}')} | {f('loader_wait', '{:.0%}')} |")
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------------------------------
+# memory: one step per method, each in its own process (so one method's allocations never count for another)
+
+def memory_one(args):
+    """One method in this process -> dict: saved_MiB (bytes autograd saves for backward, parameters excluded),
+    state_MiB (trainable parameters + gradients + AdamW's two moments, fp32), rss_MiB (CPU: peak resident-set
+    growth over the first step, allocator noise included), cuda_MiB (max_memory_allocated over a step after a
+    warm-up step, weights included)."""
+    torch.manual_seed(0)
+    dev = torch.device(args.device)
+    model, size = build(args.one, TINY if args.tiny else B32, args.frames, args.tiny)
+    model.to(dev)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-4)
+    batch = make_batch(args.batch, args.frames, size, args.words, dev)
+    dtype = torch.bfloat16 if args.amp else torch.float32
+    out = dict(method=args.one, trainable=sum(p.numel() for p in trainable),
+               state_MiB=sum(p.numel() * p.element_size() * 4 for p in trainable) / 2**20)
+    if dev.type == "cuda":
+        train_step(model, opt, batch, dtype)  # warm-up: AdamW state and kernels allocated
+        sync(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        train_step(model, opt, batch, dtype)
+        sync(dev)
+        out["cuda_MiB"] = torch.cuda.max_memory_allocated(dev) / 2**20
+    with open("/proc/self/statm") as f:
+        before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    with SavedBytes(model.parameters()) as counter:
+        train_step(model, opt, batch, dtype)
+    out["saved_MiB"] = counter.bytes / 2**20
+    if dev.type == "cpu":  # the first step on the CPU: the growth includes AdamW's moments
+        out["rss_MiB"] = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before) / 2**20
+    return out
+
+
+def memory(args):
+    if args.one:
+        print(json.dumps(memory_one(args)))
+        return
+    rows = []
+    for name in args.methods.split(","):
+        cmd = [sys.executable, os.path.abspath(__file__), "memory", "--one", name, "--batch", str(args.batch),
+               "--frames", str(args.frames), "--words", str(args.words), "--device", args.device]
+        r = subprocess.run(cmd + ["--tiny"] * args.tiny + ["--amp"] * args.amp, capture_output=True, text=True)
+        if r.returncode:
+            sys.exit(f"{name} failed:\n{r.stderr[-2000:]}")
+        rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    cols = [c for c in ("saved_MiB", "state_MiB", "rss_MiB", "cuda_MiB") if any(c in r for r in rows)]
+    full = next((r for r in rows if r["method"] == "full"), None)
+    print(f"{hardware(torch.device(args.device))}; {'tiny CLIP' if args.tiny else 'ViT-B/32'}, batch {args.batch}, "
+          f"{args.frames} frames, {args.words} words, {'bf16 autocast' if args.amp else 'fp32'}")
+    print("| method | trainable | " + " | ".join(cols) + " | saved + state vs full |")
+    print("|---|" + "---:|" * (len(cols) + 2))
+    for r in rows:
+        ratio = (r["saved_MiB"] + r["state_MiB"]) / (full["saved_MiB"] + full["state_MiB"]) if full else float("nan")
+        cells = " | ".join(f"{r[c]:.1f}" if c in r else "–" for c in cols)
+        print(f"| {r['method']} | {r['trainable']:,} | {cells} | {ratio:.3f}x |")
+
+
+# ----------------------------------------------------------------------------------------------------
+# data: does the loader keep up? The start-up check, decoding and frame-cache loads per clip, one worker thread
+
+def per_clip_ms(fn, items, repeats):
+    times = []
+    for _ in range(repeats):
+        for i in items:
+            t = time.perf_counter()
+            fn(i)
+            times.append(time.perf_counter() - t)
+    return 1000 * statistics.median(times), 1000 * min(times)
+
+
+def data_rows(name, split, size, frames, repeats, tmp):
+    cache = os.path.join(tmp, name.split()[0] + "-cache")
+    os.makedirs(cache)
+    items = range(len(split.videos))
+    rows = [("start-up check (data.probe_video: open, first frame)",
+             per_clip_ms(lambda v: data.probe_video(split.videos[v]), items, repeats))]
+    for train_ in (False, True):
+        ds = data.VideoTextDataset(split, frames=frames, words=32, size=size, train=train_, mode="videos")
+        rows.append((f"decode {frames} frames ({'random' if train_ else 'centre'} in segments)",
+                     per_clip_ms(ds.load_video, items, repeats)))
+    def build_one(v):  # data.build_frame_cache's work for one video, without its process pool
+        data._cache_one((split.videos[v], data.cache_file(cache, split.videos[v]), size, 3.0, None))
+    rows.append(("build cache (one-off: <= 3 fps, all frames)", per_clip_ms(build_one, items, 1)))
+    for train_ in (False, True):
+        ds = data.VideoTextDataset(split, frames=frames, words=32, size=size, train=train_, mode="videos",
+                                   frame_cache=cache)
+        rows.append((f"cached load, {frames} frames ({'random' if train_ else 'centre'})",
+                     per_clip_ms(ds.load_video, items, repeats)))
+    n = np.load(data.cache_file(cache, split.videos[0]), mmap_mode="r").shape[0]
+    print(f"\n{name}: {len(split.videos)} clips, output {frames}x3x{size}x{size} uint8; cache {n} frames/clip, "
+          f"{os.path.getsize(data.cache_file(cache, split.videos[0])) / 2**20:.1f} MiB/clip")
+    print("| step | median ms/clip | min ms/clip | clips/s per worker (median) |\n|---|---:|---:|---:|")
+    for label, (med, mn) in rows:
+        print(f"| {label} | {med:.1f} | {mn:.1f} | {1000 / med:.1f} |")
+
+
+def data_bench(args):
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)  # what one loader worker gets
+    print(f"{hardware(torch.device('cpu'))}, 1 thread; OpenCV {cv2.__version__}")
+    tmp = tempfile.mkdtemp(prefix="nanotvr-bench-")
+    try:
+        split = msrvtt_like_split(os.path.join(tmp, "msrvtt_like"), args.clips)
+        data_rows("MSR-VTT-like 320x240 30 fps 15 s mp4v", split, 224, 12, args.repeats, tmp)
+        root = synthetic.ensure_synthetic(os.path.join(tmp, "synthetic"), n_train=args.clips * 4, n_test_pairs=1)
+        data_rows("synthetic 64x64 8 fps 16-24 frames mp4v", data.read_split("synthetic", "train", root), 64, 12,
+                  args.repeats, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# clip: clip.py's image tower (batch-first, one SDPA call per block) vs the same model as OpenAI writes it
+# (sequence-first, nn.MultiheadAttention, whose need_weights=False path also ends in SDPA: the difference is
+# the layout and the copies around it). Same weights; outputs compared before timing.
+
+CLIP_SIZES = {  # CLIP(...) arguments for the image tower; the text tower is unused and kept small
+    "tiny": dict(image_resolution=32, vision_patch_size=8, vision_width=64, vision_layers=2),
+    "mid": dict(image_resolution=96, vision_patch_size=16, vision_width=256, vision_layers=4),
+    "b32": dict(image_resolution=224, vision_patch_size=32, vision_width=768, vision_layers=12),  # ViT-B/32
+}
+
+
+class SeqFirstBlock(nn.Module):
+    """OpenAI's ResidualAttentionBlock: sequence-first, nn.MultiheadAttention; clip.py's parameter names."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(width, heads)
+        self.ln_1, self.ln_2 = clip.LayerNorm(width), clip.LayerNorm(width)
+        self.mlp = nn.Sequential()
+        self.mlp.add_module("c_fc", nn.Linear(width, width * 4))
+        self.mlp.add_module("gelu", clip.QuickGELU())
+        self.mlp.add_module("c_proj", nn.Linear(width * 4, width))
+
+    def forward(self, x):  # [N, B, W]
+        y = self.ln_1(x)
+        x = x + self.attn(y, y, y, need_weights=False)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class SeqFirstVisual(nn.Module):
+    """The ViT image tower written plainly; loads clip.py's `visual` state dict strictly."""
+
+    def __init__(self, visual):
+        super().__init__()
+        width, heads = visual.conv1.out_channels, visual.transformer.resblocks[0].attn.heads
+        self.conv1 = nn.Conv2d(3, width, visual.patch_size, visual.patch_size, bias=False)
+        self.class_embedding = nn.Parameter(torch.empty_like(visual.class_embedding))
+        self.positional_embedding = nn.Parameter(torch.empty_like(visual.positional_embedding))
+        self.ln_pre, self.ln_post = clip.LayerNorm(width), clip.LayerNorm(width)
+        self.transformer = nn.Module()
+        self.transformer.resblocks = nn.Sequential(*[SeqFirstBlock(width, heads) for _ in visual.transformer.resblocks])
+        self.proj = nn.Parameter(torch.empty_like(visual.proj))
+        self.load_state_dict(visual.state_dict(), strict=True)
+
+    def forward(self, x):
+        x = self.conv1(x).flatten(2).permute(2, 0, 1)  # [g*g, B, W]
+        cls = self.class_embedding.to(x.dtype).expand(1, x.shape[1], -1)  # [1, B, W]
+        x = self.ln_pre(torch.cat([cls, x]) + self.positional_embedding[:, None])  # [1+g*g, B, W]
+        return self.ln_post(self.transformer.resblocks(x)[0]) @ self.proj  # [B, E]
+
+
+def clip_bench(args):
+    device = torch.device(args.device)
+    iters = args.iters or {"tiny": 20, "mid": 10, "b32": 5 if device.type == "cpu" else 30}[args.size]
+    torch.manual_seed(0)
+    size = CLIP_SIZES[args.size]
+    ours = clip.CLIP(embed_dim=512, context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1,
+                     transformer_layers=1, **size).eval().to(device)
+    ref = SeqFirstVisual(ours.visual).eval().to(device)
+    res = size["image_resolution"]
+    frames = torch.randn(args.batch, 3, res, res, device=device)
+    runs = {"clip.py (SDPA, batch-first)": ours.encode_image, "nn.MultiheadAttention (seq-first)": ref}
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
+        diff = (ours.encode_image(frames).float() - ref(frames).float()).abs().max().item()
+        times = {name: [] for name in runs}
+        for i in range(iters + 2):  # 2 warm-up rounds; alternate the order so drift hits both alike
+            for name in (list(runs) if i % 2 == 0 else list(runs)[::-1]):
+                sync(device)
+                t0 = time.perf_counter()
+                runs[name](frames)
+                sync(device)
+                if i >= 2:
+                    times[name].append(time.perf_counter() - t0)
+    print(f"{hardware(device)}; size {args.size} ({res} px, patch {size['vision_patch_size']}, width "
+          f"{size['vision_width']}, {size['vision_layers']} layers), batch {args.batch}, {args.dtype}, {iters} timed "
+          f"calls each; max |diff| between the two = {diff:.2e}")
+    med = {name: statistics.median(t) for name, t in times.items()}
+    for name, t in med.items():
+        print(f"  {name:36s} {t * 1e3:9.1f} ms/batch (range {min(times[name]) * 1e3:.1f}-{max(times[name]) * 1e3:.1f})"
+              f", {args.batch / t:8.1f} frames/s")
+    (mine, theirs), (mine_best, theirs_best) = med.values(), [min(t) for t in times.values()]
+    print(f"speed-up of clip.py over nn.MultiheadAttention: {theirs / mine:.2f}x (median), "
+          f"{theirs_best / mine_best:.2f}x (best)")
+
+
+# ----------------------------------------------------------------------------------------------------
+# quality: every method trained on the synthetic set with several seeds through train.py
+
 def quality(args):
-    """Train every method on the synthetic set with several seeds via train.py; mean ± std of the last eval.
+    """-> rows of mean ± population std of each method's last evaluation over the seeds.
 
     Runs go `--jobs` at a time, the CPU threads split between them. A finished run leaves final_eval.json in its
-    directory and is not trained again, so an interrupted `--quality` picks up where it stopped."""
+    directory and is not trained again, so an interrupted `quality` picks up where it stopped."""
     runs, queue, running = {}, [], []
     for name in args.methods.split(","):
         method, extra = (name.split("-")[0], ["--latent", "linear"]) if name == "dgl-linear" else (name, [])
@@ -210,8 +541,8 @@ def quality(args):
             os.makedirs(out)
             print("python " + " ".join(cmd), flush=True)
             log = open(os.path.join(out, "stdout.txt"), "w")
-            proc = subprocess.Popen([sys.executable] + cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-            running.append((out, cmd, proc))
+            running.append((out, cmd, subprocess.Popen([sys.executable] + cmd, stdout=log, stderr=subprocess.STDOUT,
+                                                       env=env)))
         time.sleep(1)
         for job in [j for j in running if j[2].poll() is not None]:
             running.remove(job)
@@ -232,37 +563,80 @@ def quality(args):
     return rows
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tiny", action="store_true", help="tiny CLIP for the CPU")
-    p.add_argument("--methods", default=None, help=f"default: {','.join(ALL)} (--quality: all but prompt)")
-    p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--frames", type=int, default=12)
-    p.add_argument("--words", type=int, default=32)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--quality", action="store_true")
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--jobs", type=int, default=1, help="--quality: training runs at a time")
-    p.add_argument("--out", default="bench_results")
-    args = p.parse_args()
-    if args.warmup < 1:
+def quality_table(rows):
+    keys = list(rows[0]["stats"])
+    lines = ["| method | " + " | ".join(keys) + " | command |", "|---|" + "---:|" * len(keys) + "---|"]
+    for r in rows:
+        cells = " | ".join(f"{m:.1f} ± {sd:.1f}" for m, sd in r["stats"].values())
+        lines.append(f"| {r['method']} | {cells} | `{r['command']}` |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The command line: `python bench.py [speed|memory|data|clip|quality] [flags]`
+
+def parse_args(argv):
+    command = argv.pop(0) if argv and argv[0] in ("speed", "memory", "data", "clip", "quality") else "speed"
+    p = argparse.ArgumentParser(prog=f"bench.py {command}", description=__doc__.split("\n")[0])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if command in ("speed", "memory"):
+        p.add_argument("--tiny", action="store_true", help="a tiny CLIP and each method's synthetic settings")
+        p.add_argument("--frames", type=int, default=12)
+        p.add_argument("--words", type=int, default=32)
+        p.add_argument("--device", default=device)
+    if command == "speed":
+        p.add_argument("--methods", default=",".join(ALL))
+        p.add_argument("--batch", type=int, default=None, help="default 32, --tiny 8")
+        p.add_argument("--steps", type=int, default=10, help="timed steps per method")
+        p.add_argument("--warmup", type=int, default=2, help=">= 1: the first step counts FLOPs, untimed")
+        p.add_argument("--loader_steps", type=int, default=5, help="steps fed from the frame cache (0: skip)")
+        p.add_argument("--loader_clips", type=int, default=8, help="MSR-VTT-like clips in that cache")
+        p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="loader workers")
+        p.add_argument("--out", default="bench_results", help="speed.json goes here")
+    if command == "memory":
+        p.add_argument("--methods", default=",".join(m for m in ALL if m != "zeroshot"))
+        p.add_argument("--batch", type=int, default=2)
+        p.add_argument("--amp", action="store_true", help="bf16 autocast (as train.py on a GPU)")
+        p.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one method in this process
+    if command == "data":
+        p.add_argument("--clips", type=int, default=4)
+        p.add_argument("--repeats", type=int, default=3)
+    if command == "clip":
+        p.add_argument("--size", choices=CLIP_SIZES, default="mid")
+        p.add_argument("--batch", type=int, default=16, help="frames per encode_image call")
+        p.add_argument("--iters", type=int, default=None, help="timed calls per implementation")
+        p.add_argument("--device", default=device)
+        p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16 = torch.autocast")
+    if command == "quality":
+        p.add_argument("--methods", default=",".join(m for m in ALL if m != "prompt"))
+        p.add_argument("--seeds", default="0,1,2")
+        p.add_argument("--jobs", type=int, default=1, help="training runs at a time")
+        p.add_argument("--out", default="bench_results", help="one folder per run, and quality.json")
+    args = p.parse_args(argv)
+    if command == "speed" and args.warmup < 1:
         p.error("--warmup must be at least 1: the first step counts FLOPs and is not timed")
-    os.makedirs(args.out, exist_ok=True)
-    args.methods = args.methods or ",".join(m for m in ALL if not (args.quality and m == "prompt"))
-    if args.quality:
+    return command, args
+
+
+def main(argv=None):
+    command, args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    if command == "speed":
+        args.batch = args.batch or (8 if args.tiny else 32)
+        result = speed(args)
+        os.makedirs(args.out, exist_ok=True)
+        json.dump(result, open(os.path.join(args.out, "speed.json"), "w"), indent=1)
+        print(speed_table(result))
+    elif command == "memory":
+        memory(args)
+    elif command == "data":
+        data_bench(args)
+    elif command == "clip":
+        clip_bench(args)
+    else:
+        os.makedirs(args.out, exist_ok=True)
         rows = quality(args)
         json.dump(rows, open(os.path.join(args.out, "quality.json"), "w"), indent=1)
-        keys = list(rows[0]["stats"])
-        print("| method | " + " | ".join(keys) + " | command |\n|---|" + "---:|" * len(keys) + "---|")
-        for r in rows:
-            cells = " | ".join(f"{m:.1f} ± {sd:.1f}" for m, sd in r["stats"].values())
-            print(f"| {r['method']} | {cells} | `{r['command']}` |")
-        return
-    args.batch = args.batch or (8 if args.tiny else 32)
-    result = bench_speed(args)
-    json.dump(result, open(os.path.join(args.out, "speed.json"), "w"), indent=1)
-    print(table(result))
+        print(quality_table(rows))
 
 
 if __name__ == "__main__":

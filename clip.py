@@ -18,7 +18,7 @@ Deliberate differences:
      mask this gives the same EOT features as the zero-padded 77-slot input.
   4. `load()` returns fp32 weights (OpenAI keeps fp16 on GPU); use torch.autocast for speed.
      ResNet checkpoints are refused. Preprocessing uses torch's antialiased bicubic resize instead of PIL
-     (within 1/255 of PIL, mean |diff| 0.003, see specs/pipeline.md 1.4).
+     (within 1/255 of PIL, mean |diff| 0.003 on test images).
 
 Usage:
     model = clip.load("ViT-B/32")                       # or a local path to ViT-B-32.pt
@@ -31,6 +31,7 @@ import os
 import urllib.error
 import urllib.request
 import warnings
+import zipfile
 from collections import OrderedDict
 from functools import lru_cache
 
@@ -224,9 +225,19 @@ def causal_mask(length, device=None):
 # ----------------------------------------------------------------------------------------------------
 # Checkpoints: config inference, download with SHA256, TorchScript archives
 
+class ModelFileError(RuntimeError):
+    """A CLIP model file that cannot be used (missing, not downloadable, wrong SHA256, cut off, not a CLIP
+    checkpoint); the message names the file, what it should be and how to fix it. train.py prints it as one
+    `error:` line."""
+
+
+CLIP_FILE = "a CLIP checkpoint: an OpenAI .pt (TorchScript archive) or a state dict of clip.CLIP"
+_VIT_KEYS = ("visual.conv1.weight", "visual.positional_embedding", "visual.proj", "token_embedding.weight",
+             "positional_embedding", "ln_final.weight", "text_projection")
+
 
 def build_model(state_dict):
-    """Infer the config from an OpenAI state dict (spec 1.3), load it strictly, return fp32 eval model."""
+    """Infer the config from an OpenAI state dict, load it strictly, return the fp32 eval model."""
     sd = {k: v for k, v in state_dict.items() if k not in ("input_resolution", "context_length", "vocab_size")}
     if "visual.proj" not in sd:
         raise ValueError("this checkpoint is not a CLIP ViT (no 'visual.proj'): ResNet CLIP models (RN50, ...) "
@@ -271,52 +282,113 @@ def sha256_of(path):
 
 
 def _download(name, root):
+    """The verified file of model `name` in root: the cached one if its SHA256 matches, else a fresh download.
+    A cached file that does not match is replaced only by a verified download (temporary file, SHA256, rename):
+    when the download fails it stays where it is, and the error says so."""
     file, sha = _MODELS[name]
-    os.makedirs(root, exist_ok=True)
-    target = os.path.join(root, file)
+    target, url = os.path.join(root, file), _URL.format(sha=sha, file=file)
+    stale = None  # the SHA256 of a cached file that does not match
     if os.path.isfile(target):
-        if sha256_of(target) == sha:
+        stale = sha256_of(target)
+        if stale == sha:
             return target
-        print(f"clip: {target} does not match its SHA256; downloading it again")
-        os.remove(target)
-    url = _URL.format(sha=sha, file=file)
+        print(f"clip: {target} has SHA256 {stale}, expected {sha} (a partial or damaged download?); downloading "
+              "a replacement, the file stays until the new one is verified", flush=True)
+    kept = (f" The cached {target} (SHA256 {stale}, not {sha}) was kept: delete it, or replace it with a good "
+            "copy." if stale else "")
     tmp = target + f".part{os.getpid()}"
     try:
+        os.makedirs(root, exist_ok=True)
         with urllib.request.urlopen(url, timeout=60) as src, open(tmp, "wb") as dst:
             while chunk := src.read(1 << 20):
                 dst.write(chunk)
         got = sha256_of(tmp)
         if got != sha:
-            raise RuntimeError(f"downloaded {file} has SHA256 {got}, expected {sha}; the file was discarded")
+            raise ModelFileError(f"downloaded {file} from {url} has SHA256 {got}, expected {sha}; the download was "
+                                 f"discarded (retry; a proxy or a full disk can cut files short).{kept}")
         os.replace(tmp, target)  # atomic: a half-written file is never in the cache under its real name
-    except (urllib.error.URLError, OSError, RuntimeError) as e:
+    except (urllib.error.URLError, OSError, ModelFileError) as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        if isinstance(e, RuntimeError):
+        if isinstance(e, ModelFileError):
             raise
-        raise RuntimeError(
-            f"could not download CLIP {name} from {url} ({e}). Place the file {file} "
-            f"(SHA256 {sha}) at {target}, or pass its path to clip.load()/--clip.") from e
+        raise ModelFileError(
+            f"could not download CLIP {name} from {url} ({e}).{kept} To fix: download "
+            f"{file} (SHA256 {sha}) on a machine with network access and copy it to {target}, or pass the path "
+            "of a local copy to clip.load()/--clip.") from e
     return target
 
 
+def _sniff(path):
+    """A few words on what a file that torch cannot read looks like."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head.startswith(b"PK\x03\x04"):
+        return f"it is a zip archive, as torch files are, but cut off or damaged ({os.path.getsize(path):,} bytes)"
+    try:
+        text = head.decode("utf-8")
+        if text.isprintable() or all(c.isprintable() or c.isspace() for c in text):
+            return f"it is a text file (starting {text[:40]!r})"
+    except UnicodeDecodeError:
+        pass
+    return "it is neither a torch file nor text"
+
+
+def _read_clip_file(path):
+    """The state dict of a CLIP file: OpenAI's TorchScript archives (weights taken out, no code run) or a
+    torch.save'd state dict (weights_only: no code is ever unpickled); raises ModelFileError."""
+    if os.path.getsize(path) == 0:
+        raise ModelFileError(f"{path} is empty (0 bytes). It should be {CLIP_FILE}")
+    archive = False
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            archive = any(n.endswith("/constants.pkl") for n in z.namelist())  # TorchScript's, not torch.save's
+    try:
+        if archive:
+            with warnings.catch_warnings():  # torch >= 2.9 marks jit.load deprecated; it is the only reader
+                warnings.simplefilter("ignore")
+                return torch.jit.load(path, map_location="cpu").state_dict()
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # RuntimeError, UnpicklingError, EOFError, ...: torch's advice would mislead here
+        raise ModelFileError(f"{path} cannot be read as a torch file: {_sniff(path)}. It should be "
+                             f"{CLIP_FILE}") from e
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if isinstance(obj, dict) and {"model", "optimizer"} <= set(obj):
+        raise ModelFileError(f"{path} is a nanoTVR training checkpoint (train.py's checkpoint.pt), not CLIP "
+                             f"weights: pass it as --checkpoint or --init, and choose CLIP with --clip. It should be "
+                             f"{CLIP_FILE}")
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ModelFileError(f"{path} holds a {type(obj).__name__}"
+                             f"{' that is not all tensors' if isinstance(obj, dict) else ''}, not a state dict. "
+                             f"It should be {CLIP_FILE}")
+    return obj
+
+
 def load(name_or_path, device="cpu", download_root=None):
-    """A CLIP model by name (downloaded to ~/.cache/clip, SHA256-checked) or from a local file, fp32, eval."""
+    """A CLIP model by name (downloaded to ~/.cache/clip, SHA256-checked) or from a local file, fp32, eval;
+    raises ModelFileError for a file that is missing, cannot be downloaded or is not a CLIP ViT checkpoint."""
     if name_or_path in _MODELS:
         path = _download(name_or_path, download_root or default_cache_dir())
     elif os.path.isfile(name_or_path):
         path = name_or_path
     else:
-        raise FileNotFoundError(f"CLIP model {name_or_path!r} is neither a file nor one of {available_models()}")
-    try:  # OpenAI's files are TorchScript archives: take the weights out, rebuild the model eagerly
-        with warnings.catch_warnings():  # torch >= 2.9 marks jit.load deprecated; it is the only reader
-            warnings.simplefilter("ignore")
-            state_dict = torch.jit.load(path, map_location="cpu").state_dict()
-    except RuntimeError:  # a plain state dict (torch.save); weights_only never unpickles code
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-        if "state_dict" in state_dict and isinstance(state_dict["state_dict"], dict):
-            state_dict = state_dict["state_dict"]
-    return build_model(state_dict).to(device)
+        raise ModelFileError(f"CLIP model {name_or_path}: no such file, and not one of {', '.join(_MODELS)}")
+    state_dict = _read_clip_file(path)
+    if "visual.proj" not in state_dict and any(k.startswith("visual.layer1.") for k in state_dict):
+        raise ModelFileError(f"{path} is a ResNet CLIP model: nanoTVR supports ViT-B/32, ViT-B/16, ViT-L/14 "
+                             "and ViT-L/14@336px")
+    missing = [k for k in _VIT_KEYS if k not in state_dict]
+    if missing:
+        keys = ", ".join(list(state_dict)[:5]) + (", ..." if len(state_dict) > 5 else "")
+        raise ModelFileError(f"{path} is not a CLIP state dict: it has no {', '.join(missing[:3])} (its "
+                             f"keys: {keys or 'none'}). It should be {CLIP_FILE}")
+    try:
+        model = build_model(state_dict)
+    except (RuntimeError, ValueError, KeyError, IndexError) as e:  # load_state_dict(strict): wrong keys or shapes
+        raise ModelFileError(f"{path} does not fit clip.CLIP ({str(e).splitlines()[0][:300]}). It should "
+                             f"be {CLIP_FILE}") from e
+    return model.to(device)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ DGL: Dynamic Global-Local Prompt Tuning for Text-Video Retrieval (Yang, Zhu, Wan
 arXiv:2401.10588. Official code: knightyxp/DGL @ 9139fd1 (modules/clip.py `encode_prompt`, `encode_text`,
 `VisualTransformer.incorporate_prompt/forward_deep_prompt`, `ResidualAttentionBlock.forward`; params.py;
 scripts/*.sh; utils/optimization.py). The paper's full text was not readable here, so the method follows
-the official code (spec ../shared/specs/dgl.md §2, section numbers in the comments).
+the official code; docs/dgl.md maps it to the lines below.
 
 Faithful to: one "shared latent space" generating the text prompts and the per-frame ("local") visual
 prompts of every layer, in both released variants (`latent="linear"`: 0.83M parameters, `"transformer"`:
@@ -16,32 +16,35 @@ global prompts and its own frame); video embedding = ln_post(global prompt 0) @ 
 frozen, logit_scale included (clamped to [0.1, ln 100] as the training loop does); initialisation as the
 release; the official optimiser grouping (weight decay on every non-bias tensor).
 
-The prompts are "dynamic" only by name (spec §7.1): the generator has no input, so it produces the same
+The prompts are "dynamic" only by name: the generator has no input, so it produces the same
 learned prompts for every sample. This file therefore generates them once per call with batch 1 and
 expands them, and text and video are encoded fully independently.
 
-The postfix text prompts are dead (spec §7.2), reproduced on purpose: they sit after every EOT token, so
+The postfix text prompts are dead, reproduced on purpose: they sit after every EOT token, so
 under CLIP's causal mask they never reach the EOT feature and their gradients are exactly zero. In the
 linear variant `postfix_proj` (393,728 parameters, 48 % of the variant) never learns, although AdamW's
 decoupled weight decay still shrinks it. They are kept so parameter counts and numbers equal the release.
 
-Deliberate deviations (spec §7):
+Deliberate deviations:
   1. Prompts are generated inside each encoder, so text and video encode independently. The release
-     generates them only when text and video arrive together, which crashes its VATEX evaluation (§7.3).
-  2. Global-local attention (§2.3.3) is two SDPA calls per layer, as the release's two attention calls
+     generates them only when text and video arrive together, which crashes its VATEX evaluation
+     (the multi-caption path passes one modality at a time).
+  2. Global-local attention is two SDPA calls per layer, as the release's two attention calls
      (global queries vs [G; all frames], frame queries vs [G; own frame]) but with all frames in one
      batch instead of a Python loop over frames; equal to one SDPA call under `global_local_mask` to
      ~1e-6 (float summation order), which costs T times the attention FLOPs and rules out flash kernels.
      Tokens are stored frame-major, the release token-major (no positions: irrelevant).
-  3. `video_mask`: padded frames are removed from the global prompts' keys (§7.8). The release ignores
+  3. `video_mask`: padded frames are removed from the global prompts' keys. The release ignores
      the mask (its loader repeats the last frame instead). No change when all frames are valid (MSR-VTT).
-  4. Sizes come from the CLIP config and the arguments instead of the release's literals (§7.7): prompt
+  4. Sizes come from the CLIP config and the arguments instead of the release's literals: prompt
      width = vision width (768 hard-coded there), n_g and n_f may differ, the prompt depth is the vision
      depth and the text tower uses the first `text layers` prompt sets (the release ties text depth to
      `--unified_transformer_layers` and cannot run ViT-L/14). Same numbers for ViT-B/32 and ViT-B/16.
   5. Optimiser and schedule are train.py's (AdamW, per-step warmup + cosine, clip 1.0), the same as the
-     release's AdamW path; the global batch of 512 is all-gathered as the release's 128 x 4 GPUs (§7.10).
-     The release's bugged shell flags (§7.4) and its tie-counting recall (§7.9) are not reproduced.
+     release's AdamW path; the global batch of 512 is all-gathered as the release's 128 x 4 GPUs.
+     The release's bugged shell flags (vatex.sh, lsmdc.sh and activitynet.sh pass --unified_prompt_layers,
+     which params.py does not define; the values equal the defaults) and its tie-counting recall are
+     not reproduced.
 
 Usage:
     model = DGL(clip.load("ViT-B/32"), num_frames=12, latent="transformer")
@@ -61,7 +64,7 @@ RECIPE = dict(
     lr=2e-3,             # scripts/msrvtt.sh lr=2e-3 (prompt parameters)
     clip_lr=None,        # coef_lr=1e-3 scales CLIP groups that are frozen, i.e. empty
     epochs=5,            # msrvtt.sh epochs=5
-    batch_size=512,      # msrvtt.sh batch_size=128 per GPU x 4 GPUs, embeddings all-gathered (§7.10)
+    batch_size=512,      # msrvtt.sh batch_size=128 per GPU x 4 GPUs, embeddings all-gathered
     frames=12,           # msrvtt.sh max_frames=12
     words=32,            # msrvtt.sh max_words=32 (+ 8 prompt slots = 40 text tokens)
     weight_decay=0.2,    # params.py --wd 0.2 on every non-bias tensor (utils/optimization.py)
@@ -81,17 +84,18 @@ DATASET_RECIPES = dict(
     vatex=dict(lr=5e-3, epochs=10, latent="linear"),                  # scripts/vatex.sh, 64 x 8 GPUs
     lsmdc=dict(lr=1e-2, epochs=10, latent="linear"),                  # scripts/lsmdc.sh, 64 x 8 GPUs
     # scripts/activitynet.sh: 16 x 8 GPUs, 64 frames and words; the script says linear, the README's
-    # checkpoint transformer (§7.5): the script wins, --latent transformer gives the other.
+    # checkpoint transformer: the script wins, --latent transformer gives the other.
     activitynet=dict(lr=1e-2, epochs=10, batch_size=128, frames=64, words=64, latent="linear"),
     # Synthetic default (ours): the tiny CLIP (widths 64, 2 layers) on 2 CPU cores in a few minutes. Backprop
     # through the frozen towers dominates a step, so a small batch gives more updates; prompts from their small
-    # init need a larger lr than 2e-3 to move in ~300 steps; 8 frames cover the 16-24-frame clips (baselines).
-    synthetic=dict(lr=1e-2, epochs=2, batch_size=32, frames=8),
+    # init need a larger lr than 2e-3 to move in 281 steps (1 epoch of the set's 9,000 pairs); 8 frames
+    # cover the 16-24-frame clips (as the baselines).
+    synthetic=dict(lr=1e-2, epochs=1, batch_size=32, frames=8),
 )
 
 
 # ----------------------------------------------------------------------------------------------------
-# Shared latent space: one source for the text and frame prompts of every layer (spec §2.1)
+# Shared latent space: one source for the text and frame prompts of every layer (modules/clip.py encode_prompt)
 
 
 class SharedLatentSpace(nn.Module):
@@ -104,7 +108,7 @@ class SharedLatentSpace(nn.Module):
             if n_t != 2 * n_f:
                 raise ValueError(f"latent='linear' maps the n_f={n_f} frame prompts to as many prefix and "
                                  f"postfix text prompts, so n_t must be 2 * n_f = {2 * n_f}, got {n_t}")
-            # V: n_f vectors per layer, stored as the release's [1, n_f, layers * Wv]; U(-a, a) as G (§2.5)
+            # V: n_f vectors per layer, stored as the release's [1, n_f, layers * Wv]; U(-a, a) as G
             self.V = nn.Parameter(torch.empty(1, n_f, layers * width).uniform_(-init_bound, init_bound))
             self.prefix_proj = nn.Linear(width, text_width)  # W_pre
             self.postfix_proj = nn.Linear(width, text_width)  # W_post (dead, see the docstring)
@@ -114,7 +118,7 @@ class SharedLatentSpace(nn.Module):
             self.num_frames = num_frames
             self.U = nn.Embedding(n_t + n_f * num_frames, layers * width)  # rows: n_t text, then T x n_f
             self.block = clip.ResidualAttentionBlock(width, max(1, width // 64))  # one block, all layers
-            nn.init.xavier_uniform_(self.block.attn.in_proj_weight)  # nn.MultiheadAttention's defaults (§2.5)
+            nn.init.xavier_uniform_(self.block.attn.in_proj_weight)  # nn.MultiheadAttention's defaults
             nn.init.zeros_(self.block.attn.out_proj.bias)
             self.text_mlp = nn.Sequential(OrderedDict([  # release: unified_prompt_mlp
                 ("c_fc", nn.Linear(width, 2 * width)),
@@ -137,7 +141,7 @@ class SharedLatentSpace(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Global-local video attention mask (spec §2.3.3)
+# Global-local video attention mask
 
 
 def global_local_mask(n_g, T, S, video_mask=None):
@@ -207,7 +211,7 @@ class DGL(nn.Module):
                              "prompted vision layers")
         self.num_frames, self.n_g, self.n_f, self.n_t = num_frames, n_g, n_f, n_t
         width, p = visual.transformer.width, visual.patch_size
-        bound = math.sqrt(6.0 / (3 * p * p + width))  # VPT's uniform init, 0.0395 for ViT-B/32 (§2.5)
+        bound = math.sqrt(6.0 / (3 * p * p + width))  # VPT's uniform init, 0.0395 for ViT-B/32
         self.global_prompts = nn.Parameter(torch.empty(1, n_g, width).uniform_(-bound, bound))  # G
         self.latent_space = SharedLatentSpace(latent, visual.transformer.layers, width, text.width,
                                               num_frames, n_f, n_t, bound)
@@ -218,7 +222,7 @@ class DGL(nn.Module):
         return self.clip.logit_scale.clamp(0.1, math.log(100))
 
     def encode_text(self, text):
-        """Ids [B, L] -> [B, E]: deep prefix/postfix prompts in the causal text tower (§2.2)."""
+        """Ids [B, L] -> [B, E]: deep prefix/postfix prompts in the causal text tower."""
         if text.dim() != 2 or text.dtype.is_floating_point:
             raise ValueError(f"text must be integer token ids [B, L], got {tuple(text.shape)} {text.dtype}")
         text = text.long()
@@ -233,12 +237,12 @@ class DGL(nn.Module):
             if l > 0:  # step 3: overwrite the prompt slots with layer-l prompts (VPT-deep)
                 x = torch.cat([x[:, :1], P_t[l, None, :pre].expand(B, -1, -1), x[:, 1 + pre:L + pre],
                                P_t[l, None, pre:].expand(B, -1, -1)], dim=1)  # [B, L + n_t, Wt]
-            x = block(x, is_causal=True)  # the postfix slots follow every EOT: they never reach it (§7.2)
+            x = block(x, is_causal=True)  # the postfix slots follow every EOT: they never reach it
         eot = text.argmax(dim=-1) + pre  # EOT has the largest id (first max); shifted by the prefix
         return self.clip.text_head(x[torch.arange(B, device=x.device), eot])  # [B, E]
 
     def encode_video(self, video, video_mask=None):
-        """Video [B, T, 3, H, W], video_mask [B, T] bool -> [B, E]: global-local attention (§2.3)."""
+        """Video [B, T, 3, H, W], video_mask [B, T] bool -> [B, E]: global-local attention."""
         if video.dim() != 5 or (video_mask is not None and video_mask.shape != video.shape[:2]):
             raise ValueError(f"expected video [B, T, 3, H, W] and video_mask [B, T], got {tuple(video.shape)} "
                              f"and {None if video_mask is None else tuple(video_mask.shape)}")

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import synthetic
 
 SIM_BLOCK_ELEMENTS = 2 ** 26  # a method's own similarity() sees [texts, videos, T, D] blocks of at most this
 
@@ -53,6 +54,14 @@ def retrieval_metrics(sim, caption_video, dsl=False):
             "v2t": summarize(ranks_of(groups.T, torch.arange(sim.shape[1])))}
 
 
+def temporal_pair_accuracy(sim, caption_video, twin):
+    """Share (%) of captions whose video scores above its time-reversed twin, twin[j] = the twin of video j
+    (a tie counts half): 50 for a model blind to frame order, 100 when order always decides. sim [Nt, Nv]."""
+    sim, cv = sim.double().cpu(), torch.as_tensor(caption_video)
+    own, other = sim[torch.arange(len(sim)), cv], sim[torch.arange(len(sim)), torch.as_tensor(twin)[cv]]
+    return 100 * ((own > other).double() + 0.5 * (own == other).double()).mean().item()
+
+
 @torch.no_grad()
 def evaluate(method, split, args, device, amp):
     """Encode every test text and video once, then the [Nt, Nv] similarity (blockwise for method.similarity)."""
@@ -75,11 +84,17 @@ def evaluate(method, split, args, device, amp):
     block = len(text) if method.similarity is None else max(1, SIM_BLOCK_ELEMENTS // max(video.numel(), 1))
     sim = torch.cat([similarity(method, text[i:i + block], video, mask) for i in range(0, len(text), block)])
     method.train(was_training)
-    return {f"{label}{d}": m for label, dsl in (("", False), ("DSL ", True)) if dsl <= args.dsl
-            for d, m in retrieval_metrics(sim, split.caption_video, dsl).items()}
+    metrics = {f"{label}{d}": m for label, dsl in (("", False), ("DSL ", True)) if dsl <= args.dsl
+               for d, m in retrieval_metrics(sim, split.caption_video, dsl).items()}
+    if split.name == "synthetic-test":  # its clips come in time-reversed pairs (synthetic.twins)
+        metrics["temporal"] = {"pair_acc": temporal_pair_accuracy(sim, split.caption_video, synthetic.twins(split))}
+    return metrics
 
 
 def table(metrics):
+    rows = {k: m for k, m in metrics.items() if k != "temporal"}
     return "\n".join([f"{'':>12} {'R@1':>6} {'R@5':>6} {'R@10':>6} {'MdR':>6} {'MnR':>7}"] + [
         f"{k:>12} {m['R@1']:6.1f} {m['R@5']:6.1f} {m['R@10']:6.1f} {m['MdR']:6.1f} {m['MnR']:7.2f}"
-        for k, m in metrics.items()])
+        for k, m in rows.items()] + ([f"temporal pair accuracy {metrics['temporal']['pair_acc']:.1f}% "
+                                      "(caption's clip above its time-reversed twin; order-blind: 50%)"]
+                                     if "temporal" in metrics else []))

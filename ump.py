@@ -3,11 +3,11 @@
 UMP: Unified Modality-aware Prompt Tuning for Text-Video Retrieval (Zhang, Zeng, Gao, Song, Shen;
 IEEE TCSVT 2024, IEEE Xplore document 10599510). There is no arXiv version: the README's arXiv link
 (2310.08446) points to an unrelated paper. The paper's text was not available to us, so this file follows
-its figures (README and assets of the release: Fig. 3 framework, 3a UPG, 3b STS) and the release, as
-settled in ../shared/specs/ump.md (revision 2, cited as "spec §n").
+its figures (README and assets of the release: Fig. 3 framework, 3a UPG, 3b STS) and the release;
+docs/ump.md maps them to the lines below.
 Official code: zchoi/UMP_TVR @ 9ec554a (model/clip_model.py `Transformer._prompt` and `forward`,
 model/clip_baseline.py, config/all_config.py, run_msrvtt.sh); zchoi/UMP @ 2d65091 holds the same
-clip_model.py. The release implements neither component as the figures draw it (spec §2): its generator
+clip_model.py. The release implements neither component as the figures draw it: its generator
 ignores its input, its text prompts sit after EOT under the causal mask, and there is no shift at all.
 
 Faithful to (Fig. 3): CLIP frozen, logit_scale included; a prompt generator (UPG) that turns learnable
@@ -17,10 +17,10 @@ upper K_d video layers, CLS bypassing it; mean pooling of frame CLS embeddings, 
 8 prompts, seeds N(0, 1), one nn.TransformerEncoderLayer(nhead=8, FFN 2048, ReLU, dropout 0.1, post-norm)
 as generator shared by all layers, video prompts appended after the 50 tokens and dropped after each block.
 
-Deliberate deviations and our decisions (spec §3):
+Deliberate deviations and our decisions:
   1. UPG reads only its own tower's tokens. Fig. 3a feeds the caption AND the video into one generator,
      which makes every embedding depend on the pair (Nt x Nv joint passes at test time); the release never
-     mixes modalities either. Text and video therefore encode independently (DESIGN.md).
+     mixes modalities either. Text and video therefore encode independently (docs/design.md).
   2. UPG attends over one sample's tokens, so prompts depend on the input (the release's "transformer"
      branch). The release hard-codes its "linear" branch, which feeds a seq-first layer batch-first: the
      attention runs across samples and the prompts are the layer applied to each seed alone, i.e. static.
@@ -39,10 +39,11 @@ Deliberate deviations and our decisions (spec §3):
   7. Video = mean over valid frames of the L2-normalised ln_post(CLS) @ proj (the release's
      `clip_baseline` + avg, as the figure); not the release's default X-Pool head (1.32M, query-dependent).
   8. Trainable parameters, ViT-B/32: 3,989,248 (2.64% of CLIP). The paper reports 1.2M; no released
-     configuration of an input-conditioned generator reaches that (spec §5).
+     configuration of an input-conditioned generator reaches that (the release's linear-generator reading
+     has 0.98M but static prompts; its exact-code mode trains 5.59M).
   9. Recipe: words=32 (release: 77); train.py reports the last epoch, the release picks the best 5-eval
      window on the test split.
-Exact-code mode (`official_code=True`, spec §4) reproduces the release's forward pass instead: separate
+Exact-code mode (`official_code=True`) reproduces the release's forward pass instead: separate
 G_t (width 512) and G_v (768), each applied to its seeds alone and broadcast; video prompts appended at
 50..57 and dropped after each block; text prompts replacing the last 8 of L slots (so EOT never sees them
 unless it sits in those slots, where the caption's end is lost, as in the release at L = 77); no STS; mean
@@ -66,7 +67,7 @@ RECIPE = dict(
     epochs=5,             # config/all_config.py num_epochs 5
     batch_size=32,        # run_msrvtt.sh --batch_size=32
     frames=12,            # all_config.py num_frames 12 (hard-coded in the release's Transformer too)
-    words=32,             # ours (the release tokenises to 77; spec §7)
+    words=32,             # ours (the release tokenises to 77)
     weight_decay=0.2,     # all_config.py weight_decay 0.2 on every trainable tensor (HF AdamW)
     warmup=0.1,           # all_config.py warmup 0.1 of the steps, then per-step cosine (train.py's schedule)
     grad_clip=1.0,        # trainer: clip_grad_norm_(1.0)
@@ -77,17 +78,17 @@ RECIPE = dict(
     upg_condition=True,   # False: G sees its seeds only (the paper's "w/o V in UPG" ablation, ump_vis.pdf)
     d_ff=2048,            # G's FFN width: nn.TransformerEncoderLayer's default, which the release keeps
     shared_upg=True,      # Fig. 3 "unified" prompts: one G and one seed set for both towers (ours: width 512)
-    official_code=False,  # True: the release's forward pass (spec §4), for comparison and the oracle
+    official_code=False,  # True: the release's forward pass, for comparison with the official code
 )
 
 DATASET_RECIPES = dict(
-    # The synthetic default (train.py's tiny CLIP: widths 64, 2 layers per tower) has to train on 2 CPU cores
+    # The synthetic default (synthetic.py's tiny CLIP: widths 64, 2 layers per tower) has to train on 2 CPU cores
     # in minutes: 8 frames cover its 16-24-frame clips (as the baselines); K_d=1 is the upper half of a
     # 2-layer video tower (6 of 12 at ViT-B/32); d_ff=256 keeps G at 4x the width, as 2048 is at 512 (the
     # default 2048 would make G 32x wider than the tiny CLIP); and 3e-5, tuned for ~1.4k steps on MSR-VTT,
-    # barely moves the freshly initialised generator in a few hundred steps, hence a larger lr. 2 epochs: in a
-    # 5-epoch run (17 min on a loaded 2-core CPU) R@5/R@10 peaked at epoch 2 and R@1 did not improve after it.
-    synthetic=dict(lr=1e-3, epochs=2, batch_size=32, frames=8, K_d=1, d_ff=256),
+    # barely moves the freshly initialised generator in a few hundred steps, hence a larger lr. 1 epoch of the
+    # 9,000 pairs (281 steps): the whole job (set, tiny CLIP, training) fits in 3 minutes on 2 idle cores.
+    synthetic=dict(lr=1e-3, epochs=1, batch_size=32, frames=8, K_d=1, d_ff=256),
 )
 
 

@@ -5,7 +5,7 @@ UniPT: Universal Parallel Tuning for Transfer Learning with Efficient Parameter 
 Official code: Paranioar/UniPT @ 3fa457d (CLIP4Clip/modules/module_adapter.py `Our_tuning_for_transformer`,
 called from CLIP4Clip/modules/modeling.py L251-261, get_sequence_output / get_visual_output).
 Only the paper's abstract and Fig. 2 caption were readable, so the equations below follow the official
-CLIP4Clip code (spec ../shared/specs/unipt.md §2, step numbers in the comments).
+CLIP4Clip code; docs/unipt.md maps it to the lines below.
 
 Faithful to: CLIP frozen and run once without a graph; 13 taps per tower (embedding stage + every block
 output); per-tap ReLU->Linear projections attended by the projected final embedding with ReLU + L1
@@ -16,16 +16,16 @@ authors' `image_adapter.*` / `text_adapter.*` checkpoint keys load unchanged (st
 
 Deliberate deviations:
   1. Text padding comes from the EOT position (token positions <= argmax(ids) are valid). The release
-     uses `ids != 0`, but id 0 is "!" in CLIP's BPE, so a "!" inside a caption was masked out (spec §7 #2).
+     uses `ids != 0`, but id 0 is "!" in CLIP's BPE, so a "!" inside a caption was masked out.
      Identical for captions without "!".
   2. The 13 down-projections run as one batched matmul over their stacked weights instead of a Python
      loop (same parameters and key names, same numbers); tap count and widths come from the CLIP config
-     instead of the hard-coded 13 / 768 / 512, so other ViT sizes work (spec §7 #9).
+     instead of the hard-coded 13 / 768 / 512, so other ViT sizes work.
   3. Precision: the release keeps CLIP's weights in fp16; here CLIP keeps whatever dtype it has (fp32 from
      clip.load, the caller may autocast) and the side network always runs in fp32 with autocast disabled
-     (the release's adapters are fp32 too, spec §7 #3).
+     (the release's adapters are fp32 too).
   4. Optimiser and schedule are train.py's AdamW + warmup/cosine rather than CLIP4Clip's BertAdam (no bias
-     correction, per-tensor clipping; spec §7 #4); weight decay on weights only, as BertAdam's bias rule.
+     correction, per-tensor clipping); weight decay on weights only, as BertAdam's bias rule.
 
 Usage:
     model = UniPT(clip.load("ViT-B/32"), num_frames=12)
@@ -40,7 +40,7 @@ import clip
 
 RECIPE = dict(
     lr=1e-4,             # train_msrvtt_tuning.sh --lr 1e-4 (all adapter params)
-    clip_lr=None,        # no CLIP parameter trains (--coef_lr 1e-3 touches empty groups, spec §7 #5)
+    clip_lr=None,        # no CLIP parameter trains (--coef_lr 1e-3 touches empty groups)
     epochs=5,            # --epochs 5
     batch_size=128,      # --batch_size 128 (4 GPUs x 32)
     frames=12,           # --max_frames 12, --slice_framepos 2
@@ -55,18 +55,18 @@ RECIPE = dict(
 
 DATASET_RECIPES = dict(
     msvd=dict(),         # train_msvd_tuning.sh uses the MSR-VTT values above
-    # The synthetic default trains a tiny side network (~17k params at E = 32) beside a tiny frozen CLIP on
-    # 2 CPU cores in a few minutes: 8 frames and 3 epochs (~420 steps of 32) as the baselines' frame count,
-    # and an lr 20x the release's so that a default-initialised side network moves within those few steps.
-    synthetic=dict(lr=2e-3, epochs=3, batch_size=32, frames=8),
+    # The synthetic default trains a tiny side network beside a tiny frozen CLIP on 2 CPU cores in a few
+    # minutes: 8 frames (the baselines' count) and 2 epochs (562 steps of 32 of the set's 9,000 pairs), and an
+    # lr 20x the release's so that a default-initialised side network moves within those few steps.
+    synthetic=dict(lr=2e-3, epochs=2, batch_size=32, frames=8),
 )
 
 
 # ----------------------------------------------------------------------------------------------------
-# Frozen CLIP: final embedding (anchor) + token states at every tap (spec §2.1)
+# Frozen CLIP: final embedding (anchor) + token states at every tap
 
 
-@torch.no_grad()  # not inference_mode: the side network saves ReLU(taps) for its own backward (spec §2.5)
+@torch.no_grad()  # not inference_mode: the side network saves ReLU(taps) for its own backward
 def frozen_image_taps(model, images):
     """Images [N, 3, H, W] -> (anchor [N, E], taps [L+1, N, S, Wv]); tap 0 is after ln_pre, tap l block l."""
     x = model.visual.embed(images)  # [N, S, Wv], S = 1 + g*g
@@ -92,7 +92,7 @@ def frozen_text_taps(model, text):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Side network: parallel interaction + confidence aggregation (spec §2.2, official Our_tuning_for_transformer)
+# Side network: parallel interaction + confidence aggregation (official Our_tuning_for_transformer)
 
 
 def relu_linear(d_in, d_out):
@@ -147,7 +147,7 @@ class ParallelSideNetwork(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The method: frozen CLIP + one side network per tower, CLIP4Clip meanP (spec §2.3)
+# The method: frozen CLIP + one side network per tower, CLIP4Clip meanP
 
 
 class UniPT(nn.Module):

@@ -1,4 +1,4 @@
-"""Cross-Modal Adapter: the fidelity checklist of specs/adapter.md §6 on a tiny CLIP (CPU, seconds)."""
+"""Cross-Modal Adapter: the release's behaviour, one property per test, on a tiny CLIP (CPU, seconds)."""
 import os
 
 import pytest

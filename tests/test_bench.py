@@ -1,4 +1,4 @@
-"""bench.py's bookkeeping (not its timings): FLOP counting on the CPU and the --quality aggregation."""
+"""bench.py's bookkeeping (not its timings): FLOP counting on the CPU, the quality aggregation, a tiny speed run."""
 import argparse
 import json
 
@@ -31,3 +31,15 @@ def test_quality_reuses_finished_runs_and_reports_mean_and_population_std(tmp_pa
     rows = bench.quality(argparse.Namespace(methods="full", seeds="0,1", out=str(tmp_path), jobs=2))
     assert rows[0]["stats"]["t2v R@1"] == (15.0, 5.0) and rows[0]["stats"]["v2t R@10"] == (80.0, 0.0)
     assert rows[0]["command"] == "python train.py --method full --seed S"
+
+
+def test_speed_runs_every_column_through_train_methods_and_the_frame_cache_loader(tmp_path):
+    args = argparse.Namespace(device="cpu", tiny=True, methods="unipt,zeroshot", batch=2, frames=4, words=8, steps=1,
+                              warmup=1, loader_steps=1, loader_clips=1, workers=1)
+    result = bench.speed(args)  # a forked loader worker once hung here on OpenCV's thread pool
+    unipt, zeroshot = result["rows"]
+    assert unipt["trainable"] == sum(p.numel() for p in bench.build("unipt", bench.TINY, 4, True)[0].parameters()
+                                     if p.requires_grad)
+    assert unipt["flops"] > 0 and unipt["peak_mem_MB"] > 0 and 0 <= unipt["loader_wait"] < 1
+    assert "step_ms" not in zeroshot and "loader_wait" not in zeroshot  # nothing trains
+    assert "loader wait" in bench.speed_table(result)

@@ -176,7 +176,7 @@ def test_cache_dir_without_xdg(monkeypatch, tmp_path):
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
     assert clip.default_cache_dir() == str(tmp_path / ".cache" / "clip")
-    with pytest.raises(FileNotFoundError, match="ViT-B/32"):  # neither a file nor a known name
+    with pytest.raises(clip.ModelFileError, match="ViT-B/32"):  # neither a file nor a known name
         clip.load(str(tmp_path / "missing.pt"))
 
 

@@ -1,4 +1,4 @@
-"""data.py: MSR-VTT reader, frame sampling and masks, corrupt and missing videos, text, synthetic set, cache."""
+"""data.py: MSR-VTT reader, frame sampling and masks, corrupt and missing videos, text, cache (the synthetic set: test_synthetic.py)."""
 import csv
 import json
 import os
@@ -10,7 +10,6 @@ import torch
 
 import clip
 import data
-import synthetic
 
 
 def write_gray_video(path, n, size=(48, 32)):
@@ -52,15 +51,15 @@ def test_msrvtt_reader(msrvtt):
     test = data.read_split("msrvtt", "test", *msrvtt)
     assert test.captions == ['cars, trucks and "bikes"'] and test.caption_video == [0]
     assert len(data.read_split("msrvtt7k", "train", *msrvtt).videos) == 1
-    with pytest.raises(FileNotFoundError, match="MSRVTT_JSFUSION_test.csv.*msrvtt_data.zip"):
+    with pytest.raises(data.DataError, match="MSRVTT_JSFUSION_test.csv not found.*msrvtt_data.zip"):
         data.read_split("msrvtt", "test", msrvtt[1], msrvtt[1])
-    with pytest.raises(ValueError, match="unknown data set 'msr'.*msrvtt"):
+    with pytest.raises(data.DataError, match="unknown data set 'msr'.*msrvtt"):
         data.read_split("msr", "train", *msrvtt)
 
 
 def test_missing_videos_clear_error_or_loud_subset(msrvtt, capsys):
     os.remove(os.path.join(msrvtt[1], "video0.mp4"))
-    with pytest.raises(FileNotFoundError, match=r"1 of 2 msrvtt train videos are missing .*video0.*--allow_missing"):
+    with pytest.raises(data.DataError, match=r"1 of 2 msrvtt train videos are missing .*video0.*--allow_missing"):
         data.read_split("msrvtt", "train", *msrvtt)
     split = data.read_split("msrvtt", "train", *msrvtt, allow_missing=True)
     assert split.captions == ["a dog runs", "a dog plays"] and split.caption_video == [0, 0]
@@ -128,36 +127,10 @@ def test_text_tokens_and_sanitising():
     assert long[-1] == clip.EOT and long[0] == clip.SOT and (long != 0).all()
 
 
-def test_synthetic_deterministic_and_msrvtt_layout(tmp_path, monkeypatch):
-    a, b = tmp_path / "a", tmp_path / "b"
-    synthetic.make_synthetic(str(a), seed=3, n_train=6, n_test_pairs=3)
-    synthetic.make_synthetic(str(b), seed=3, n_train=6, n_test_pairs=3)
-    for name in ["MSRVTT_data.json", "MSRVTT_train.9k.csv", "MSRVTT_JSFUSION_test.csv", "synthetic_still.csv",
-                 "videos/video0.mp4", "videos/video11.mp4"]:
-        assert (a / name).read_bytes() == (b / name).read_bytes(), name
-    train = data.read_split("msrvtt", "train", str(a), str(a / "videos"))  # the MSR-VTT reader reads it
-    test = data.read_split("synthetic", "test", str(a))
-    assert len(train.videos) == 6 and len(train.captions) == 18 and len(test.videos) == 6
-    assert len(set(test.captions)) == 6  # every test caption unique: R@1 can reach 100
-    for k in (0, 2, 4):  # test clips come in pairs: the second is the first played backwards
-        first, second = (data.read_frames(test.videos[k + j], 0, False, fps=0).astype(float) for j in (0, 1))
-        assert np.abs(first - second[::-1]).mean() < 2 and np.abs(first - second).mean() > 0.2
-    canonical = {synthetic.caption(c, s, m): (c, s, m) for c in synthetic.COLOURS for s in synthetic.SHAPES for m in synthetic.MOTIONS}
-    for k in (0, 2, 4):  # ... and its caption is the reversed motion ("moves left then grows" -> "shrinks then
-        colour, shape, motions = canonical[test.captions[k]]  # moves right")
-        assert test.captions[k + 1] == synthetic.caption(colour, shape, synthetic.reverse(motions)) != test.captions[k]
-    still = data.read_split("synthetic", "still", str(a))
-    assert all(len(c.split()) == 3 for c in still.captions) and set(still.videos) <= set(train.videos)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # the default location, written atomically
-    root = synthetic.ensure_synthetic(n_train=2, n_test_pairs=1)
-    assert root == str(tmp_path / "xdg" / "nanotvr" / f"synthetic-{synthetic.SYNTHETIC_VERSION}")
-    assert os.listdir(tmp_path / "xdg" / "nanotvr") == [os.path.basename(root)]  # no temporary left behind
-
-
 def test_frame_cache_equals_decoding(msrvtt, tmp_path):
     train = data.read_split("msrvtt", "train", *msrvtt)
     cache = str(tmp_path / "cache")
-    with pytest.raises(FileNotFoundError, match="python data.py --cache"):
+    with pytest.raises(data.DataError, match="python data.py --cache"):
         data.VideoTextDataset(train, frames=6, words=8, size=32, train=False, frame_cache=cache)
     os.makedirs(cache)
     errors = [data._cache_one((v, data.cache_file(cache, v), 32, 0, None)) for v in train.videos]  # fps 0: all

@@ -75,7 +75,7 @@ def test_activitynet_v_prefix_and_paragraphs(tmp_path):
     test = data.read_split("activitynet", "test", str(tmp_path), str(tmp_path / "videos"))
     assert names(test) == ["QOlSCBRmfWY.mkv", "-0aVbY-7hEw.mp4"]  # file name = id without 'v_', any extension
     assert test.captions == ["A young woman is seen standing in a room. She then begins to dance.", "A man shaves."]
-    with pytest.raises(FileNotFoundError, match="train.json"):
+    with pytest.raises(data.DataError, match="train.json not found"):
         data.read_split("activitynet", "train", str(tmp_path), str(tmp_path / "videos"))
 
 
@@ -94,7 +94,7 @@ def test_lsmdc_tab_separated_rows(tmp_path):
     assert train.caption_video == [0, 1, 0]  # a clip id repeats: one video, two captions
     assert names(train)[0] == "1001_Flight_00.00.56.114-00.00.58.132.avi"
     (tmp_path / "LSMDC16_challenge_1000_publictect.csv").write_text(rows[1] + "\nbroken row without tabs\n")
-    with pytest.raises(ValueError, match="publictect.csv:2: expected 6 tab-separated fields, got 1"):
+    with pytest.raises(data.DataError, match="publictect.csv line 2 has 1 tab-separated fields, expected 6"):
         data.read_split("lsmdc", "test", str(tmp_path), str(tmp_path / "avi"))
 
 
@@ -104,7 +104,7 @@ def test_webvid_csv_page_dirs_and_missing_downloads(tmp_path, capsys):
         "31353427,https://x/1.mp4,PT00H00M19S,016401_016450,\"Aerial, shot of a city\"\n"
         "8131,https://x/2.mp4,PT00H00M09S,000001_000050,Never downloaded\n")
     touch(tmp_path / "videos", "016401_016450/31353427.mp4", "000001_000050/31353427.mp4")
-    with pytest.raises(FileNotFoundError, match=r"1 of 2 webvid test videos are missing .*000001_000050/8131\.mp4"):
+    with pytest.raises(data.DataError, match=r"1 of 2 webvid test videos are missing .*000001_000050/8131\.mp4"):
         data.read_split("webvid", "test", str(tmp_path), str(tmp_path / "videos"))
     split = data.read_split("webvid", "test", str(tmp_path), str(tmp_path / "videos"), allow_missing=True)
     assert split.captions == ["Aerial, shot of a city"] and split.videos[0].endswith("016401_016450/31353427.mp4")
@@ -115,9 +115,9 @@ def test_missing_files_reported_for_every_reader(tmp_path):
     (tmp_path / "test_list.txt").write_text("a\nb\n")
     pickle.dump({"a": [["x"]], "b": [["y"]]}, open(tmp_path / "raw-captions.pkl", "wb"))
     touch(tmp_path / "v", "a.avi")
-    with pytest.raises(FileNotFoundError, match=r"1 of 2 msvd test videos are missing .* e\.g\. b\."):
+    with pytest.raises(data.DataError, match=r"1 of 2 msvd test videos are missing .* e\.g\. b\."):
         data.read_split("msvd", "test", str(tmp_path), str(tmp_path / "v"))
-    with pytest.raises(FileNotFoundError, match="not a directory"):
+    with pytest.raises(data.DataError, match="not a directory"):
         data.read_split("msvd", "test", str(tmp_path), str(tmp_path / "nowhere"))
-    with pytest.raises(FileNotFoundError, match="ref_captions.json not found in --data_path"):
+    with pytest.raises(data.DataError, match="ref_captions.json not found in --data_path"):
         data.read_split("vatex", "test", str(tmp_path), str(tmp_path / "v"))

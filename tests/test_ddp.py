@@ -1,5 +1,5 @@
 """DDP on CPU (gloo): two ranks with half a batch each take exactly the step of one process on the whole batch
-(spec §3.1: the all-gather sums gradients, DDP averages them), for loss and updated weights."""
+(train.py deviation 1: the all-gather sums gradients, DDP averages them), for loss and updated weights."""
 import os
 
 import pytest

@@ -1,4 +1,4 @@
-"""DGL (dgl.py) against the spec's fidelity checklist (../shared/specs/dgl.md §6), tiny CLIP on CPU."""
+"""DGL (dgl.py): the release's behaviour, one property per test, on a tiny CLIP on the CPU."""
 import math
 
 import pytest
@@ -39,7 +39,7 @@ def capture(module, inputs=True):
 
 
 def test_vitb32_counts_and_frozen_clip():
-    expect = dict(linear=827_392, transformer=9_575_168)  # spec §4, official CLIP instantiated
+    expect = dict(linear=827_392, transformer=9_575_168)  # the release's modules instantiated at ViT-B/32
     for latent in LATENTS:
         with torch.device("meta"):
             m = dgl.DGL(clip.CLIP(512, 224, 12, 768, 32, 77, 49408, 512, 8, 12), num_frames=12, latent=latent)

@@ -1,4 +1,4 @@
-"""DGL (dgl.py) against the official modules (spec §6 item 13), with both shared latent spaces.
+"""DGL (dgl.py) against the official modules, with both shared latent spaces.
 
 tests/fixtures/official_dgl.pt (made by tests/oracles/make_fixtures.py) holds knightyxp/DGL's modules/clip.py
 CLIP run in eval mode on a tiny config (vision width 64, 2 layers per tower, 3 frames, 8 words, 3 pairs,

@@ -1,4 +1,4 @@
-"""Retrieval metrics: spec §4 worked examples A (ties) and B (multi-caption), DSL, the loss and schedule."""
+"""Retrieval metrics: worked examples A (ties) and B (multi-caption), DSL, the loss and schedule."""
 import math
 
 import pytest

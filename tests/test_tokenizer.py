@@ -1,7 +1,7 @@
 """clip.tokenize: OpenAI's BPE byte for byte, padding, truncation that keeps EOT, overflow.
 
 tests/fixtures/clip_tokenizer_ids.json records, as facts, the ids that OpenAI's own tokenizer
-(openai/CLIP@d05afc4 SimpleTokenizer.encode/decode, run once by shared/oracles/clip_oracle.py; its "source"
+(openai/CLIP@d05afc4 SimpleTokenizer.encode/decode, run once by a harness around the official code; its "source"
 field has the versions and file hashes) gives for 51 strings: ASCII, capitals, contractions, digits, HTML
 entities, mojibake, CJK, Cyrillic, Arabic, Devanagari, Thai, emoji with ZWJ and flags, control and zero-width
 characters, literal special tokens, empty and whitespace-only strings, and lengths around 77 and 32.

@@ -1,4 +1,4 @@
-"""UMP's fidelity checklist (../shared/specs/ump.md §8) on a tiny CLIP: default design."""
+"""UMP's behaviour, one property per test, on a tiny CLIP: default design."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -41,7 +41,7 @@ def test_clip_frozen_and_trainable_set():
 
 @pytest.mark.parametrize("kw, count", [({}, 3_989_248), ({"shared_upg": False}, 8_789_248)])
 def test_vitb32_trainable_count(kw, count):
-    with torch.device("meta"):  # ViT-B/32 shapes without weights (spec §5)
+    with torch.device("meta"):  # ViT-B/32 shapes without weights
         model = UMP(clip.CLIP(512, 224, 12, 768, 32, 77, 49408, 512, 8, 12), 12, **kw)
     assert sum(p.numel() for p in trainable(model).values()) == count
 

@@ -1,4 +1,4 @@
-"""UMP's exact-code mode (official_code=True, spec §4): the release's forward pass, and the oracle."""
+"""UMP's exact-code mode (official_code=True): the release's forward pass, and the oracle."""
 import os
 
 import torch
@@ -28,7 +28,7 @@ def test_layout_and_vitb32_count():
     with torch.device("meta"):
         big = UMP(clip.CLIP(512, 224, 12, 768, 32, 77, 49408, 512, 8, 12), 12, official_code=True)
     video_part = sum(p.numel() for n, p in big.named_parameters() if n.split(".")[0] in ("upg_video", "prompts_video"))
-    assert video_part == 5_587_712  # spec §5: TEL768 + video seeds; the text part is inert
+    assert video_part == 5_587_712  # the release's count: TEL768 + video seeds; the text part is inert
     assert sum(p.numel() for p in big.parameters() if p.requires_grad) == 5_587_712 + 3_152_384 + 49_152
 
 
@@ -41,7 +41,7 @@ def test_text_is_frozen_clip_unless_eot_in_the_tail():
         assert (model.encode_text(long) - model.clip.encode_text(long)).abs().max() > 1e-3  # the release's bug
     model.train()
     F.normalize(model.encode_text(short), dim=-1).sum().backward()
-    assert model.prompts.grad.abs().max() == 0  # EOT never sees the text prompts (spec §2, quirk 2)
+    assert model.prompts.grad.abs().max() == 0  # EOT never sees the text prompts (the release's tail slots)
 
 
 def test_video_prompts_static_and_shapes():
@@ -66,7 +66,7 @@ def test_video_prompts_static_and_shapes():
 
 
 def from_official(sd, Lt, Lv):
-    """The release's names -> ours (spec §8 weight map): G_t/G_v are each tower's prompt_encoder.layers.0, the
+    """The release's names -> ours: G_t/G_v are each tower's prompt_encoder.layers.0, the
     seeds the per-layer learnable_prompt(_video) [1, 8, W] stacked."""
     ours = {}
     for k, v in sd.items():

@@ -1,4 +1,4 @@
-"""UniPT (unipt.py) against the spec's fidelity checklist (spec §6), tiny CLIP on CPU."""
+"""UniPT (unipt.py): the release's behaviour, one property per test, on a tiny CLIP on the CPU."""
 import os
 
 import pytest
@@ -84,7 +84,7 @@ def test_gate_softmax_over_layers(model):
 
 def test_residual_on_frozen_embedding(model):
     text, v = ids(3, 6), video()
-    # default init is not the identity (spec §2.4): the side output moves the embedding
+    # default init is not the identity: the side output moves the embedding
     assert not torch.allclose(model.encode_text(text), model.clip.encode_text(text), atol=1e-4)
     with torch.no_grad():
         for side in (model.text_adapter, model.image_adapter):

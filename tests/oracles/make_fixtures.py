@@ -4,13 +4,15 @@ Not part of nanoTVR: the project and the tests never import this file (pytest co
 It builds each official module on the CPU at a tiny config, feeds it fixed random inputs and saves, per
 method, one small file tests/fixtures/official_<method>.pt that holds the weights, the inputs, the outputs,
 the loss, the gradients of the trainable tensors and (Cross-Modal Adapter) three optimizer steps. The tests
-(tests/test_*_oracle.py, test_clip_load.py, test_ump_official.py, test_adapter.py, test_unipt.py) load them
-with torch.load(path, weights_only=True) and run nanoTVR's modules on the same numbers. Every file records
+(test_clip_load.py, test_ump_official.py, test_dgl_oracle.py, test_adapter.py, test_unipt.py,
+test_simvtp_oracle.py) load them with torch.load(path, weights_only=True) and run nanoTVR's modules on the
+same numbers. Every file records
 the official repository, the commit (`git rev-parse HEAD` of the checkout) and the torch version.
 
-Nothing of the official code is copied here: this script only imports, constructs and calls it. Weights,
-inputs and frozen tensors are rounded to fp16-exact values before the official run and stored as fp16
-(casting back to fp32 is exact), which halves the files; outputs and gradients are stored in fp32.
+Nothing of the official code is copied here: this script only imports, constructs and calls it. Weights
+and inputs are rounded to fp16-exact values before the official run and stored as fp16 (casting back to fp32
+is exact; scalars such as logit_scale = ln 100 stay fp32), which halves the files; outputs and gradients are
+stored in fp32.
 
 Regenerate
     # 1. checkouts of the official repositories at the commits nanoTVR pins (equal to their HEAD today)
@@ -20,7 +22,7 @@ Regenerate
     git clone https://github.com/knightyxp/DGL && git -C DGL checkout 9139fd1
     git clone https://github.com/LeapLabTHU/Cross-Modal-Adapter && git -C Cross-Modal-Adapter checkout 07b2203
     git clone https://github.com/Paranioar/UniPT && git -C UniPT checkout 3fa457d
-    git clone https://github.com/wufeim/SimVTP && git -C SimVTP checkout 558d24e
+    git clone https://github.com/wufeim/SimVTP && git -C SimVTP checkout 558d24e  # a copy of mayuelala/SimVTP
     # (a few large data blobs of UMP_TVR, DGL and UniPT may be missing from a mirror; only code is read)
     # 2. a separate environment: nanoTVR's requirements plus what the official files import
     python -m venv .venv && .venv/bin/pip install -r /path/to/nanoTVR/requirements.txt \
@@ -576,16 +578,199 @@ def make_unipt(src):
     save("unipt", payload)
 
 
+# ------------------------------------------------------------------------------------------------ SimVTP
+SIMVTP_TINY = dict(frames=16, size=16, patch=4, tubelet=2, width=32, depth=2, heads=2, decoder_width=16,
+                   decoder_depth=2, decoder_heads=2, vocab=40, context=16, video_mask_ratio=0.9,
+                   text_mask_ratio=0.75)
+SIMVTP_LENGTHS = [6, 2, 9, 4]  # words per caption: the batch pads to 11 tokens, three captions carry padding
+
+
+def simvtp_vocab(V):
+    """A WordPiece vocabulary laid out as CLIP's ids are in nanoTVR: [PAD] 0, words, then [CLS] (SOT) V-3,
+    [SEP] (EOT, the largest id of a caption) V-2, [MASK] V-1 (nanoTVR's mask id = vocab_size - 1)."""
+    return ["[PAD]", "[UNK]"] + [f"w{i}" for i in range(2, V - 3)] + ["[CLS]", "[SEP]", "[MASK]"]
+
+
+def make_simvtp(src):
+    """wufeim/SimVTP, both stages, the release's own code paths on the CPU:
+    (a) pretraining: modeling_pretrain.py pretrain_simvtp_base_patch16_224 (PretrainVisionTransformer) run by
+    engine_for_pretraining.py train_one_epoch for one batch (its tokenizer call, its MLM masking
+    utils.mask_batch_text_tokens at the script's probability 0.75, its normalised-pixel targets, its four
+    losses and its backward), with a tube mask from masking_generator.TubeMaskingGenerator at the script's
+    ratio 0.9. The draws the official code makes (tube mask, masked words, VTM negatives from
+    generate_random) are recorded so nanoTVR's pretraining_loss can be given the same ones.
+    (b) fine-tuning: modeling_finetune.py DualVideoTextEncoder loaded from (a)'s weights as
+    run_simvtp_finetuning.py does (keys 'encoder.' stripped, utils.load_state_dict into both towers), then
+    engine_for_finetuning.py train_class_batch with loss.py NormSoftmaxLoss, and its backward.
+    Sizes the release hard-codes are changed at import time, the files on disk are not touched:
+    - the BERT-base embeddings (AutoModelForMaskedLM / AutoModel .from_pretrained('bert-base-uncased')) are
+      transformers' BertEmbeddings of a small BertConfig made here (vocabulary 40, width 32, 16 positions,
+      dropout 0), with HF_HUB_OFFLINE=1; the tokenizer is transformers' BertTokenizerFast over the vocabulary
+      of simvtp_vocab (transformers 5 has no `_pad_token`, which the release's masking reads: set on it);
+    - pretrain_simvtp_base_patch16_224 and DualVideoTextEncoder pass ViT-B sizes to PretrainVisionTransformer /
+      VisionTransformer: those two names are wrapped to put the tiny sizes in;
+    - the MLM head nn.Linear(768, 30522) and VTM head nn.Linear(768, 2) are rebuilt at width 32 (vocabulary 40)
+      and initialised by the model's own _init_weights; the engine reshapes the MLM logits to 30522 columns, so
+      a forward hook pads the 40 logits with -inf columns (softmax 0: the loss and every gradient unchanged);
+    - the engine's torch.cuda.synchronize() is a no-op on the CPU; its optimizer is a stand-in whose step()
+      records the gradients (lr 0).
+    Dropout, attention dropout and drop path are 0 so both passes are deterministic."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    six = types.ModuleType("torch._six")  # utils.py: `from torch._six import inf` (gone from torch 2)
+    six.inf = math.inf
+    sys.modules.setdefault("torch._six", six)
+    stub_missing(["tensorboardX"])
+    sys.modules["tensorboardX"].SummaryWriter = getattr(sys.modules["tensorboardX"], "SummaryWriter", object)
+    names = {"utils", "modeling_pretrain", "modeling_finetune", "engine_for_pretraining", "engine_for_finetuning",
+             "loss", "masking_generator"}
+    purge(names)
+    sys.path.insert(0, src)
+    try:
+        mf = importlib.import_module("modeling_finetune")
+        mp = importlib.import_module("modeling_pretrain")
+        ep = importlib.import_module("engine_for_pretraining")
+        ef = importlib.import_module("engine_for_finetuning")
+        ou = importlib.import_module("utils")
+        ol = importlib.import_module("loss")
+        mg = importlib.import_module("masking_generator")
+    finally:
+        sys.path.remove(src)
+    import numpy as np
+    from transformers import BertConfig, BertForMaskedLM, BertModel, BertTokenizerFast
+    c = SIMVTP_TINY
+    V, W, P, T, R = c["vocab"], c["width"], c["context"], c["frames"], c["size"]
+    bert = BertConfig(vocab_size=V, hidden_size=W, num_hidden_layers=1, num_attention_heads=c["heads"],
+                      intermediate_size=4 * W, max_position_embeddings=P, hidden_dropout_prob=0.0,
+                      attention_probs_dropout_prob=0.0)
+    tokenizer = BertTokenizerFast(vocab={t: i for i, t in enumerate(simvtp_vocab(V))})
+    tokenizer._pad_token = tokenizer.pad_token
+    assert (tokenizer.pad_token_id, tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.mask_token_id) == \
+        (0, V - 3, V - 2, V - 1)
+    mp.AutoModelForMaskedLM = types.SimpleNamespace(from_pretrained=lambda name: BertForMaskedLM(bert))
+    mf.AutoModel = types.SimpleNamespace(from_pretrained=lambda name: BertModel(bert))
+    ep.BertTokenizerFast = types.SimpleNamespace(from_pretrained=lambda name: tokenizer)
+    sizes = dict(img_size=R, patch_size=c["patch"], encoder_embed_dim=W, encoder_depth=c["depth"],
+                 encoder_num_heads=c["heads"], decoder_num_classes=3 * c["tubelet"] * c["patch"] ** 2,
+                 decoder_embed_dim=c["decoder_width"], decoder_num_heads=c["decoder_heads"], tubelet_size=c["tubelet"])
+    full_pretrain, full_vit = mp.PretrainVisionTransformer, mf.VisionTransformer
+    mp.PretrainVisionTransformer = lambda **kw: full_pretrain(**dict(kw, **sizes))
+    mf.VisionTransformer = lambda **kw: full_vit(**dict(kw, img_size=R, patch_size=c["patch"], embed_dim=W,
+                                                        depth=c["depth"], num_heads=c["heads"]))
+    draws = {}
+    mask_text = ep.mask_batch_text_tokens
+
+    def recorded_mask_text(inputs, tok, **kw):  # in place on inputs, as the release relies on
+        draws["input_ids"] = inputs.clone()
+        ids, labels = mask_text(inputs, tok, **kw)
+        draws["masked_ids"], draws["mlm_labels"] = ids.clone(), labels.clone()
+        return ids, labels
+
+    ep.mask_batch_text_tokens = recorded_mask_text
+    pick = mp.generate_random
+
+    def recorded_pick(start, end, flag):  # the VTM negative of pair `flag`
+        idx = pick(start, end, flag)
+        draws.setdefault("negatives", []).append(idx)
+        return idx
+
+    mp.generate_random = recorded_pick
+
+    # ---- (a) pretraining
+    torch.manual_seed(0)
+    model = mp.pretrain_simvtp_base_patch16_224(drop_path_rate=0.0, decoder_depth=c["decoder_depth"])
+    model.text_cls, model.vtm_head = torch.nn.Linear(W, V), torch.nn.Linear(W, 2)
+    model._init_weights(model.text_cls)
+    model._init_weights(model.vtm_head)
+    g = gen(1)
+    perturb(model, g)
+    fp16_exact(model)
+    model.text_cls.register_forward_hook(lambda m, i, o: F.pad(o, (0, 30522 - V), value=-math.inf))
+    B, g2 = len(SIMVTP_LENGTHS), R // c["patch"]
+    videos = randn16(B, 3, T, R, R, g=g)  # ImageNet-normalised pixels, the release's [B, C, T, H, W]
+    words = [" ".join(f"w{int(i)}" for i in torch.randint(2, V - 3, (n,), generator=g)) for n in SIMVTP_LENGTHS]
+    np.random.seed(0)
+    tube = mg.TubeMaskingGenerator((T // c["tubelet"], g2, g2), c["video_mask_ratio"])
+    masks = torch.from_numpy(np.stack([tube() for _ in range(B)]))  # the dataset's per-clip draws, collated
+    outputs = {}
+    model.register_forward_hook(lambda m, i, o: outputs.update(zip(
+        ["pixel_pred", "mlm_logits", "vtm_logits", "vtm_labels", "vtc_text", "vtc_video"], o)))
+
+    class RecordGrads:  # the optimizer the engine is given: zero_grad as usual, step records the gradients
+        param_groups = [dict(lr=0.0, weight_decay=0.0)]
+
+        def __init__(self, module):
+            self.module = module
+
+        def zero_grad(self):
+            self.module.zero_grad(set_to_none=True)
+
+        def step(self):
+            self.grads = grads(self.module)
+
+    opt = RecordGrads(model)
+    sync = torch.cuda.synchronize
+    torch.cuda.synchronize = lambda *a, **k: None
+    try:
+        torch.manual_seed(2)  # the MLM Bernoulli draws and the VTM negatives come from the global generator
+        stats = ep.train_one_epoch(model, [dict(process_data=videos, mask=masks, text=words)], opt,
+                                   torch.device("cpu"), 0, None, patch_size=c["patch"], start_steps=0,
+                                   _mlm_probability=c["text_mask_ratio"])
+    finally:
+        torch.cuda.synchronize = sync
+    select = draws["mlm_labels"] != -100
+    assert select.any() and torch.equal(draws["input_ids"].masked_fill(select, V - 1), draws["masked_ids"])
+    pretrain = dict(
+        state_dict=half({k: v for k, v in model.state_dict().items() if not k.endswith("_ids")}),
+        inputs=dict(video=videos.half(), text=draws["input_ids"], text_mask=tokenizer(words, return_tensors="pt",
+                    padding=True)["attention_mask"], captions=words, tube_mask=masks.flatten(1).bool(),
+                    text_select=select, negatives=torch.tensor(draws["negatives"])),
+        outputs=detach(dict(pixel_pred=outputs["pixel_pred"], mlm_logits=outputs["mlm_logits"][select][:, :V],
+                            vtm_logits=outputs["vtm_logits"], vtm_labels=outputs["vtm_labels"],
+                            vtc_text=outputs["vtc_text"], vtc_video=outputs["vtc_video"])),
+        losses={k: stats[k] for k in ("loss", "loss_v", "loss_t", "loss_vtc", "loss_vtm")}, grads=opt.grads)
+
+    # ---- (b) fine-tuning from (a)'s weights
+    torch.manual_seed(3)
+    ft = mf.DualVideoTextEncoder(img_size=R, all_frames=T, tubelet_size=c["tubelet"], drop_rate=0.0,
+                                 drop_path_rate=0.0, attn_drop_rate=0.0, use_mean_pooling=True, init_scale=0.0)
+    renamed = {(k[len("encoder."):] if k.startswith("encoder.") else k): v for k, v in model.state_dict().items()}
+    ou.load_state_dict(ft.video_encoder, renamed)
+    ou.load_state_dict(ft.text_encoder, renamed)
+    for tower in (ft.video_encoder, ft.text_encoder):  # the fresh fc_norm, moved off 1 / 0
+        perturb(tower.fc_norm, g)
+    fp16_exact(ft)
+    for k, v in renamed.items():  # both towers hold the pretrained weights
+        for tower in (ft.video_encoder, ft.text_encoder):
+            if k in tower.state_dict() and not k.endswith("_ids"):
+                assert torch.equal(tower.state_dict()[k], v), k
+    emb = {}
+    ft.register_forward_hook(lambda m, i, o: emb.update(video=o[0], text=o[1]))
+    ft.train()
+    texts = tokenizer(words, return_tensors="pt", padding=True, truncation=True)
+    loss, sim = ef.train_class_batch(ft, videos, dict(texts), ol.NormSoftmaxLoss())
+    loss.backward()
+    finetune = dict(
+        fc_norm={f"{t}.fc_norm.{n}": v.half() for t in ("video_encoder", "text_encoder")
+                 for n, v in getattr(ft, t).fc_norm.state_dict().items()},
+        inputs=dict(text=texts["input_ids"], text_mask=texts["attention_mask"]),
+        outputs=detach(dict(video_emb=emb["video"], text_emb=emb["text"], sim=sim)), loss=detach(loss),
+        grads=grads(ft))
+    purge(names)
+    save("simvtp", dict(provenance=provenance("wufeim/SimVTP", src), config=dict(c), pretrain=pretrain,
+                        finetune=finetune))
+
+
 # ------------------------------------------------------------------------------------------------ main
 def main():
     ap = argparse.ArgumentParser(description="write tests/fixtures/official_*.pt from the official code")
     for flag, what in [("clip", "openai/CLIP"), ("ump", "zchoi/UMP_TVR"), ("dgl", "knightyxp/DGL"),
                        ("adapter", "LeapLabTHU/Cross-Modal-Adapter"), ("unipt", "Paranioar/UniPT"),
-                       ("simvtp", "wufeim/SimVTP")]:
+                       ("simvtp", "wufeim/SimVTP (mayuelala/SimVTP)")]:
         ap.add_argument(f"--{flag}", metavar="PATH", help=f"a checkout of {what}")
     args = ap.parse_args()
     torch.set_num_threads(1)  # deterministic reduction order, and polite on shared machines
-    makers = dict(clip=make_clip, ump=make_ump, dgl=make_dgl, adapter=make_adapter, unipt=make_unipt)
+    makers = dict(clip=make_clip, ump=make_ump, dgl=make_dgl, adapter=make_adapter, unipt=make_unipt,
+                  simvtp=make_simvtp)
     ran = [name for name, fn in makers.items() if getattr(args, name) and fn(os.path.abspath(getattr(args, name))) is None]
     if not ran:
         ap.error("give the path of at least one official checkout")
