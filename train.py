@@ -135,7 +135,9 @@ def parse_args(argv):
 def parser(first, method, cls, recipe, extra):
     """Every flag, with the default that applies to the chosen method in its help."""
 
-    def default(k, none="none"):  # the default that applies to the chosen method, for --help
+    dest = {flag: d for d, flag in runs.FLAG.items()}.get  # --max_frames -> frames, ...
+
+    def default(k, none="none"):
         v = recipe.get(k, DEFAULT_ADAMW.get(k))
         return f"default {none if v is None else v}" if cls else "default: set by --method"
 
@@ -162,8 +164,7 @@ def parser(first, method, cls, recipe, extra):
             ("--weight_decay", float, f"AdamW's, on the method's decay groups ({default('weight_decay')})"),
             ("--grad_clip", float, f"max gradient norm, 0: none ({default('grad_clip')})"),
             ("--eps", float, f"AdamW's epsilon ({default('eps')})")):
-        dest = dict(max_frames="frames", max_words="words", warmup_proportion="warmup").get(flags.split()[0][2:])
-        p.add_argument(*flags.split(), dest=dest, type=kind, help=text)
+        p.add_argument(*flags.split(), dest=dest(flags.split()[0]), type=kind, help=text)
     p.add_argument("--betas", type=float, nargs=2, help=f"AdamW's ({default('betas')})")
     for flag, kind, value, text in (
             ("--gradient_accumulation_steps", int, 1, "forward passes per step, batch_size/accum pairs each (CLIP4Clip)"),
@@ -173,7 +174,7 @@ def parser(first, method, cls, recipe, extra):
             ("--save_every", save_interval, "30min", "also checkpoint every N steps, or N minutes as Nmin; 0: epoch ends only"),
             ("--max_steps", int, 0, "checkpoint and stop after N steps in all (0: no limit)"),
             ("--device", str, "cuda" if torch.cuda.is_available() else "cpu", "torch device")):
-        p.add_argument(flag, dest="accum" if "accum" in flag else None, type=kind, default=value,
+        p.add_argument(flag, dest=dest(flag), type=kind, default=value,
                        help=f"{text} (default {value})")
     for flag, text in (("--allow_missing", "use the videos that exist (say so when reporting)"),
                        ("--resume", "continue the run in --output_dir from its checkpoint.pt, exactly"),
@@ -224,8 +225,8 @@ def load_clip(args, log):
         return clip_model
     try:
         return clip.load(args.clip or "ViT-B/32")
-    except (FileNotFoundError, ValueError, RuntimeError) as e:  # clip.ModelFileError is a RuntimeError
-        fail(f"--clip {args.clip}: {e}")
+    except clip.ModelFileError as e:  # the file's problem, said by clip.py
+        fail(e)
 
 
 def build_method(args, cls, device, log, unchecked=None):
@@ -318,13 +319,17 @@ def setup(args):
 
 
 def read_data(args, pretrain, evaluating):
-    """The splits this run needs, read (the synthetic set generated) before any CLIP is loaded: -> (train, test)."""
+    """The splits this run needs, read (the synthetic set generated) before any CLIP is loaded, every test video
+    opened (1 ms each: an unreadable one would fail every evaluation): -> (train, test)."""
     try:
         if args.data == "synthetic":
             args.data_path = synthetic.ensure_synthetic(args.data_path)
         read = lambda split: data.read_split(args.data, split, args.data_path, args.video_path, args.allow_missing)
-        return None if evaluating else read("train"), None if pretrain else read("test")
-    except (FileNotFoundError, ValueError) as e:  # the annotations' problem, said by data.py (DataError too)
+        train_split, test = None if evaluating else read("train"), None if pretrain else read("test")
+        if test:
+            data.check_videos(test, args.frame_cache)
+        return train_split, test
+    except data.DataError as e:  # the data's problem, said by data.py
         fail(e)
 
 

@@ -247,6 +247,19 @@ def test_checks_before_anything_slow(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
+def test_unreadable_test_video_and_clip_file_stop_the_start(setup, tmp_path, capsys):
+    import shutil
+    shutil.copytree(setup / "synthetic", tmp_path / "set")
+    test_video = sorted(data.read_split("synthetic", "test", str(tmp_path / "set")).videos)[0]
+    open(test_video, "wb").close()  # 0 bytes
+    argv = flags(setup, tmp_path / "out", "--data_path", str(tmp_path / "set"))
+    line = error(capsys, argv)
+    assert "1 of 8 synthetic-test videos cannot be read" in line and test_video in line
+    assert not (tmp_path / "out").exists()  # found before any training step, nothing written
+    (tmp_path / "clip.txt").write_text("not a model")
+    assert str(tmp_path / "clip.txt") in error(capsys, flags(setup, tmp_path / "out", "--clip", str(tmp_path / "clip.txt")))
+
+
 @pytest.mark.parametrize("content, message", [
     (lambda good: good[:len(good) // 2], "is truncated or not a torch checkpoint (written by train.py?)"),
     (lambda good: os.urandom(4096), "is truncated or not a torch checkpoint (written by train.py?)"),
