@@ -273,6 +273,7 @@ class Folder:
         if args.resume and not os.path.isfile(self.ckpt):
             raise RunError(f"--resume: no checkpoint at {self.ckpt}; start without --resume")
         self.resumed = read_checkpoint(self.ckpt, "--resume") if args.resume else None
+        self.stamp = os.path.exists(self.ckpt) and os.stat(self.ckpt).st_mtime_ns  # as these checks saw it
         saved, now = (self.resumed or {}).get("args", {}), vars(args)  # size None: the CLIP file's, known later
         self.changed = {k: [saved[k], now[k]] for k in sorted(saved.keys() & now.keys() - {"kwargs"})
                         if saved[k] != now[k] and not (k == "size" and now[k] is None)}
@@ -286,6 +287,9 @@ class Folder:
         """Once the data are found: the folder, its lock; a killed checkpoint write removed, --overwrite's run too."""
         os.makedirs(self.dir, exist_ok=True)
         self.owned = self.take_lock()
+        if (os.path.exists(self.ckpt) and os.stat(self.ckpt).st_mtime_ns) != self.stamp:
+            self.close()  # another run wrote it between the checks and the lock
+            raise RunError(f"{self.ckpt} was written by another run while this one started; run the command again")
         for f in os.listdir(self.dir):
             if f.startswith("checkpoint.pt.tmp"):  # a checkpoint write that was killed
                 os.remove(os.path.join(self.dir, f))

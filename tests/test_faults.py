@@ -85,7 +85,7 @@ def test_sigterm_mid_epoch_saves_and_the_printed_command_resumes_exactly(setup, 
             time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
         line = error(capsys, flags(setup, out))  # meanwhile, a second run into the same folder
-        assert "is in use by another run" in line or "holds a run" in line  # (before or after its checkpoint)
+        assert re.search("is in use by another run|holds a run|was written by another run while", line), line
         stdout, stderr = proc.communicate(timeout=240)
     finally:
         proc.kill()
@@ -180,6 +180,14 @@ def test_one_run_per_folder(setup, tmp_path, capsys):
     assert (tmp_path / "log.jsonl").read_bytes() == log
     record, = [f for f in os.listdir(tmp_path) if f.startswith("eval-")]
     assert json.load(open(tmp_path / record))["t2v"] == metrics["t2v"] == rows(tmp_path, "eval")[-1]["t2v"]
+
+
+def test_a_checkpoint_written_between_the_checks_and_the_lock_is_not_overwritten(setup, tmp_path):
+    folder = runs.Folder(train.parse_args(flags(setup, tmp_path))[0])  # checks pass: no run there yet
+    torch.save({}, tmp_path / "checkpoint.pt")  # meanwhile another run writes its first checkpoint
+    with pytest.raises(runs.RunError, match="was written by another run while this one started"):
+        folder.claim(overwrite=False)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt"]  # its lock released, the other run's file kept
 
 
 def test_resume_refuses_changed_flags_and_drops_the_rows_it_redoes(setup, tmp_path, capsys):
