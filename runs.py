@@ -61,7 +61,8 @@ def flag_problems(args, cls):
             (args.frames >= 1, f"--max_frames {args.frames}: a clip needs at least 1 frame"),
             (args.words >= 3, f"--max_words {args.words}: [SOT] and [EOT] take 2 tokens, so >= 3 keep a word"),
             (args.batch_size >= 1 and args.accum >= 1 and args.batch_size % (world * args.accum) == 0,
-             f"--batch_size {args.batch_size}: >= 1, divisible by ranks x --gradient_accumulation_steps ({world} x {args.accum})"),
+             f"--batch_size {args.batch_size}: >= 1, divisible by ranks x --gradient_accumulation_steps "
+             f"({world} x {args.accum})"),
             (rate(args.lr), f"--lr {args.lr}: a learning rate is positive and finite"),
             (args.clip_lr is None or rate(args.clip_lr), f"--clip_lr {args.clip_lr}: positive and finite, or unset"),
             (args.epochs >= 1 or args.eval_only, f"--epochs {args.epochs}: train at least 1 epoch (or --eval_only)"),
@@ -73,7 +74,8 @@ def flag_problems(args, cls):
             (cls.uses_clip or args.size, f"{args.method} has no CLIP model to take the frame size from: pass --size"),
             (args.size is None or args.size >= 1, f"--size {args.size}: >= 1 pixel"),
             (not (args.resume and args.overwrite), "--resume continues the run in --output_dir, --overwrite replaces it"),
-            (not (args.eval_only and (args.resume or args.stage == "pretrain")), "--eval_only: not with --resume or --stage pretrain"),
+            (not (args.eval_only and (args.resume or args.stage == "pretrain")),
+             "--eval_only: not with --resume or --stage pretrain"),
             (args.checkpoint is None or args.eval_only, "--checkpoint is what --eval_only evaluates; to continue a run "
              "pass --resume, to start from weights --init"),
             (not args.device.startswith("cuda") or torch.cuda.is_available(), f"--device {args.device}: no CUDA here"),
@@ -118,7 +120,8 @@ def check_method(args, given, method, log):
                              "it holds the tiny CLIP of the synthetic default only"),
                             ("dsl", args.stage == "pretrain", "pretraining has no evaluation")):
         if flag in given and idle:
-            log(f"WARNING: --{flag} has no effect for --method {args.method}{' --stage pretrain' * (args.stage == 'pretrain')}: {why}")
+            stage = " --stage pretrain" * (args.stage == "pretrain")
+            log(f"WARNING: --{flag} has no effect for --method {args.method}{stage}: {why}")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -28,7 +28,6 @@ slow with one line `error: ...` (exit 2); a non-finite loss or gradient stops at
     (runs.py: EpochSampler, SeededItems, dropout_seed).
 """
 import argparse
-import json
 import math
 import os
 import sys
@@ -196,7 +195,9 @@ def parser(first, method, cls, recipe, extra):
 def construct(args, cls, clip_model):
     """The method on clip_model; its constructor's ValueErrors are what a user fixes with a flag."""
     try:
-        return cls(clip_model, args.frames, **args.kwargs) if cls.uses_clip else cls(args.frames, size=args.size, **args.kwargs)
+        if cls.uses_clip:
+            return cls(clip_model, args.frames, **args.kwargs)
+        return cls(args.frames, size=args.size, **args.kwargs)
     except ValueError as e:
         fail(f"--method {args.method}: {e}")
 
@@ -423,8 +424,8 @@ def evaluate_epoch(method, test, args, device, amp, pos, record, log, resume):
     try:
         metrics = retrieval.evaluate(method, test, args, device, amp)
     except Exception as e:
-        print(f"error: the evaluation after epoch {pos['epoch']} failed ({(str(e).strip() or type(e).__name__).splitlines()[-1]})"
-              f"; the epoch's training is kept in its checkpoint: fix the cause, then `{resume}` evaluates it and "
+        why = (str(e).strip() or type(e).__name__).splitlines()[-1]  # a worker's error: its last line
+        print(f"error: the evaluation after epoch {pos['epoch']} failed ({why}); the epoch's training is kept in its checkpoint: fix the cause, then `{resume}` evaluates it and "
               f"goes on", file=sys.stderr, flush=True)
         if isinstance(e, (data.VideoError, OSError)):  # the data's fault, said above: no traceback
             raise SystemExit(1)

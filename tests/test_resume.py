@@ -2,7 +2,6 @@
 epoch-end checkpoint and resumed to its end equals the uninterrupted run bit for bit (trainable weights,
 optimizer state, every logged loss and metric), with and without DataLoader worker processes."""
 import json
-import os
 
 import pytest
 import torch

@@ -9,7 +9,6 @@ import sys
 import pytest
 import torch
 
-import data
 import meanp
 import synthetic
 import train
