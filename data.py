@@ -40,10 +40,11 @@ import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm import tqdm
 
 import clip
 
-DATASETS = ("synthetic", "msrvtt", "msrvtt7k", "msvd", "vatex", "didemo", "activitynet", "lsmdc", "webvid")
+DATASETS = ("synthetic", "msrvtt", "msrvtt7k", "msvd", "vatex", "didemo", "activitynet", "lsmdc", "webvid", "folder")
 
 
 @dataclass
@@ -352,12 +353,27 @@ def _video_index(video_path):
     return index
 
 
+def read_folder(video_path):
+    """--data folder: every video file under video_path (any depth, an extension of VIDEO_EXTS), sorted by
+    path, with no captions: something to search with --query, not to train or evaluate on."""
+    if not video_path or not os.path.isdir(video_path):
+        raise DataError(f"--video_path {video_path} is not a directory of videos")
+    videos = sorted(os.path.abspath(os.path.join(root, name)) for root, _, files in os.walk(video_path)
+                    for name in files if name.rsplit(".", 1)[-1].lower() in VIDEO_EXTS)
+    if not videos:
+        raise DataError(f"--video_path {video_path}: no video files in it (extensions "
+                        f"{', '.join(sorted(VIDEO_EXTS))}, any subfolder)")
+    return Split(name="folder", videos=videos, captions=[], caption_video=[])
+
+
 def read_split(data, split, data_path=None, video_path=None, allow_missing=False):
     """Read a benchmark split into a Split; every listed video must exist (or allow_missing=True). Raises
     DataError for missing or malformed annotation files, test videos listed twice and missing videos; empty
     captions are dropped with a warning that gives their number."""
     if data not in DATASETS:
         raise DataError(f"unknown data set {data!r}; choose from {', '.join(DATASETS)}")
+    if data == "folder":  # no annotations, no splits: the videos only (the query mode)
+        return read_folder(video_path)
     origin = ORIGINS[data]
     if data == "synthetic":  # MSR-VTT's layout plus a "still" split; synthetic.ensure_synthetic() makes it
         if not data_path:
@@ -609,6 +625,7 @@ class VideoTextDataset(Dataset):
                 if len(missing) == len(split.videos):
                     raise DataError(msg + ", or drop frame_cache.")
                 print(f"WARNING: {msg}; decoding those from the video files.", file=sys.stderr, flush=True)
+            check_frame_cache(frame_cache, split.videos, size, frames)
         # shared with worker processes: one flag per video (log each bad video once) and a substitution count
         self._bad = mp.Array("b", len(split.videos))
         self._substituted = mp.Value("l", 0)
@@ -718,15 +735,76 @@ def _cache_one(job):
     return None
 
 
+MANIFEST = "manifest.json"  # in the cache folder: the settings it was made with, and frames per clip
+
+
+def read_manifest(cache_dir):
+    """-> {"size", "fps", "max_seconds", "frames": {file name: cached frames}}, or None (a cache made without one)."""
+    path = os.path.join(cache_dir, MANIFEST)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
 def build_frame_cache(videos, cache_dir, size=224, fps=3.0, workers=1, max_seconds=None):
-    """Decode every video once into cache_dir/<file name>.npy; returns the error messages of unreadable ones."""
+    """Decode every video once into cache_dir/<file name>.npy, and write cache_dir/manifest.json (the settings,
+    the frames of each clip); returns the error messages of unreadable ones. Refuses to add to a cache made
+    with other settings."""
+    settings = dict(size=size, fps=fps, max_seconds=max_seconds)
+    old = read_manifest(cache_dir) if os.path.isdir(cache_dir) else None
+    if old and {k: old.get(k) for k in settings} != settings:
+        raise DataError(f"frame cache {cache_dir} was made with {({k: old.get(k) for k in settings})}, not "
+                        f"{settings}: use another folder, or delete this one")
     os.makedirs(cache_dir, exist_ok=True)
     jobs = [(v, cache_file(cache_dir, v), size, fps, max_seconds) for v in videos]
     with mp.get_context("spawn").Pool(workers, initializer=_worker_init, initargs=(0,)) as pool:
-        errors = [e for e in pool.imap_unordered(_cache_one, jobs, chunksize=8) if e]
+        results = pool.imap_unordered(_cache_one, jobs, chunksize=8)
+        errors = [e for e in tqdm(results, total=len(jobs), desc="frame cache", unit="clip", dynamic_ncols=True,
+                                  disable=not sys.stderr.isatty()) if e]
     for e in errors:
         print("WARNING:", e, file=sys.stderr)
+    frames = dict((old or {}).get("frames", {}))
+    for v in videos:  # the .npy header holds the shape: no frame is read here
+        if os.path.isfile(cache_file(cache_dir, v)):
+            frames[os.path.basename(v)] = int(np.load(cache_file(cache_dir, v), mmap_mode="r").shape[0])
+    tmp = os.path.join(cache_dir, f"{MANIFEST}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(dict(settings, frames=frames), f)
+    os.replace(tmp, os.path.join(cache_dir, MANIFEST))
     return errors
+
+
+_WARNED = set()  # frame-cache warnings already printed by this process (a dataset is made every evaluation)
+
+
+def check_frame_cache(cache_dir, videos, size, frames):
+    """Refuse a cache of smaller frames than the run's (they would be upscaled); warn about larger ones (every
+    load resizes), clips with fewer cached frames than the run samples (padded, where decoding would give all
+    `frames`), and a cache without a manifest (nothing can be checked)."""
+    manifest, warnings = read_manifest(cache_dir), []
+    if manifest is None:
+        warnings.append(f"frame cache {cache_dir} has no {MANIFEST} (made by an older data.py?): its frame "
+                        f"size and rate are unchecked; rebuild it with python data.py --cache to check them")
+    else:
+        if manifest["size"] < size:
+            raise DataError(f"frame cache {cache_dir} holds {manifest['size']} px frames, this run uses {size} px: "
+                            f"they would be upscaled. Build one at this size (python data.py --cache NEW_DIR "
+                            f"--size {size} ...) or pass --size {manifest['size']}")
+        if manifest["size"] > size:
+            warnings.append(f"frame cache {cache_dir} holds {manifest['size']} px frames, this run uses {size} px: "
+                            f"every load resizes them (slower); a cache made with --size {size} is read as is")
+        counts = manifest.get("frames", {})
+        short = [v for v in videos if counts.get(os.path.basename(v), frames) < frames]
+        if short:
+            warnings.append(f"{len(short)} of {len(videos)} clips in frame cache {cache_dir} hold fewer than {frames} "
+                            f"frames (made at --fps {manifest['fps']}; e.g. {os.path.basename(short[0])}: "
+                            f"{counts[os.path.basename(short[0])]}): they are padded and masked where decoding "
+                            f"would give {frames}. Rebuild with a higher --fps (0: every frame) into an empty folder")
+    for w in warnings:
+        if w not in _WARNED:
+            _WARNED.add(w)
+            print("WARNING:", w, file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ training order, the run's folder and checkpoint, and how a run stops and continu
 
   flag_problems, check_method  the flags' ranges, and what they mean for the method (on a meta-device stand-in
                                of its CLIP towers when they are known before loading: no weights, no download)
+  read_data                    annotations read and every test video opened before any CLIP is loaded
   EpochSampler, SeededItems    batches, frames and dropout as a function of (seed, epoch, position) only
   <output_dir>/lock            one run at a time: "host pid", created exclusively; a dead process's is taken over
   <output_dir>/checkpoint.pt   the trainable tensors, optimizer, scaler, position (step, epoch, micro-batch, the
@@ -12,8 +13,9 @@ training order, the run's folder and checkpoint, and how a run stops and continu
                                its checkpoint's step, which the resumed run writes again, equal
 A new run refuses a folder that holds a checkpoint (--resume continues it, --overwrite replaces it); --resume
 refuses flags that differ from the checkpoint's run, except RESUME_MAY_CHANGE. Stop turns SIGINT/SIGTERM into a
-checkpoint after the current step. A fault the user fixes raises RunError; train.py prints it as `error: ...`.
-docs/faults.md lists every fault, what it prints and what is kept.
+checkpoint after the current step. A fault the user fixes raises RunError (or data.DataError,
+clip.ModelFileError); train.py prints it as one line `error: ...`. docs/faults.md lists every fault, what it
+prints and what is kept.
 """
 import json
 import math
@@ -27,9 +29,10 @@ import warnings
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 import clip
+import data
 import synthetic
 
 # What --resume may change: how long, how often, where, how fast. Every other flag must equal the checkpoint's.
@@ -71,7 +74,8 @@ def flag_problems(args, cls):
              all(0 <= b < 1 for b in args.betas), "--weight_decay and --grad_clip >= 0, --eps > 0, --betas in [0, 1)"),
             (min(args.num_workers, args.max_steps, args.seed) >= 0, "--num_workers, --max_steps, --seed: >= 0"),
             (min(args.log_every, args.batch_size_val) >= 1, "--log_every, --batch_size_val: >= 1"),
-            (cls.uses_clip or args.size, f"{args.method} has no CLIP model to take the frame size from: pass --size"),
+            (cls.uses_clip or args.size or args.data == "folder",  # a folder query: the checkpoint's size
+             f"{args.method} has no CLIP model to take the frame size from: pass --size"),
             (args.size is None or args.size >= 1, f"--size {args.size}: >= 1 pixel"),
             (not (args.resume and args.overwrite), "--resume continues the run in --output_dir, --overwrite replaces it"),
             (not (args.eval_only and (args.resume or args.stage == "pretrain")),
@@ -79,6 +83,11 @@ def flag_problems(args, cls):
             (args.checkpoint is None or args.eval_only, "--checkpoint is what --eval_only evaluates; to continue a run "
              "pass --resume, to start from weights --init"),
             (not args.device.startswith("cuda") or torch.cuda.is_available(), f"--device {args.device}: no CUDA here"),
+            (args.data != "folder" or args.query, "--data folder is for --query only: a folder of videos has no "
+             "captions to train or evaluate on"),
+            (not args.query or args.checkpoint or args.method == "zeroshot", f"--query with --method {args.method} "
+             "needs --checkpoint (a trained run's checkpoint.pt), or use --method zeroshot"),
+            (not args.query or args.top_k >= 1, f"--top_k {args.top_k}: >= 1"),
             (not args.checkpoint or os.path.isfile(args.checkpoint), f"--checkpoint {args.checkpoint}: no such file"),
             (not args.init or os.path.isfile(args.init), f"--init {args.init}: no such file")) if not ok]
 
@@ -91,7 +100,7 @@ CLIP_TOWERS = {"ViT-B/32": (512, 224, 12, 768, 32, 512), "ViT-B/16": (512, 224, 
 
 def clip_stand_in(args):
     """A meta-device CLIP (no memory, no weights) with the towers --clip will have, if known before loading."""
-    if args.clip is None and args.data == "synthetic":
+    if args.clip is None and (args.data == "synthetic" or getattr(args, "tiny_clip_data", None)):
         config = synthetic.TINY_CLIP
     elif (args.clip or "ViT-B/32") in CLIP_TOWERS:
         e, r, layers, w, patch, tw = CLIP_TOWERS[args.clip or "ViT-B/32"]
@@ -122,6 +131,18 @@ def check_method(args, given, method, log):
         if flag in given and idle:
             stage = " --stage pretrain" * (args.stage == "pretrain")
             log(f"WARNING: --{flag} has no effect for --method {args.method}{stage}: {why}")
+
+
+def read_data(args, pretrain, evaluating):
+    """The splits this run needs, read (the synthetic set generated) before any CLIP is loaded, every test video
+    opened (1 ms each: an unreadable one would fail every evaluation): -> (train, test)."""
+    if args.data == "synthetic":
+        args.data_path = synthetic.ensure_synthetic(args.data_path)
+    read = lambda split: data.read_split(args.data, split, args.data_path, args.video_path, args.allow_missing)
+    train_split, test = None if evaluating else read("train"), None if pretrain else read("test")
+    if test:
+        data.check_videos(test, args.frame_cache)  # raises data.DataError, as read_split
+    return train_split, test
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -164,6 +185,20 @@ class SeededItems(Dataset):
 def dropout_seed(seed, epoch, batch, rank):
     """The torch seed of micro-batch `batch` of `epoch` on `rank` (dropout, masks): the same in a resumed run."""
     return ((seed * SEED_STRIDE + epoch) * ITEM_STRIDE + batch) * RANK_STRIDE + rank
+
+
+def train_loader(args, split, world, rank, device):
+    """Global batches cut from one permutation per epoch, rank r reads slice r of each (deviation 5)."""
+    ds = data.VideoTextDataset(split, frames=args.frames, words=args.words, size=args.size, train=True,
+                               frame_cache=args.frame_cache)
+    steps_per_epoch, rank_batch = len(ds) // args.batch_size, args.batch_size // (world * args.accum)
+    if steps_per_epoch == 0:
+        raise RunError(f"{len(ds)} training pairs make no batch of {args.batch_size}: lower --batch_size")
+    sampler = EpochSampler(len(ds), rank_batch, steps_per_epoch * args.accum, rank, world, args.seed)
+    loader = DataLoader(SeededItems(ds, args.seed), batch_size=rank_batch, sampler=sampler,
+                        num_workers=args.num_workers, pin_memory=device.type == "cuda",
+                        persistent_workers=args.num_workers > 0, worker_init_fn=data._worker_init)
+    return ds, loader, sampler, steps_per_epoch
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -219,6 +254,19 @@ def load_init(method, path, log):
     why = "pretraining-only modules, not built for fine-tuning" if stage == "pretrain" else "not in this model"
     log(f"--init {path}: {len(state) - len(unexpected)} tensors loaded; {len(unexpected)} unused ({why}): "
         f"{names(unexpected)}; {len(missing)} keep their initialisation (not in the file): {names(missing)}")
+
+
+def use_checkpoint_settings(args, log=print):
+    """--data folder has no recipe: build the model as the checkpoint's run did (backbone, frames, words, frame
+    size, method flags), whatever the command line says."""
+    run = read_checkpoint(args.checkpoint, "--checkpoint", keys=("model", "args"))["args"]
+    for k in ("clip", "frames", "words", "size", "kwargs"):
+        setattr(args, k, run[k])
+    if run["data"] == "synthetic" and run["clip"] is None:  # the tiny CLIP, pretrained on the synthetic set
+        args.tiny_clip_data = synthetic.ensure_synthetic(run["data_path"])
+    backbone = "the tiny CLIP" if getattr(args, "tiny_clip_data", None) else f"--clip {run['clip'] or 'ViT-B/32'}"
+    log(f"--data folder: the model as {args.checkpoint}'s run built it ({run['data']}): {backbone}, --max_frames "
+        f"{run['frames']} --max_words {run['words']} --size {run['size']}")
 
 
 def restore(ck, path, method, opt, scaler, pos):
@@ -338,7 +386,7 @@ class Folder:
         return self.record, any(r.get("event") == "eval" and r.get("step") == step for r in rows)
 
     def record(self, **row):
-        self.log.write(json.dumps(row) + "\n")
+        self.log.write(json.dumps(rounded(row)) + "\n")
         self.log.flush()
 
     def close(self):
@@ -348,12 +396,18 @@ class Folder:
             os.remove(self.lock)
 
 
+def rounded(x, digits=6):
+    """Floats to `digits` significant digits, in nested dicts too: log.jsonl shows 3.5, not 3.5000000000000004."""
+    if isinstance(x, dict):
+        return {k: rounded(v, digits) for k, v in x.items()}
+    return float(f"{x:.{digits}g}") if isinstance(x, float) else x
+
+
 def write_eval(args, metrics):
     """--eval_only's record: <output_dir>/eval-<time>-<pid>.json, beside (never in) a training run's log."""
     path = os.path.join(args.output_dir, f"eval-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json")
-    os.makedirs(args.output_dir, exist_ok=True)
     with open(path, "w") as f:
-        json.dump(dict(event="eval", **metrics, args={k: v for k, v in vars(args).items() if k != "kwargs"}), f, indent=1)
+        json.dump(dict(event="eval", **rounded(metrics), args={k: v for k, v in vars(args).items() if k != "kwargs"}), f, indent=1)
     return path
 
 

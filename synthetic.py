@@ -111,7 +111,8 @@ def make_synthetic(root, seed=0, n_train=3000, n_test_pairs=100, size=64):
     classes = sorted({(c, s, min(m, reverse(m))) for c, s in objects for m in MOTIONS})  # reversal classes
     test = [classes[k] for k in np.random.default_rng(seed).permutation(len(classes))[:n_test_pairs]]
     videos, sentences, test_rows, still_rows = [], [], [], []
-    for i in range(n_train + 2 * len(test)):
+    for i in tqdm(range(n_train + 2 * len(test)), desc="synthetic set", unit="clip", leave=False,
+                  dynamic_ncols=True, disable=not sys.stderr.isatty()):
         rng = np.random.default_rng([seed, i])
         vid, n_frames = f"video{i}", int(rng.integers(16, 25))
         if i < n_train:
@@ -207,7 +208,8 @@ def tiny_clip(cache_dir, data_path, log=print):
     opt = torch.optim.AdamW([dict(params=[p for n, p in named if not any(p is q for q in decay)], weight_decay=0.0),
                              dict(params=decay, weight_decay=P["weight_decay"])], lr=P["lr"])
     warmup = int(0.1 * P["steps"])
-    for step in tqdm(range(P["steps"]), desc="pretrain tiny CLIP", leave=False, dynamic_ncols=True):
+    for step in tqdm(range(P["steps"]), desc="pretrain tiny CLIP", leave=False, dynamic_ncols=True,
+                     disable=not sys.stderr.isatty()):
         for g in opt.param_groups:  # linear warmup over 10% of the steps, then cosine to 0
             g["lr"] = P["lr"] * ((step + 1) / warmup if step < warmup else
                                  0.5 * (1 + math.cos(math.pi * (step - warmup) / (P["steps"] - warmup))))

@@ -40,7 +40,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.nn.functional import all_gather as all_gather_with_grad
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import adapter
@@ -125,6 +124,7 @@ def parse_args(argv):
     args.clip_lr = args.clip_lr if args.coef_lr is None else args.lr * args.coef_lr
     args.betas, args.kwargs = tuple(args.betas), {k: getattr(args, k) for k in extra}
     args.output_dir = args.output_dir or os.path.join("out", f"{args.method}-{args.data}")
+    args.eval_only = args.eval_only or bool(args.query)
     problems = runs.flag_problems(args, cls)
     if problems:
         fail("; ".join(problems))
@@ -151,6 +151,8 @@ def parser(first, method, cls, recipe, extra):
             ("--cache_dir", str, "tiny CLIP cache (default $XDG_CACHE_HOME/nanotvr or ~/.cache/nanotvr)"),
             ("--init", str, "load model weights from a (pretraining) checkpoint, non-strict"),
             ("--checkpoint", str, "with --eval_only: the checkpoint to evaluate"),
+            ("--query", str, "print the --top_k test videos (or --data folder videos) for this caption and draw them in "
+             "<output_dir>/query.png; needs --checkpoint (or --method zeroshot), implies --eval_only"),
             ("--size", int, f"frame size ({default('size', 'the CLIP model input resolution')})"),
             ("--batch_size", int, f"global batch per optimizer step ({default('batch_size')})"),
             ("--lr --noclip_lr", float, f"learning rate of the new (non-CLIP) parameters ({default('lr')})"),
@@ -172,6 +174,7 @@ def parser(first, method, cls, recipe, extra):
             ("--batch_size_val", int, 64, "evaluation batch"), ("--log_every", int, 20, "a log.jsonl row every N steps"),
             ("--save_every", save_interval, "30min", "also checkpoint every N steps, or N minutes as Nmin; 0: epoch ends only"),
             ("--max_steps", int, 0, "checkpoint and stop after N steps in all (0: no limit)"),
+            ("--top_k", int, 5, "videos --query prints"),
             ("--device", str, "cuda" if torch.cuda.is_available() else "cpu", "torch device")):
         p.add_argument(flag, dest=dest(flag), type=kind, default=value,
                        help=f"{text} (default {value})")
@@ -209,25 +212,26 @@ def probe_method(args, cls, given, log):
     if cls.uses_clip and stand_in is None:
         return None
     args.size = args.size or (stand_in.visual.input_resolution if stand_in else None)
-    with torch.device("meta"):
-        method = construct(args, cls, stand_in)
+    try:
+        with torch.device("meta"):
+            method = construct(args, cls, stand_in)
+    except Exception:  # a constructor that needs real tensors: checked once built
+        return None
     runs.check_method(args, given, method, log)
     return method
 
 
 def load_clip(args, log):
-    if args.clip is None and args.data == "synthetic":
+    tiny_clip_data = args.data_path if args.data == "synthetic" else getattr(args, "tiny_clip_data", None)
+    if args.clip is None and tiny_clip_data:
         cache_dir = args.cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "nanotvr")
         if not is_master():  # rank 0 pretrains and caches it, the others read the cache
             dist.barrier()
-        clip_model = synthetic.tiny_clip(cache_dir, args.data_path, log)
+        clip_model = synthetic.tiny_clip(cache_dir, tiny_clip_data, log)
         if dist.is_initialized() and is_master():
             dist.barrier()
         return clip_model
-    try:
-        return clip.load(args.clip or "ViT-B/32")
-    except clip.ModelFileError as e:  # the file's problem, said by clip.py
-        fail(e)
+    return clip.load(args.clip or "ViT-B/32")
 
 
 def build_method(args, cls, device, log, unchecked=None):
@@ -319,35 +323,6 @@ def setup(args):
     return device, world, rank, amp, amp_dtype, scaler
 
 
-def read_data(args, pretrain, evaluating):
-    """The splits this run needs, read (the synthetic set generated) before any CLIP is loaded, every test video
-    opened (1 ms each: an unreadable one would fail every evaluation): -> (train, test)."""
-    try:
-        if args.data == "synthetic":
-            args.data_path = synthetic.ensure_synthetic(args.data_path)
-        read = lambda split: data.read_split(args.data, split, args.data_path, args.video_path, args.allow_missing)
-        train_split, test = None if evaluating else read("train"), None if pretrain else read("test")
-        if test:
-            data.check_videos(test, args.frame_cache)
-        return train_split, test
-    except data.DataError as e:  # the data's problem, said by data.py
-        fail(e)
-
-
-def train_loader(args, split, world, rank, device):
-    """Global batches cut from one permutation per epoch, rank r reads slice r of each (deviation 5)."""
-    ds = data.VideoTextDataset(split, frames=args.frames, words=args.words, size=args.size, train=True,
-                               frame_cache=args.frame_cache)
-    steps_per_epoch, rank_batch = len(ds) // args.batch_size, args.batch_size // (world * args.accum)
-    if steps_per_epoch == 0:
-        fail(f"{len(ds)} training pairs make no batch of {args.batch_size}: lower --batch_size")
-    sampler = runs.EpochSampler(len(ds), rank_batch, steps_per_epoch * args.accum, rank, world, args.seed)
-    loader = DataLoader(runs.SeededItems(ds, args.seed), batch_size=rank_batch, sampler=sampler,
-                        num_workers=args.num_workers, pin_memory=device.type == "cuda",
-                        persistent_workers=args.num_workers > 0, worker_init_fn=data._worker_init)
-    return ds, loader, sampler, steps_per_epoch
-
-
 def diverged(what, step, opt):
     lrs = ", ".join(sorted({f"{g['lr']:.3g}" for g in opt.param_groups}))
     fail(f"non-finite {what} at step {step + 1} (lr {lrs}): try a lower --lr (or --clip_lr), a longer "
@@ -359,8 +334,10 @@ def train_epoch(pos, *, model, method, loader, opt, scaler, params, amp, device,
     """Epoch pos["epoch"] from micro-batch pos["batch"] on, updating pos -> what stopped it early, or None.
     pos["window"]: the losses since the last log row (checkpointed: resumed rows equal uninterrupted ones)."""
     micro, pretrain, epoch, n_micro = args.accum, args.stage == "pretrain", pos["epoch"], steps_per_epoch * args.accum
+    tty = sys.stderr.isatty()  # a bar on a terminal; plain lines into a file (no carriage returns)
+    plain = not (tty and sys.stdout.isatty())
     bar = tqdm(total=steps_per_epoch, initial=pos["batch"] // micro, desc=f"epoch {epoch + 1}",
-               disable=not is_master(), leave=False, dynamic_ncols=True)
+               disable=not (is_master() and tty), leave=False, dynamic_ncols=True)
     t_log = t_fetch = time.time()
     wait, seen, timed = 0.0, 0, 0
     for batch in loader:
@@ -397,7 +374,7 @@ def train_epoch(pos, *, model, method, loader, opt, scaler, params, amp, device,
             method.logit_scale.data.clamp_(max=MAX_LOGIT_SCALE)
         pos["step"] += 1
         bar.update(1)
-        if pos["step"] % args.log_every == 0 or pos["batch"] == n_micro:
+        if pos["step"] % args.log_every == 0 or pos["step"] == 1 or pos["batch"] == n_micro:  # 1: see it start
             dt, window = time.time() - t_log, pos["window"]
             pos["last"] = {k: sum(x[k] for x in window) / len(window) for k in window[-1]}
             row = dict(event="train", step=pos["step"], epoch=epoch + pos["batch"] / n_micro, **pos["last"],
@@ -408,6 +385,9 @@ def train_epoch(pos, *, model, method, loader, opt, scaler, params, amp, device,
             record(**row)
             bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.1e}", clips_s=f"{seen / dt:.0f}",
                             wait=f"{100 * wait / dt:.0f}%")
+            if plain and is_master():
+                print(f"epoch {epoch + 1} step {pos['step']}/{total}: loss {row['loss']:.4f}, lr {row['lr']:.2e}, "
+                      f"{seen / dt:.0f} clips/s, data wait {100 * wait / dt:.0f}%", flush=True)
             t_log, wait, seen, timed, pos["window"] = time.time(), 0.0, 0, 0, []
         why = stop.reason(pos["step"], args.max_steps, device) if pos["batch"] < n_micro else None  # else: epoch end
         if why or pos["batch"] < n_micro and checkpoints.due(pos["step"]):
@@ -419,33 +399,68 @@ def train_epoch(pos, *, model, method, loader, opt, scaler, params, amp, device,
     return why
 
 
-def evaluate_epoch(method, test, args, device, amp, pos, record, log, resume):
-    """The evaluation after an epoch's checkpoint; a failure says that the epoch is kept and how to evaluate it."""
+def epoch_line(epoch, args, step, last, seconds, metrics):
+    """The line an epoch leaves on the console (its bar is gone): loss, time and, if evaluated, R@1/5/10."""
+    line = f"epoch {epoch + 1}/{args.epochs}: step {step}, loss {last['loss']:.4f}, {seconds:.0f} s"
+    for d in ("t2v", "v2t") if metrics else ():
+        line += f"; {d} R@1 {metrics[d]['R@1']:.1f} R@5 {metrics[d]['R@5']:.1f} R@10 {metrics[d]['R@10']:.1f}"
+    if metrics and "temporal" in metrics:
+        line += f"; temporal pair accuracy {metrics['temporal']['pair_acc']:.1f}%"
+    return line
+
+
+def evaluate_epoch(method, test, args, device, amp, pos, record, resume, picture):
+    """The evaluation after an epoch's checkpoint, and its retrievals.png; a failure says that the epoch is kept
+    and how to evaluate it."""
+    keep = {}
     try:
-        metrics = retrieval.evaluate(method, test, args, device, amp)
+        metrics = retrieval.evaluate(method, test, args, device, amp, keep)
     except Exception as e:
         why = (str(e).strip() or type(e).__name__).splitlines()[-1]  # a worker's error: its last line
-        print(f"error: the evaluation after epoch {pos['epoch']} failed ({why}); the epoch's training is kept in its checkpoint: fix the cause, then `{resume}` evaluates it and "
-              f"goes on", file=sys.stderr, flush=True)
+        print(f"error: the evaluation after epoch {pos['epoch']} failed ({why}); the epoch's training is kept in "
+              f"its checkpoint: fix the cause, then `{resume}` evaluates it and goes on", file=sys.stderr, flush=True)
         if isinstance(e, (data.VideoError, OSError)):  # the data's fault, said above: no traceback
             raise SystemExit(1)
         raise
     record(event="eval", epoch=pos["epoch"], step=pos["step"], **metrics)
-    loss = f", loss {pos['last']['loss']:.4f}" if pos["last"] else ""
-    log(f"epoch {pos['epoch']}/{args.epochs}, step {pos['step']}{loss}\n" + retrieval.table(metrics))
+    retrieval.write_retrievals(picture, test, keep["sim"], f"{args.method} on {test.name}, epoch {pos['epoch']}")
     return metrics
 
 
-def evaluate_only(method, test, args, device, amp, log):
-    """--eval_only and zeroshot: evaluate, print, and write <output_dir>/eval-<time>.json (no training log)."""
-    if args.checkpoint:
-        runs.load_trainable(method, runs.read_checkpoint(args.checkpoint, "--checkpoint"), args.checkpoint)
-    metrics = retrieval.evaluate(method, test, args, device, amp) if is_master() else None
+def evaluate_only(method, test, args, device, amp, log, picture):
+    """--eval_only, --query and zeroshot: evaluate and write <output_dir>/eval-<time>.json and retrievals.png (or
+    search and draw query.png); never a training log."""
+    ck = runs.read_checkpoint(args.checkpoint, "--checkpoint", keys=("model",)) if args.checkpoint else None
+    if ck:
+        runs.load_trainable(method, ck, args.checkpoint)
+    if not is_master():
+        return None
+    os.makedirs(args.output_dir, exist_ok=True)
+    if args.query:  # search the test videos (or a --data folder) for one caption
+        return retrieval.search(method, args.query, test, args, device, amp, args.top_k,
+                                os.path.join(args.output_dir, "query.png"), log)
+    keep = {}
+    metrics = retrieval.evaluate(method, test, args, device, amp, keep)
+    path = runs.write_eval(args, metrics)
+    step = f", {os.path.basename(args.checkpoint)} at step {ck['step']}" if ck and "step" in ck else ""
+    retrieval.write_retrievals(picture, test, keep["sim"], f"{args.method} on {test.name}{step}")
+    log(f"{args.method} on {args.data} test ({len(test.captions)} captions, {len(test.videos)} videos)\n"
+        + retrieval.table(metrics) + f"\nrecord: {path}\nretrieved clips: {picture}")
+    return metrics
+
+
+def summary(args, train_ds, metrics, evaluated, ckpt, log_path, picture):
+    """What a run leaves on the console at its end: the last evaluation (never one picked on the test split)
+    and where its files are."""
+    lines = [f"WARNING: {train_ds.substitutions} training items replaced an unreadable video: "
+             f"{train_ds.corrupt_videos[:5]}"] if train_ds.substitutions else []
     if metrics:
-        path = runs.write_eval(args, metrics)
-        log(f"{args.method} on {args.data} test ({len(test.captions)} captions, {len(test.videos)} videos)\n"
-            + retrieval.table(metrics) + f"\nrecord: {path}")
-    return metrics
+        lines += [f"final: {args.method} on {args.data} test after epoch {evaluated} of {args.epochs} (the last "
+                  f"evaluated; nothing is selected on the test split)", retrieval.table(metrics),
+                  f"retrieved clips: {picture}"]
+    if args.stage == "pretrain":
+        lines.append(f"{args.method} pretraining checkpoint: {ckpt}; fine-tune from it with --init {ckpt}")
+    return "\n".join(lines + [f"run folder {args.output_dir}: checkpoint {ckpt}, log {log_path}"])
 
 
 def main(argv=None):
@@ -455,14 +470,16 @@ def main(argv=None):
     device, world, rank, amp, amp_dtype, scaler = setup(args)
     master, pretrain, folder, stop = rank == 0, args.stage == "pretrain", None, runs.Stop()
     log = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)
-    ckpt, log_path = (os.path.join(args.output_dir, f) for f in ("checkpoint.pt", "log.jsonl"))
+    ckpt, log_path, picture = (os.path.join(args.output_dir, f) for f in ("checkpoint.pt", "log.jsonl", "retrievals.png"))
     try:
+        if args.data == "folder" and args.checkpoint:
+            runs.use_checkpoint_settings(args, log)
         probe = probe_method(args, cls, given, log)  # None: --clip names a file, checked once it is loaded
         evaluating = args.eval_only or probe is not None and not any(p.requires_grad for p in probe.parameters())
         folder = runs.Folder(args) if master and not evaluating else None  # refuses a run it would overwrite
 
         # data and model
-        train_split, test = read_data(args, pretrain, evaluating)
+        train_split, test = runs.read_data(args, pretrain, evaluating)
         if folder:
             folder.claim(args.overwrite)
             log(f"run folder {folder.dir}: checkpoint {ckpt}, log {log_path}")
@@ -472,27 +489,27 @@ def main(argv=None):
         log(f"{args.method}: {n_train:,} trainable of {n_all:,} parameters ({100 * n_train / n_all:.3f}%); device "
             f"{device} x {world}, autocast {amp_dtype}, {args.frames} frames of {args.size} px, {args.words} words")
         if evaluating or n_train == 0:  # zeroshot: nothing trains
-            return evaluate_only(method, test, args, device, amp, log)
-        train_ds, loader, sampler, steps_per_epoch = train_loader(args, train_split, world, rank, device)
+            return evaluate_only(method, test, args, device, amp, log, picture)
+        train_ds, loader, sampler, steps_per_epoch = runs.train_loader(args, train_split, world, rank, device)
 
         # optimizer: AdamW over the trainable parameters only; DDP reduces their gradients; --resume's state
         groups = param_groups(method, args.lr, args.clip_lr, args.weight_decay)
         opt = torch.optim.AdamW(groups, betas=args.betas, eps=args.eps)
-        forward = Forward(method, pretrain)
-        model = DDP(forward, device_ids=[device] if device.type == "cuda" else None) if world > 1 else forward
+        model = Forward(method, pretrain)
+        model = DDP(model, device_ids=[device] if device.type == "cuda" else None) if world > 1 else model
         pos = dict(step=0, epoch=0, batch=0, window=[], last=None)  # what the checkpoint holds of the loop
         if args.resume:
             runs.restore(folder.resumed if master else runs.read_checkpoint(ckpt, "--resume"), ckpt, method, opt, scaler, pos)
             log(f"resumed from {ckpt}: step {pos['step']}, epoch {pos['epoch']}, micro-batch {pos['batch']}"
                 + "".join(f"; --{k} {b} (was {a})" for k, (a, b) in (folder.changed.items() if folder else ())))
-        record, evaluated = folder.open_log(pos["step"], argv) if master else (lambda **row: None, True)
+        record, has_eval = folder.open_log(pos["step"], argv) if master else (lambda **row: None, True)
         log(f"{len(train_ds)} training pairs: {steps_per_epoch} steps/epoch x {args.epochs} epochs of {args.batch_size} "
             f"({args.batch_size // (world * args.accum)} per rank x {world} ranks x {args.accum} accumulation)")
 
         # the loop: an epoch, its checkpoint, then its evaluation (which may fail without losing the epoch)
         checkpoints, resume = runs.Checkpoints(ckpt, method, opt, scaler, args), runs.resume_command(argv, world)
-        evaluate = lambda: evaluate_epoch(method, test, args, device, amp, pos, record, log, resume)
-        metrics = evaluate() if pos["epoch"] and not (pos["batch"] or evaluated or pretrain) else None
+        evaluate = lambda: (evaluate_epoch(method, test, args, device, amp, pos, record, resume, picture), pos["epoch"])
+        metrics, evaluated = evaluate() if pos["epoch"] and not (pos["batch"] or has_eval or pretrain) else (None, None)
         loop = dict(model=model, method=method, loader=loader, opt=opt, scaler=scaler, amp=amp, device=device,
                     params=[p for g in groups for p in g["params"]], args=args, total=steps_per_epoch * args.epochs,
                     steps_per_epoch=steps_per_epoch, world=world, rank=rank, record=record, checkpoints=checkpoints,
@@ -501,26 +518,25 @@ def main(argv=None):
         for epoch in range(pos["epoch"], args.epochs):
             sampler.set_epoch(epoch, pos["batch"])
             method.train()
+            t_epoch = time.time()
             why = train_epoch(pos, **loop)
             if why is None:  # the epoch's end
                 pos.update(epoch=epoch + 1, batch=0)
                 checkpoints.save(pos)
-                metrics = evaluate() if not pretrain and master else metrics
+                metrics, evaluated = evaluate() if not pretrain and master else (metrics, evaluated)
+                log(epoch_line(epoch, args, pos["step"], pos["last"], time.time() - t_epoch, not pretrain and metrics))
                 why = stop.reason(pos["step"], args.max_steps, device) if epoch + 1 < args.epochs else None
-            if why:  # a signal exits 128 + its number; --max_steps returns
+            if why:
                 log(f"stopped by {why} at step {pos['step']} (epoch {pos['epoch'] + 1}, micro-batch {pos['batch']}): "
                     f"checkpoint {ckpt}; continue with\n  {resume}")
-                return stop.exit(why) or metrics
+                stop.exit(why)  # a signal: exit 128 + its number
+                break
 
         # summary
-        if train_ds.substitutions:
-            log(f"WARNING: {train_ds.substitutions} training items replaced an unreadable video: {train_ds.corrupt_videos[:5]}")
-        if metrics:
-            log(f"final ({args.method}, {args.data}, epoch {args.epochs})\n" + retrieval.table(metrics))
-        log(f"run folder {args.output_dir}: checkpoint {ckpt}, log {log_path}")
+        log(summary(args, train_ds, metrics, evaluated, ckpt, log_path, picture))
         return metrics
-    except runs.RunError as e:
-        fail(e, e.status)
+    except (runs.RunError, data.DataError, clip.ModelFileError) as e:  # the fix is the user's: the message says it
+        fail(e, getattr(e, "status", 2))
     finally:  # the one teardown path
         stop.restore()
         if folder:
