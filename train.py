@@ -4,38 +4,42 @@
   python train.py --method zeroshot                  # frozen CLIP, mean of frames: evaluation only
   python train.py --method ump --data msrvtt --clip ViT-B/32 --data_path ANN --video_path VIDEOS   # 1 GPU
   torchrun --standalone --nproc_per_node=4 train.py --method dgl --data msrvtt ...   # 4 GPUs, global batch
+  python train.py --method ump --resume              # continue the run in out/ump-synthetic, exactly
   python train.py --method full --eval_only --checkpoint out/full-synthetic/checkpoint.pt
   python train.py --method simvtp --stage pretrain ...; python train.py --method simvtp --init CKPT ...
 
-Flags follow CLIP4Clip's (main_task_retrieval.py) where it has one; defaults come from the method's RECIPE,
-then its DATASET_RECIPES[--data], then the command line; every other RECIPE key is a constructor argument and
-a flag (`--K_d 0`). What a method class must provide is its contract (docs/design.md). Faithful to CLIP4Clip's
-loop (symmetric InfoNCE over the global batch, meanP, its tie and multi-caption metric rules). Deviations:
+Flags follow CLIP4Clip's (main_task_retrieval.py) where it has one, X-Pool/UMP's --num_frames, --num_epochs and
+--noclip_lr are aliases; defaults come from the method's RECIPE, then its DATASET_RECIPES[--data], then the
+command line; every other RECIPE key is a constructor argument and a flag (`--K_d 0`). What a method class must
+provide is its contract (docs/design.md). Faithful to CLIP4Clip's loop (symmetric InfoNCE over the global batch,
+meanP, its tie and multi-caption metric rules).
+
+A run owns its --output_dir (runs.py): log.jsonl, checkpoint.pt (every --save_every, at epoch ends before the
+evaluation, at --max_steps, on SIGINT/SIGTERM after the step) and a lock. Bad flags and data stop before anything
+slow with one line `error: ...` (exit 2); a non-finite loss or gradient stops at once (exit 1). Deviations:
  1. The all-gather sums gradients: N ranks give the one-process gradient (CLIP4Clip's gives 1/N of it).
  2. AdamW (bias-corrected) instead of BertAdam; cosine over the steps after warmup, not the whole run.
  3. Default decay groups exempt biases, LayerNorms, embeddings, logit_scale (CLIP4Clip: biases only).
  4. `full`: fp32 masters + autocast, CLIP at lr 1e-7. CLIP4Clip's CLIP trains in pure fp16 by accident, where
     most 1e-7 updates round away; CLIP4Clip issue #96 reports R@1 ~43 with it, ~40 without. Expect ~40.
  5. Batches: one permutation per (seed, epoch) cut into global batches, rank r reads slice r of each; random
-    frames seeded per (epoch, item). 1 or N ranks see the same batches; --resume is exact mid-epoch too.
+    frames seeded per (epoch, item), dropout and masks per (epoch, micro-batch, rank). 1 or N ranks see the same
+    batches, and --resume is exact, mid-epoch too: nothing depends on what the global generator drew before
+    (runs.py: EpochSampler, SeededItems, dropout_seed).
 """
 import argparse
-import json
 import math
 import os
-import random
 import sys
 import time
 from contextlib import nullcontext
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.nn.functional import all_gather as all_gather_with_grad
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 import adapter
@@ -44,6 +48,7 @@ import data
 import dgl
 import meanp
 import retrieval
+import runs
 import simvtp
 import synthetic
 import ump
@@ -62,12 +67,21 @@ STANDARD = ("lr", "clip_lr", "epochs", "batch_size", "frames", "words", "weight_
             "betas", "eps", "size")  # the loop's own hyperparameters; every other RECIPE key goes to the class
 DEFAULT_ADAMW = dict(betas=(0.9, 0.999), eps=1e-8)  # torch's, for a RECIPE that names none
 MAX_LOGIT_SCALE = math.log(100)  # CLIP and CLIP4Clip clamp the learnt temperature here after every step
-# Seeds of the training order (deviation 5): large primes, so that (seed, epoch, item) never collide
-EPOCH_STRIDE, SEED_STRIDE, ITEM_STRIDE = 100_003, 1_000_003, 100_000_007
+
+
+def fail(message, status=2):
+    """A user error: one line on stderr, exit 2 (as argparse); status 1 for a run that failed in training."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(status)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Arguments: --method/--data/--stage first (they choose the recipe), then every flag with recipe defaults
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own errors in one line too
+        fail(f"{message} (python train.py --method M --help lists M's flags)")
+
 
 def boolean(s):  # argparse reports the ValueError as "invalid boolean value"
     return ("false", "true").index(s.lower()) == 1
@@ -77,126 +91,161 @@ def flag_type(default):
     return boolean if isinstance(default, bool) else str if default is None else type(default)
 
 
-def parse_args(argv=None):
-    first = argparse.ArgumentParser(add_help=False)
+def save_interval(s):
+    """--save_every: N optimizer steps, or N minutes as "Nmin"; 0: at epoch ends only."""
+    if not 0 <= (float(s[:-3]) if s.endswith("min") else int(s)) < math.inf:
+        raise ValueError(s)
+    return s
+
+
+def parse_args(argv):
+    """-> (args, method class, the dests given on the command line); a bad flag exits 2 with one line."""
+    first = Parser(prog="train.py", add_help=False, allow_abbrev=False)
     first.add_argument("--method", help=f"one of {', '.join(METHODS)}")
-    first.add_argument("--data", default="synthetic", help=f"one of {', '.join(data.DATASETS)}")
+    first.add_argument("--data", default="synthetic", help=f"one of {', '.join(data.DATASETS)} (default synthetic)")
     first.add_argument("--stage", default="finetune", choices=("pretrain", "finetune"),
-                       help="pretrain: the method's pretraining objective (SimVTP), no evaluation")
+                       help="pretrain: the method's pretraining objective (SimVTP), no evaluation (default finetune)")
     a, _ = first.parse_known_args(argv)
-    helping = {"-h", "--help"} & set(sys.argv[1:] if argv is None else argv)
-    for flag, value, allowed in (("--method", a.method, tuple(METHODS)), ("--data", a.data, data.DATASETS)):
-        if value not in allowed and not helping:
-            first.error(f"{flag} {value!r} is not known; choose from {', '.join(allowed)}")
-    if a.stage == "pretrain" and a.method not in PRETRAINING and not helping:
-        first.error(f"--stage pretrain exists for {', '.join(PRETRAINING)}, not {a.method}")
+    if not {"-h", "--help"} & set(argv):
+        for flag, value, allowed in (("--method", a.method, tuple(METHODS)), ("--data", a.data, data.DATASETS)):
+            if value not in allowed:
+                fail(f"{flag} {value!r} is not known; choose from {', '.join(allowed)}")
+        if a.stage == "pretrain" and a.method not in PRETRAINING:
+            fail(f"--stage pretrain exists for {', '.join(PRETRAINING)}, not {a.method}")
     cls, recipe, dataset_recipes = (PRETRAINING if a.stage == "pretrain" else METHODS).get(a.method, (None, {}, {}))
     recipe = {**recipe, **dataset_recipes.get(a.data, {})}
-
-    p = argparse.ArgumentParser(parents=[first], description=__doc__.split("\n")[0])
-    add, r = p.add_argument, recipe.get
-    for flag, kind, text in (  # value flags; None defaults are filled from the recipe below
-            ("--clip", str, "CLIP name (ViT-B/32, ...) or file; default tiny CLIP for synthetic, else ViT-B/32"),
-            ("--data_path", str, "annotation directory (synthetic: generated there on first use)"),
-            ("--video_path", str, "video directory (synthetic: <data_path>/videos)"),
-            ("--frame_cache", str, "data.py's uint8 frame cache (python data.py --cache DIR ...)"),
-            ("--output_dir", str, "log.jsonl and checkpoint.pt go here (default out/<method>-<data>)"),
-            ("--cache_dir", str, "tiny CLIP cache (default $XDG_CACHE_HOME/nanotvr or ~/.cache/nanotvr)"),
-            ("--init", str, "load model weights from a (pretraining) checkpoint, non-strict"),
-            ("--checkpoint", str, "with --eval_only: the checkpoint to evaluate"),
-            ("--size", int, f"frame size (recipe: {r('size')}; else the CLIP model's input resolution)"),
-            ("--batch_size", int, f"global batch per optimizer step ({r('batch_size')})"),
-            ("--lr", float, f"new parameters ({r('lr')})"),
-            ("--clip_lr", float, f"trainable CLIP parameters ({r('clip_lr')})"),
-            ("--coef_lr", float, "clip_lr = lr x coef_lr (CLIP4Clip's flag)"),
-            ("--epochs", int, f"({r('epochs')})"),
-            ("--weight_decay", float, f"({r('weight_decay')})"),
-            ("--grad_clip", float, f"({r('grad_clip')})"),
-            ("--eps", float, f"({r('eps')})")):
-        add(flag, type=kind, help=text)
-    add("--max_frames", dest="frames", type=int, help=f"frames per clip ({r('frames')})")
-    add("--max_words", dest="words", type=int, help=f"text tokens ({r('words')})")
-    add("--warmup_proportion", dest="warmup", type=float, help=f"({r('warmup')})")
-    add("--betas", type=float, nargs=2, help=f"({r('betas')})")
-    add("--gradient_accumulation_steps", dest="accum", type=int, default=1,
-        help="forward passes per step; the loss sees batch_size/accum pairs at a time (CLIP4Clip)")
-    for flag, default in (("--seed", 42), ("--num_workers", 2), ("--batch_size_val", 64), ("--log_every", 20)):
-        add(flag, type=int, default=default)
-    add("--max_steps", type=int, default=0, help="checkpoint and stop after N steps in all (0: no limit)")
-    for flag, text in (("--allow_missing", "use the videos that exist (say so when reporting)"),
-                       ("--resume", "continue from <output_dir>/checkpoint.pt"), ("--eval_only", "no training"),
-                       ("--dsl", "also report DSL (CAMoE) metrics, as separate rows")):
-        add(flag, action="store_true", help=text)
-    add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    add("--query", help="print the --top_k test videos (or --data folder videos) for this caption and draw them "
-                        "in <output_dir>/query.png; needs --checkpoint (or --method zeroshot), implies --eval_only")
-    add("--top_k", type=int, default=5, help="videos --query prints (5)")
     extra = {k: v for k, v in recipe.items() if k not in STANDARD}
-    group = p.add_argument_group(f"{a.method} hyperparameters (RECIPE; constructor arguments)")
-    for k, v in extra.items():
-        seq = isinstance(v, (tuple, list))
-        group.add_argument(f"--{k}", type=flag_type(v[0] if seq else v), nargs=len(v) if seq else None, default=v,
-                           help=f"(default {v})")
+    p = parser(first, a.method, cls, recipe, extra)
     args = p.parse_args(argv)
+    given = {x.dest for x in p._actions if any(t.split("=")[0] in x.option_strings for t in argv)}
     for k in STANDARD:
         if getattr(args, k) is None:
             setattr(args, k, recipe.get(k, DEFAULT_ADAMW.get(k)))
     args.clip_lr = args.clip_lr if args.coef_lr is None else args.lr * args.coef_lr
     args.betas, args.kwargs = tuple(args.betas), {k: getattr(args, k) for k in extra}
     args.output_dir = args.output_dir or os.path.join("out", f"{args.method}-{args.data}")
-    for flag, path in (("--checkpoint", args.checkpoint), ("--init", args.init)):
-        if path and not os.path.isfile(path):
-            p.error(f"{flag} {path}: no such file")
-    if args.data == "folder" and not args.query:
-        p.error("--data folder is for --query only: a folder of videos has no captions to train or evaluate on")
-    if args.query and (args.stage == "pretrain" or args.top_k < 1):
-        p.error("--query searches a trained model's videos: not with --stage pretrain, and --top_k must be >= 1")
-    if args.query and not args.checkpoint and args.method != "zeroshot":
-        p.error(f"--query with --method {args.method} needs --checkpoint (a trained run's checkpoint.pt), "
-                f"or use --method zeroshot")
     args.eval_only = args.eval_only or bool(args.query)
-    return args, cls
+    problems = runs.flag_problems(args, cls)
+    if problems:
+        fail("; ".join(problems))
+    return args, cls, given
+
+
+def parser(first, method, cls, recipe, extra):
+    """Every flag, with the default that applies to the chosen method in its help."""
+
+    dest = {flag: d for d, flag in runs.FLAG.items()}.get  # --max_frames -> frames, ...
+
+    def default(k, none="none"):
+        v = recipe.get(k, DEFAULT_ADAMW.get(k))
+        return f"default {none if v is None else v}" if cls else "default: set by --method"
+
+    p = Parser(prog="train.py", parents=[first], allow_abbrev=False, description=__doc__.split("\n")[0],
+               epilog=None if cls else "python train.py --method M --help shows M's defaults and its own flags.")
+    for flags, kind, text in (  # value flags; None defaults are filled from the recipe below
+            ("--clip", str, "CLIP name (ViT-B/32, ...) or file (default: tiny CLIP for synthetic, else ViT-B/32)"),
+            ("--data_path", str, "annotation directory (synthetic: generated there on first use)"),
+            ("--video_path", str, "video directory (synthetic: <data_path>/videos)"),
+            ("--frame_cache", str, "data.py's uint8 frame cache (python data.py --cache DIR ...)"),
+            ("--output_dir", str, "the run's folder: log.jsonl, checkpoint.pt (default out/<method>-<data>)"),
+            ("--cache_dir", str, "tiny CLIP cache (default $XDG_CACHE_HOME/nanotvr or ~/.cache/nanotvr)"),
+            ("--init", str, "load model weights from a (pretraining) checkpoint, non-strict"),
+            ("--checkpoint", str, "with --eval_only: the checkpoint to evaluate"),
+            ("--query", str, "print the --top_k test videos (or --data folder videos) for this caption and draw them in "
+             "<output_dir>/query.png; needs --checkpoint (or --method zeroshot), implies --eval_only"),
+            ("--size", int, f"frame size ({default('size', 'the CLIP model input resolution')})"),
+            ("--batch_size", int, f"global batch per optimizer step ({default('batch_size')})"),
+            ("--lr --noclip_lr", float, f"learning rate of the new (non-CLIP) parameters ({default('lr')})"),
+            ("--clip_lr", float, f"of trainable CLIP parameters ({default('clip_lr', 'none: no CLIP weight trains')})"),
+            ("--coef_lr", float, "clip_lr = lr x coef_lr (CLIP4Clip's flag; default unset)"),
+            ("--epochs --num_epochs", int, f"({default('epochs')})"),
+            ("--max_frames --num_frames", int, f"frames per clip ({default('frames')})"),
+            ("--max_words", int, f"text tokens with [SOT] and [EOT] ({default('words')})"),
+            ("--warmup_proportion", float, f"linear warmup, share of the steps ({default('warmup')})"),
+            ("--weight_decay", float, f"AdamW's, on the method's decay groups ({default('weight_decay')})"),
+            ("--grad_clip", float, f"max gradient norm, 0: none ({default('grad_clip')})"),
+            ("--eps", float, f"AdamW's epsilon ({default('eps')})")):
+        p.add_argument(*flags.split(), dest=dest(flags.split()[0]), type=kind, help=text)
+    p.add_argument("--betas", type=float, nargs=2, help=f"AdamW's ({default('betas')})")
+    for flag, kind, value, text in (
+            ("--gradient_accumulation_steps", int, 1, "forward passes per step, batch_size/accum pairs each (CLIP4Clip)"),
+            ("--seed", int, 42, "initial weights, data order, frames, dropout"),
+            ("--num_workers", int, 2, "data loading processes per rank (0: in the main process)"),
+            ("--batch_size_val", int, 64, "evaluation batch"), ("--log_every", int, 20, "a log.jsonl row every N steps"),
+            ("--save_every", save_interval, "30min", "also checkpoint every N steps, or N minutes as Nmin; 0: epoch ends only"),
+            ("--max_steps", int, 0, "checkpoint and stop after N steps in all (0: no limit)"),
+            ("--top_k", int, 5, "videos --query prints"),
+            ("--device", str, "cuda" if torch.cuda.is_available() else "cpu", "torch device")):
+        p.add_argument(flag, dest=dest(flag), type=kind, default=value,
+                       help=f"{text} (default {value})")
+    for flag, text in (("--allow_missing", "use the videos that exist (say so when reporting)"),
+                       ("--resume", "continue the run in --output_dir from its checkpoint.pt, exactly"),
+                       ("--overwrite", "replace the run in --output_dir (its checkpoint.pt and log.jsonl)"),
+                       ("--eval_only", "no training: evaluate --checkpoint (zeroshot: CLIP as it is)"),
+                       ("--dsl", "also report DSL (CAMoE) metrics, as separate rows (transductive)")):
+        p.add_argument(flag, action="store_true", help=text)
+    group = p.add_argument_group(f"{method} hyperparameters (RECIPE; constructor arguments)") if cls else p
+    for k, v in extra.items():
+        seq = isinstance(v, (tuple, list))
+        group.add_argument(f"--{k}", type=flag_type(v[0] if seq else v), nargs=len(v) if seq else None, default=v,
+                           help=f"constructor argument, see RECIPE in {cls.__module__}.py (default {v})")
+    return p
 
 
 # ----------------------------------------------------------------------------------------------------
 # The model: CLIP (or the tiny CLIP of the synthetic default), then the method on top of it
 
-def build_method(args, cls, device, log=print):
-    """-> the method on `device`; sets args.size when the CLIP model decides it."""
-    clip_model = None
-    if cls.uses_clip:
-        tiny_clip_data = args.data_path if args.data == "synthetic" else getattr(args, "tiny_clip_data", None)
-        if args.clip is None and tiny_clip_data:
-            cache_dir = args.cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "nanotvr")
-            if not is_master():  # rank 0 pretrains and caches it, the others read the cache
-                dist.barrier()
-            clip_model = synthetic.tiny_clip(cache_dir, tiny_clip_data, log)
-            if dist.is_initialized() and is_master():
-                dist.barrier()
-        else:
-            clip_model = clip.load(args.clip or "ViT-B/32")
-        args.size = args.size or clip_model.visual.input_resolution
-    elif not args.size:
-        raise SystemExit(f"error: {args.method} has no CLIP model to take the frame size from: pass --size")
+def construct(args, cls, clip_model):
+    """The method on clip_model; its constructor's ValueErrors are what a user fixes with a flag."""
+    try:
+        if cls.uses_clip:
+            return cls(clip_model, args.frames, **args.kwargs)
+        return cls(args.frames, size=args.size, **args.kwargs)
+    except ValueError as e:
+        fail(f"--method {args.method}: {e}")
+
+
+def probe_method(args, cls, given, log):
+    """The method built on a meta-device stand-in of its CLIP towers (no weights), when they are known before
+    loading: every constructor check and flag check before anything slow. -> the stand-in method, or None."""
+    stand_in = runs.clip_stand_in(args) if cls.uses_clip else None
+    if cls.uses_clip and stand_in is None:
+        return None
+    args.size = args.size or (stand_in.visual.input_resolution if stand_in else None)
+    try:
+        with torch.device("meta"):
+            method = construct(args, cls, stand_in)
+    except Exception:  # a constructor that needs real tensors: checked once built
+        return None
+    runs.check_method(args, given, method, log)
+    return method
+
+
+def load_clip(args, log):
+    tiny_clip_data = args.data_path if args.data == "synthetic" else getattr(args, "tiny_clip_data", None)
+    if args.clip is None and tiny_clip_data:
+        cache_dir = args.cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "nanotvr")
+        if not is_master():  # rank 0 pretrains and caches it, the others read the cache
+            dist.barrier()
+        clip_model = synthetic.tiny_clip(cache_dir, tiny_clip_data, log)
+        if dist.is_initialized() and is_master():
+            dist.barrier()
+        return clip_model
+    return clip.load(args.clip or "ViT-B/32")
+
+
+def build_method(args, cls, device, log, unchecked=None):
+    """-> the method on `device`, --init loaded; sets args.size when the CLIP model decides it. unchecked: the
+    flags given, when the method could not be probed before the CLIP file was loaded."""
+    clip_model = load_clip(args, log) if cls.uses_clip else None
+    args.size = args.size or (clip_model.visual.input_resolution if clip_model else None)
     torch.manual_seed(args.seed)  # identical initial weights on every rank
-    if cls.uses_clip:
-        method = cls(clip_model, args.frames, **args.kwargs)
-    else:
-        method = cls(args.frames, size=args.size, **args.kwargs)
+    method = construct(args, cls, clip_model)
+    if unchecked is not None:
+        runs.check_method(args, unchecked, method, log)
+    if args.init:
+        runs.load_init(method, args.init, log)
     return method.to(device)
-
-
-def use_checkpoint_settings(args, log=print):
-    """--data folder has no recipe: build the model as the checkpoint's run did (backbone, frames, words, frame
-    size, method flags), whatever the command line says."""
-    run = torch.load(args.checkpoint, map_location="cpu", weights_only=True, mmap=True)["args"]
-    for k in ("clip", "frames", "words", "size", "kwargs"):
-        setattr(args, k, run[k])
-    if run["data"] == "synthetic" and run["clip"] is None:  # the tiny CLIP, pretrained on the synthetic set
-        args.tiny_clip_data = synthetic.ensure_synthetic(run["data_path"])
-    backbone = "the tiny CLIP" if getattr(args, "tiny_clip_data", None) else f"--clip {run['clip'] or 'ViT-B/32'}"
-    log(f"--data folder: the model as {args.checkpoint}'s run built it ({run['data']}): {backbone}, --max_frames "
-        f"{run['frames']} --max_words {run['words']} --size {run['size']}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -255,101 +304,6 @@ def lr_factor(step, total, warmup):
     return (step + 1) / w if step < w else 0.5 * (1 + math.cos(math.pi * (step - w) / max(total - w, 1)))
 
 
-class EpochSampler(Sampler):
-    """Yields (epoch, item) keys: rank `rank`'s slice of each global batch of this epoch's permutation."""
-
-    def __init__(self, n, rank_batch, batches, rank, world, seed):
-        self.n, self.b, self.batches, self.rank, self.world, self.seed = n, rank_batch, batches, rank, world, seed
-        self.epoch = self.start = 0
-
-    def set_epoch(self, epoch, start=0):  # start: micro-batches of this epoch already done
-        self.epoch, self.start = epoch, start
-
-    def __len__(self):
-        return (self.batches - self.start) * self.b
-
-    def __iter__(self):
-        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * EPOCH_STRIDE + self.epoch))
-        mine = perm[:self.batches * self.world * self.b].view(self.batches, self.world, self.b)[self.start:, self.rank]
-        return iter([(self.epoch, int(i)) for i in mine.flatten()])
-
-
-class SeededItems(Dataset):
-    """Item (epoch, i) is read under a torch seed made of (seed, epoch, i): its random frames repeat exactly."""
-
-    def __init__(self, dataset, seed):
-        self.dataset, self.seed = dataset, seed
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, key):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * SEED_STRIDE + key[0]) * ITEM_STRIDE + key[1])
-            return self.dataset[key[1]]
-
-
-# ----------------------------------------------------------------------------------------------------
-# Checkpoints: one plain dict, written to a temporary file then renamed, loaded with weights_only=True
-
-def atomic_save(obj, path):
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)  # a crash before this line leaves the previous file untouched
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def rng_state():  # tensors and ints, which weights_only=True loads
-    _, keys, pos, *_ = np.random.get_state()
-    return dict(torch=torch.get_rng_state(), numpy=torch.from_numpy(keys.astype(np.int64)), numpy_pos=int(pos),
-                python=torch.tensor(random.getstate()[1]), cuda=torch.cuda.get_rng_state_all())
-
-
-def set_rng_state(s):
-    torch.set_rng_state(s["torch"])
-    np.random.set_state(("MT19937", s["numpy"].numpy().astype(np.uint32), s["numpy_pos"]))
-    random.setstate((3, tuple(s["python"].tolist()), None))
-    s["cuda"] and torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def trainable_state(method):
-    return {n: p.detach().cpu().clone() for n, p in method.named_parameters() if p.requires_grad}
-
-
-def load_trainable(method, path):
-    """Strict on the trainable set: the checkpoint must hold exactly the tensors that train here."""
-    ck = torch.load(path, map_location="cpu", weights_only=True)
-    names, have = set(trainable_state(method)), set(ck["model"])
-    if have != names:
-        raise SystemExit(f"error: {path} does not hold this model's trainable tensors (missing {sorted(names - have)[:4]}, "
-                         f"unexpected {sorted(have - names)[:4]}): same --method and method flags as its run?")
-    method.load_state_dict(ck["model"], strict=False)
-    return ck
-
-
-def save_checkpoint(path, method, opt, scaler, step, epoch, batch, args):
-    rng = [rng_state()] * max(dist.is_initialized() and dist.get_world_size(), 1)
-    if dist.is_initialized():  # every rank's generators, for an exact --resume
-        dist.all_gather_object(rng, rng_state())
-    if is_master():
-        atomic_save(dict(model=trainable_state(method), optimizer=opt.state_dict(), scaler=scaler.state_dict(),
-                         step=step, epoch=epoch, batch=batch, rng=rng, args=vars(args)), path)
-
-
-def resume(path, method, opt, scaler, rank, world):
-    """Load <output_dir>/checkpoint.pt into the method, optimizer, scaler and generators: -> (step, epoch, batch)."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: --resume: no checkpoint at {path}")
-    ck = load_trainable(method, path)
-    opt.load_state_dict(ck["optimizer"])
-    scaler.load_state_dict(ck["scaler"])
-    set_rng_state(ck["rng"][rank if len(ck["rng"]) == world else 0])
-    return ck["step"], ck["epoch"], ck["batch"]
-
-
 # ----------------------------------------------------------------------------------------------------
 # The phases of a run
 
@@ -369,91 +323,80 @@ def setup(args):
     return device, world, rank, amp, amp_dtype, scaler
 
 
-def train_loader(args, world, rank, device):
-    """Global batches cut from one permutation per epoch, rank r reads slice r of each (deviation 5)."""
-    if args.batch_size % (world * args.accum):
-        raise SystemExit(f"error: --batch_size {args.batch_size} must divide by ranks x accumulation ({world * args.accum})")
-    rank_batch = args.batch_size // (world * args.accum)
-    split = data.read_split(args.data, "train", args.data_path, args.video_path, args.allow_missing)
-    ds = data.VideoTextDataset(split, frames=args.frames, words=args.words, size=args.size, train=True,
-                               frame_cache=args.frame_cache)
-    steps_per_epoch = len(ds) // args.batch_size
-    if steps_per_epoch == 0:
-        raise SystemExit(f"error: {len(ds)} training pairs make no batch of {args.batch_size}")
-    sampler = EpochSampler(len(ds), rank_batch, steps_per_epoch * args.accum, rank, world, args.seed)
-    loader = DataLoader(SeededItems(ds, args.seed), batch_size=rank_batch, sampler=sampler,
-                        num_workers=args.num_workers, pin_memory=device.type == "cuda",
-                        persistent_workers=args.num_workers > 0, worker_init_fn=data._worker_init)
-    return ds, loader, sampler, steps_per_epoch
+def diverged(what, step, opt):
+    lrs = ", ".join(sorted({f"{g['lr']:.3g}" for g in opt.param_groups}))
+    fail(f"non-finite {what} at step {step + 1} (lr {lrs}): try a lower --lr (or --clip_lr), a longer "
+         f"--warmup_proportion or --grad_clip 1.0; nothing of this step was applied or saved", 1)
 
 
-def train_epoch(epoch, batch_no, step, *, model, method, loader, opt, scaler, params, amp, device, args, total,
-                steps_per_epoch, world, record, log):
-    """One epoch from micro-batch `batch_no` on: -> (step, mean losses of the last logging window, stopped)."""
-    micro, pretrain, master = args.accum, args.stage == "pretrain", is_master()
+def train_epoch(pos, *, model, method, loader, opt, scaler, params, amp, device, args, total, steps_per_epoch,
+                world, rank, record, checkpoints, stop):
+    """Epoch pos["epoch"] from micro-batch pos["batch"] on, updating pos -> what stopped it early, or None.
+    pos["window"]: the losses since the last log row (checkpointed: resumed rows equal uninterrupted ones)."""
+    micro, pretrain, epoch, n_micro = args.accum, args.stage == "pretrain", pos["epoch"], steps_per_epoch * args.accum
     tty = sys.stderr.isatty()  # a bar on a terminal; plain lines into a file (no carriage returns)
     plain = not (tty and sys.stdout.isatty())
-    bar = tqdm(total=steps_per_epoch, initial=batch_no // micro, desc=f"epoch {epoch + 1}",
-               disable=not (master and tty), leave=False, dynamic_ncols=True)
+    bar = tqdm(total=steps_per_epoch, initial=pos["batch"] // micro, desc=f"epoch {epoch + 1}",
+               disable=not (is_master() and tty), leave=False, dynamic_ncols=True)
     t_log = t_fetch = time.time()
-    wait, seen, losses, last = 0.0, 0, [], {"loss": math.nan}
+    wait, seen, timed = 0.0, 0, 0
     for batch in loader:
         wait += time.time() - t_fetch
-        batch_no += 1
+        # dropout and masks: a function of the position, whatever ran before (evaluation, loaders, a resume)
+        torch.manual_seed(runs.dropout_seed(args.seed, epoch, pos["batch"], rank))
+        for g in opt.param_groups if pos["batch"] % micro == 0 else ():
+            g["lr"] = g["base_lr"] * lr_factor(pos["step"], total, args.warmup)
+        pos["batch"] += 1
         video = method.normalize_pixels(batch["video"].to(device, non_blocking=True))
         text, mask = batch["text"].to(device, non_blocking=True), batch["video_mask"].to(device, non_blocking=True)
-        with (model.no_sync() if world > 1 and batch_no % micro else nullcontext()), amp:
+        with (model.no_sync() if world > 1 and pos["batch"] % micro else nullcontext()), amp:
             if pretrain:  # SimVTP: masked video/text modelling, a dict of losses with a "loss" entry
                 parts = model(text, video, mask)
                 loss = parts["loss"]
             else:
                 loss, parts = contrastive_loss(method, *model(text, video, mask), mask), {}
             scaler.scale(loss / micro).backward()
-        losses.append({k: torch.as_tensor(x).item() for k, x in {**parts, "loss": loss}.items()})
-        seen += len(text) * world
-        if batch_no % micro:
+        pos["window"].append({k: torch.as_tensor(x).item() for k, x in {**parts, "loss": loss}.items()})
+        if not math.isfinite(pos["window"][-1]["loss"]):
+            diverged("loss", pos["step"], opt)
+        seen, timed = seen + len(text) * world, timed + 1
+        if pos["batch"] % micro:
             t_fetch = time.time()
             continue
-        for g in opt.param_groups:
-            g["lr"] = g["base_lr"] * lr_factor(step, total, args.warmup)
         scaler.unscale_(opt)
-        if args.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip or math.inf)
+        if not scaler.is_enabled() and not math.isfinite(norm):  # fp16: the scaler skips such steps itself
+            diverged("gradient", pos["step"], opt)
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
         if method.logit_scale.requires_grad:  # CLIP4Clip clamps after every step
             method.logit_scale.data.clamp_(max=MAX_LOGIT_SCALE)
-        step += 1
+        pos["step"] += 1
         bar.update(1)
-        if step % args.log_every == 0 or step == 1 or batch_no == steps_per_epoch * micro:  # 1: see it start
-            dt = time.time() - t_log
-            last = {k: sum(x[k] for x in losses) / len(losses) for k in losses[-1]}
-            row = dict(event="train", step=step, epoch=epoch + batch_no / (steps_per_epoch * micro), **last,
-                       lr=opt.param_groups[0]["lr"], step_time=dt * micro / len(losses), clips_per_s=seen / dt,
+        if pos["step"] % args.log_every == 0 or pos["step"] == 1 or pos["batch"] == n_micro:  # 1: see it start
+            dt, window = time.time() - t_log, pos["window"]
+            pos["last"] = {k: sum(x[k] for x in window) / len(window) for k in window[-1]}
+            row = dict(event="train", step=pos["step"], epoch=epoch + pos["batch"] / n_micro, **pos["last"],
+                       lr=opt.param_groups[0]["lr"], step_time=dt * micro / timed, clips_per_s=seen / dt,
                        data_wait=wait / dt)
             if device.type == "cuda":
                 row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
             record(**row)
-            bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{row['lr']:.1e}", clips_s=f"{seen / dt:.0f}",
+            bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.1e}", clips_s=f"{seen / dt:.0f}",
                             wait=f"{100 * wait / dt:.0f}%")
-            if plain:
-                log(f"epoch {epoch + 1} step {step}/{total}: loss {last['loss']:.4f}, lr {row['lr']:.2e}, "
-                    f"{seen / dt:.0f} clips/s, data wait {100 * wait / dt:.0f}%")
-            t_log, wait, seen, losses = time.time(), 0.0, 0, []
-        if step == args.max_steps:  # a mid-epoch checkpoint, as a pre-empted job would want
-            bar.close()
-            return step, last, batch_no
+            if plain and is_master():
+                print(f"epoch {epoch + 1} step {pos['step']}/{total}: loss {row['loss']:.4f}, lr {row['lr']:.2e}, "
+                      f"{seen / dt:.0f} clips/s, data wait {100 * wait / dt:.0f}%", flush=True)
+            t_log, wait, seen, timed, pos["window"] = time.time(), 0.0, 0, 0, []
+        why = stop.reason(pos["step"], args.max_steps, device) if pos["batch"] < n_micro else None  # else: epoch end
+        if why or pos["batch"] < n_micro and checkpoints.due(pos["step"]):
+            checkpoints.save(pos)
+        if why:
+            break
         t_fetch = time.time()
     bar.close()
-    return step, last, None
-
-
-def rounded(x, digits=6):
-    """Floats to `digits` significant digits, in nested dicts too: log.jsonl shows 3.5, not 3.5000000000000004."""
-    if isinstance(x, dict):
-        return {k: rounded(v, digits) for k, v in x.items()}
-    return float(f"{x:.{digits}g}") if isinstance(x, float) else x
+    return why
 
 
 def epoch_line(epoch, args, step, last, seconds, metrics):
@@ -466,105 +409,138 @@ def epoch_line(epoch, args, step, last, seconds, metrics):
     return line
 
 
-def main(argv=None):
-    # setup: flags, processes, precision, the output folder and its log
-    args, cls = parse_args(argv)
-    device, world, rank, amp, amp_dtype, scaler = setup(args)
-    master, pretrain = rank == 0, args.stage == "pretrain"
-    log = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)
-    os.makedirs(args.output_dir, exist_ok=True)
-    picture = os.path.join(args.output_dir, "retrievals.png")  # what the last evaluation retrieved
-    jsonl = open(os.path.join(args.output_dir, "log.jsonl"), "a") if master else None
-
-    def record(**row):
-        if jsonl:
-            jsonl.write(json.dumps(rounded(row)) + "\n")
-            jsonl.flush()
-
+def evaluate_epoch(method, test, args, device, amp, pos, record, resume, picture):
+    """The evaluation after an epoch's checkpoint, and its retrievals.png; a failure says that the epoch is kept
+    and how to evaluate it."""
+    keep = {}
     try:
-        # data and model
-        if args.data == "synthetic":
-            args.data_path = synthetic.ensure_synthetic(args.data_path)
+        metrics = retrieval.evaluate(method, test, args, device, amp, keep)
+    except Exception as e:
+        why = (str(e).strip() or type(e).__name__).splitlines()[-1]  # a worker's error: its last line
+        print(f"error: the evaluation after epoch {pos['epoch']} failed ({why}); the epoch's training is kept in "
+              f"its checkpoint: fix the cause, then `{resume}` evaluates it and goes on", file=sys.stderr, flush=True)
+        if isinstance(e, (data.VideoError, OSError)):  # the data's fault, said above: no traceback
+            raise SystemExit(1)
+        raise
+    record(event="eval", epoch=pos["epoch"], step=pos["step"], **metrics)
+    retrieval.write_retrievals(picture, test, keep["sim"], f"{args.method} on {test.name}, epoch {pos['epoch']}")
+    return metrics
+
+
+def evaluate_only(method, test, args, device, amp, log, picture):
+    """--eval_only, --query and zeroshot: evaluate and write <output_dir>/eval-<time>.json and retrievals.png (or
+    search and draw query.png); never a training log."""
+    ck = runs.read_checkpoint(args.checkpoint, "--checkpoint", keys=("model",)) if args.checkpoint else None
+    if ck:
+        runs.load_trainable(method, ck, args.checkpoint)
+    if not is_master():
+        return None
+    os.makedirs(args.output_dir, exist_ok=True)
+    if args.query:  # search the test videos (or a --data folder) for one caption
+        return retrieval.search(method, args.query, test, args, device, amp, args.top_k,
+                                os.path.join(args.output_dir, "query.png"), log)
+    keep = {}
+    metrics = retrieval.evaluate(method, test, args, device, amp, keep)
+    path = runs.write_eval(args, metrics)
+    step = f", {os.path.basename(args.checkpoint)} at step {ck['step']}" if ck and "step" in ck else ""
+    retrieval.write_retrievals(picture, test, keep["sim"], f"{args.method} on {test.name}{step}")
+    log(f"{args.method} on {args.data} test ({len(test.captions)} captions, {len(test.videos)} videos)\n"
+        + retrieval.table(metrics) + f"\nrecord: {path}\nretrieved clips: {picture}")
+    return metrics
+
+
+def summary(args, train_ds, metrics, evaluated, ckpt, log_path, picture):
+    """What a run leaves on the console at its end: the last evaluation (never one picked on the test split)
+    and where its files are."""
+    lines = [f"WARNING: {train_ds.substitutions} training items replaced an unreadable video: "
+             f"{train_ds.corrupt_videos[:5]}"] if train_ds.substitutions else []
+    if metrics:
+        lines += [f"final: {args.method} on {args.data} test after epoch {evaluated} of {args.epochs} (the last "
+                  f"evaluated; nothing is selected on the test split)", retrieval.table(metrics),
+                  f"retrieved clips: {picture}"]
+    if args.stage == "pretrain":
+        lines.append(f"{args.method} pretraining checkpoint: {ckpt}; fine-tune from it with --init {ckpt}")
+    return "\n".join(lines + [f"run folder {args.output_dir}: checkpoint {ckpt}, log {log_path}"])
+
+
+def main(argv=None):
+    # setup: flags and the method's own checks before anything slow, processes, precision, signals, the folder
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, cls, given = parse_args(argv)
+    device, world, rank, amp, amp_dtype, scaler = setup(args)
+    master, pretrain, folder, stop = rank == 0, args.stage == "pretrain", None, runs.Stop()
+    log = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)
+    ckpt, log_path, picture = (os.path.join(args.output_dir, f) for f in ("checkpoint.pt", "log.jsonl", "retrievals.png"))
+    try:
         if args.data == "folder" and args.checkpoint:
-            use_checkpoint_settings(args, log)
-        method = build_method(args, cls, device, log)
-        torch.manual_seed(args.seed + rank), random.seed(args.seed + rank), np.random.seed(args.seed + rank)
-        if args.init:
-            state = torch.load(args.init, map_location="cpu", weights_only=True)
-            missing, unexpected = method.load_state_dict(state.get("model", state), strict=False)
-            log(f"--init {args.init}: {len(missing)} missing {missing[:4]}, {len(unexpected)} unexpected {unexpected[:4]}")
+            runs.use_checkpoint_settings(args, log)
+        probe = probe_method(args, cls, given, log)  # None: --clip names a file, checked once it is loaded
+        evaluating = args.eval_only or probe is not None and not any(p.requires_grad for p in probe.parameters())
+        folder = runs.Folder(args) if master and not evaluating else None  # refuses a run it would overwrite
+
+        # data and model
+        train_split, test = runs.read_data(args, pretrain, evaluating)
+        if folder:
+            folder.claim(args.overwrite)
+            log(f"run folder {folder.dir}: checkpoint {ckpt}, log {log_path}")
+        method = build_method(args, cls, device, log, given if probe is None else None)
         n_all = sum(p.numel() for p in method.parameters())
         n_train = sum(p.numel() for p in method.parameters() if p.requires_grad)
         log(f"{args.method}: {n_train:,} trainable of {n_all:,} parameters ({100 * n_train / n_all:.3f}%); device "
             f"{device} x {world}, autocast {amp_dtype}, {args.frames} frames of {args.size} px, {args.words} words")
-        test = None if pretrain else data.read_split(args.data, "test", args.data_path, args.video_path, args.allow_missing)
-        if args.eval_only or n_train == 0:  # zeroshot: nothing trains
-            ck = load_trainable(method, args.checkpoint) if args.checkpoint else None
-            if args.query:  # search the test videos (or a --data folder) for one caption
-                return retrieval.search(method, args.query, test, args, device, amp, args.top_k,
-                                        os.path.join(args.output_dir, "query.png"), log)
-            keep = {}
-            metrics = retrieval.evaluate(method, test, args, device, amp, keep) if master else None
-            record(event="eval", epoch=None, **(metrics or {}))
-            log(f"{args.method} on {args.data} test ({len(test.captions)} captions, {len(test.videos)} videos)\n"
-                + retrieval.table(metrics or {}))
-            if master:
-                retrieval.write_retrievals(picture, test, keep["sim"], f"{args.method} on {test.name}"
-                                           + (f", {os.path.basename(args.checkpoint)} at step {ck['step']}" if ck else ""))
-                log(f"retrieved clips: {picture}")
-            return metrics
-        train_ds, loader, sampler, steps_per_epoch = train_loader(args, world, rank, device)
+        if evaluating or n_train == 0:  # zeroshot: nothing trains
+            return evaluate_only(method, test, args, device, amp, log, picture)
+        train_ds, loader, sampler, steps_per_epoch = runs.train_loader(args, train_split, world, rank, device)
 
-        # optimizer: AdamW over the trainable parameters only; DDP reduces their gradients
+        # optimizer: AdamW over the trainable parameters only; DDP reduces their gradients; --resume's state
         groups = param_groups(method, args.lr, args.clip_lr, args.weight_decay)
         opt = torch.optim.AdamW(groups, betas=args.betas, eps=args.eps)
-        params = [p for g in groups for p in g["params"]]
-        forward = Forward(method, pretrain)
-        model = DDP(forward, device_ids=[device] if device.type == "cuda" else None) if world > 1 else forward
-        total, step, start_epoch, start_batch = steps_per_epoch * args.epochs, 0, 0, 0
-        ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
+        model = Forward(method, pretrain)
+        model = DDP(model, device_ids=[device] if device.type == "cuda" else None) if world > 1 else model
+        pos = dict(step=0, epoch=0, batch=0, window=[], last=None)  # what the checkpoint holds of the loop
         if args.resume:
-            step, start_epoch, start_batch = resume(ckpt_path, method, opt, scaler, rank, world)
-            log(f"resumed from {ckpt_path}: step {step}, epoch {start_epoch}, batch {start_batch}")
-        log(f"{len(train_ds)} training pairs: {steps_per_epoch} steps/epoch x {args.epochs} epochs of "
-            f"{args.batch_size} ({args.batch_size // (world * args.accum)} per rank x {world} ranks x {args.accum} accumulation)")
+            runs.restore(folder.resumed if master else runs.read_checkpoint(ckpt, "--resume"), ckpt, method, opt, scaler, pos)
+            log(f"resumed from {ckpt}: step {pos['step']}, epoch {pos['epoch']}, micro-batch {pos['batch']}"
+                + "".join(f"; --{k} {b} (was {a})" for k, (a, b) in (folder.changed.items() if folder else ())))
+        record, has_eval = folder.open_log(pos["step"], argv) if master else (lambda **row: None, True)
+        log(f"{len(train_ds)} training pairs: {steps_per_epoch} steps/epoch x {args.epochs} epochs of {args.batch_size} "
+            f"({args.batch_size // (world * args.accum)} per rank x {world} ranks x {args.accum} accumulation)")
 
-        # the loop: an epoch, its checkpoint, its evaluation
-        evaluated = None  # the epoch of `metrics`
-        metrics, loop = None, dict(model=model, method=method, loader=loader, opt=opt, scaler=scaler, params=params,
-                                   amp=amp, device=device, args=args, total=total, steps_per_epoch=steps_per_epoch,
-                                   world=world, record=record, log=log)
-        for epoch in range(start_epoch, args.epochs):
-            batch_no = start_batch if epoch == start_epoch else 0
-            sampler.set_epoch(epoch, batch_no)
+        # the loop: an epoch, its checkpoint, then its evaluation (which may fail without losing the epoch)
+        checkpoints, resume = runs.Checkpoints(ckpt, method, opt, scaler, args), runs.resume_command(argv, world)
+        evaluate = lambda: (evaluate_epoch(method, test, args, device, amp, pos, record, resume, picture), pos["epoch"])
+        metrics, evaluated = evaluate() if pos["epoch"] and not (pos["batch"] or has_eval or pretrain) else (None, None)
+        loop = dict(model=model, method=method, loader=loader, opt=opt, scaler=scaler, amp=amp, device=device,
+                    params=[p for g in groups for p in g["params"]], args=args, total=steps_per_epoch * args.epochs,
+                    steps_per_epoch=steps_per_epoch, world=world, rank=rank, record=record, checkpoints=checkpoints,
+                    stop=stop)
+        stop.armed = True
+        for epoch in range(pos["epoch"], args.epochs):
+            sampler.set_epoch(epoch, pos["batch"])
             method.train()
             t_epoch = time.time()
-            step, last, stopped_at = train_epoch(epoch, batch_no, step, **loop)
-            if stopped_at is not None:
-                save_checkpoint(ckpt_path, method, opt, scaler, step, epoch, stopped_at, args)
-                log(f"stopped at step {step} (--max_steps); continue with --resume")
+            why = train_epoch(pos, **loop)
+            if why is None:  # the epoch's end
+                pos.update(epoch=epoch + 1, batch=0)
+                checkpoints.save(pos)
+                metrics, evaluated = evaluate() if not pretrain and master else (metrics, evaluated)
+                log(epoch_line(epoch, args, pos["step"], pos["last"], time.time() - t_epoch, not pretrain and metrics))
+                why = stop.reason(pos["step"], args.max_steps, device) if epoch + 1 < args.epochs else None
+            if why:
+                log(f"stopped by {why} at step {pos['step']} (epoch {pos['epoch'] + 1}, micro-batch {pos['batch']}): "
+                    f"checkpoint {ckpt}; continue with\n  {resume}")
+                stop.exit(why)  # a signal: exit 128 + its number
                 break
-            if not pretrain and master:
-                keep = {}
-                metrics, evaluated = retrieval.evaluate(method, test, args, device, amp, keep), epoch + 1
-                record(event="eval", epoch=epoch + 1, step=step, **metrics)
-                retrieval.write_retrievals(picture, test, keep["sim"], f"{args.method} on {test.name}, epoch {epoch + 1}")
-            log(epoch_line(epoch, args, step, last, time.time() - t_epoch, None if pretrain else metrics))
-            save_checkpoint(ckpt_path, method, opt, scaler, step, epoch + 1, 0, args)
 
         # summary
-        if train_ds.substitutions:
-            log(f"WARNING: {train_ds.substitutions} training items replaced an unreadable video: {train_ds.corrupt_videos[:5]}")
-        if metrics:  # the last evaluation, never one picked on the test split
-            log(f"final: {args.method} on {args.data} test after epoch {evaluated} of {args.epochs} (the last "
-                f"evaluated; nothing is selected on the test split)\n" + retrieval.table(metrics)
-                + f"\nretrieved clips: {picture}")
-        if pretrain and master:
-            log(f"{args.method} pretraining checkpoint: {ckpt_path}; fine-tune from it with --init {ckpt_path}")
+        log(summary(args, train_ds, metrics, evaluated, ckpt, log_path, picture))
         return metrics
+    except (runs.RunError, data.DataError, clip.ModelFileError) as e:  # the fix is the user's: the message says it
+        fail(e, getattr(e, "status", 2))
     finally:  # the one teardown path
-        if jsonl:
-            jsonl.close()
+        stop.restore()
+        if folder:
+            folder.close()
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import meanp
+import runs
 import train
 from conftest import make_tiny_clip
 
@@ -50,7 +51,7 @@ def run(rank, world):
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
-    return torch.tensor(losses), grads, train.trainable_state(method)
+    return torch.tensor(losses), grads, runs.trainable_state(method)
 
 
 def worker(rank, world, init_file, out):

@@ -15,6 +15,7 @@ import torch
 import clip
 import data
 import retrieval
+import runs
 import synthetic
 import train
 from conftest import make_tiny_clip
@@ -221,7 +222,7 @@ def test_training_run_leaves_picture_rounded_log_and_readable_console(tiny_run, 
         walk(json.loads(line))
     floats = [x for x in floats if isinstance(x, float)]
     assert len(floats) > 30 and all(float(f"{x:.6g}") == x for x in floats)  # 6 significant digits at most
-    assert train.rounded(dict(a=3.5000000000000004, b=dict(c=1 / 3, n=7), s="x")) == dict(a=3.5, b=dict(c=0.333333, n=7), s="x")
+    assert runs.rounded(dict(a=3.5000000000000004, b=dict(c=1 / 3, n=7), s="x")) == dict(a=3.5, b=dict(c=0.333333, n=7), s="x")
 
 
 def test_frame_cache_manifest_refuses_and_warns(tmp_path, capsys):
