@@ -120,7 +120,7 @@ def test_two_nodes_of_one_process_equal_one_process(tmp_path):
     mp.start_processes(node, args=(free_port(), argv("nodes")), nprocs=2, start_method="fork")
     train.main(argv("one"))
     a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True) for d in ("one", "nodes"))
-    assert a["step"] == b["step"] == 2 and len(b["rng"]) == 2  # both ranks' generators were saved
+    assert a["step"] == b["step"] == 2
     for name in a["model"]:  # AdamW: attention key biases, whose exact gradient is 0, step by lr x noise / eps
         atol = 1e-5 if name.endswith("in_proj_bias") else 1e-6  # measured: 1.1e-6 on one key bias, else < 1e-6
         torch.testing.assert_close(b["model"][name], a["model"][name], atol=atol, rtol=0, msg=name)

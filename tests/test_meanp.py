@@ -50,7 +50,7 @@ def test_vit_b32_trainable_set_and_count(k, trainable):
 
 def test_default_is_clip4clip_zero_and_the_flag_reaches_the_constructor():
     assert meanp.RECIPE["freeze_layer_num"] == 0
-    args, cls = train.parse_args(["--method", "full", "--freeze_layer_num", "-1"])
+    args, cls, _ = train.parse_args(["--method", "full", "--freeze_layer_num", "-1"])
     assert cls is meanp.MeanP and args.kwargs == dict(freeze_layer_num=-1)
     assert not any(p.requires_grad for p in meanp.ZeroShot(make_tiny_clip(), 4, freeze_layer_num=0).parameters())
     for bad in (-2, 3):  # the tiny CLIP has 2 blocks per tower
