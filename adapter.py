@@ -38,8 +38,9 @@ Deliberate deviations and our decisions:
      update, lr 0 at step 0, cosine not re-based after warmup). `BertAdam` below reproduces it (checked on
      the oracle's three steps); train.py's loop uses it only if it picks it up, otherwise AdamW (with bias
      correction, which changes only the first ~50 steps' size).
-  9. Metric ties (release counts tied scores repeatedly) and model selection on test: train.py's business
-     (strict ranks, last epoch reported).
+  9. Model selection on test (the release reports its best epoch): train.py reports the last epoch. The
+     metrics are the release's: its metrics.py is CLIP4Clip's, whose tie rule (a k-way tie with the ground
+     truth counts k times) retrieval.py reproduces.
   10. Unequal tower depths (e.g. ViT-L/14: 24 vision vs 12 text blocks) crash the release's constructor; we
       raise a clear error: slot j must exist in both towers to share its tensor.
   11. Dead flags of the release (LN before/after the adapter, non-linearity on the shared path, "Meta"

@@ -43,8 +43,9 @@ Deliberate deviations:
   5. Optimiser and schedule are train.py's (AdamW, per-step warmup + cosine, clip 1.0), the same as the
      release's AdamW path; the global batch of 512 is all-gathered as the release's 128 x 4 GPUs.
      The release's bugged shell flags (vatex.sh, lsmdc.sh and activitynet.sh pass --unified_prompt_layers,
-     which params.py does not define; the values equal the defaults) and its tie-counting recall are
-     not reproduced.
+     which params.py does not define; the values equal the defaults) are not reproduced. Its recall
+     (utils/metrics.py, CLIP4Clip's compute_metrics: a k-way tie with the ground truth counts k times) is,
+     by retrieval.py.
 
 Usage:
     model = DGL(clip.load("ViT-B/32"), num_frames=12, latent="transformer")

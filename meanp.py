@@ -9,6 +9,15 @@ Pooling as CLIP4Clip's "loose" similarity: frame CLS features are L2-normalised,
 frames (video_mask); train.py normalises the mean again before the cosine. Parameters named "clip.*" train at
 --clip_lr (CLIP4Clip's coef_lr x lr), as CLIP4Clip's two-group BertAdam does.
 
+What trains follows CLIP4Clip's --freeze_layer_num rule (main_task_retrieval.py), whose default 0 is the one its
+published runs use: the output ends (ln_final, text_projection, logit_scale, visual.ln_post, visual.proj) always
+train; a residual block of either tower trains when its index is >= freeze_layer_num; every other CLIP tensor
+(token_embedding, positional_embedding, visual.class_embedding, visual.positional_embedding, visual.conv1,
+visual.ln_pre) is frozen. So 0 freezes the embeddings and the patch stem only, k in 1..layers also freezes the
+first k blocks of each tower, and -1 trains every tensor (CLIP4Clip's "no freezing"). ViT-B/32: 0 trains
+123,540,993 of its 151,277,313 parameters (the frozen ones are 25.3M of token embedding, 2.4M of conv1
+and 0.08M of positions, class embedding and ln_pre), -1 all of them, 12 only the output ends (657,921).
+
   python train.py --method zeroshot               # evaluation only
   python train.py --method full                   # the synthetic default; --data msrvtt ... for MSR-VTT
 """
@@ -21,24 +30,44 @@ import clip
 # (4 GPUs x 32) --max_frames 12 --max_words 32 --warmup_proportion 0.1; BertAdam weight decay 0.2, b1 0.9,
 # b2 0.98, e 1e-6; clip_grad_norm_ 1.0. ZeroShot uses frames, words and batch_size_val only.
 RECIPE = dict(lr=1e-4, clip_lr=1e-7, epochs=5, batch_size=128, frames=12, words=32, weight_decay=0.2,
-              warmup=0.1, grad_clip=1.0, betas=(0.9, 0.98), eps=1e-6)
+              warmup=0.1, grad_clip=1.0, betas=(0.9, 0.98), eps=1e-6,
+              freeze_layer_num=0)  # CLIP4Clip's --freeze_layer_num (its README command's value): see above
 # Synthetic set (ours, tuned on 2 CPU cores): a tiny CLIP that knows no motion must learn it in a few hundred
 # steps, so CLIP trains at lr 1e-7 x 3000; 8 frames cover the 16-24-frame clips; 3 epochs of the 9,000 pairs
 # (843 steps; 5 epochs when the set had 4,500 pairs).
 DATASET_RECIPES = dict(synthetic=dict(clip_lr=3e-4, epochs=3, batch_size=32, frames=8))
 
 
+# CLIP tensors that always train under CLIP4Clip's rule (name prefixes, as its main_task_retrieval.py tests them)
+ALWAYS_TRAINED = ("ln_final.", "text_projection", "logit_scale", "visual.ln_post.", "visual.proj")
+
+
+def clip4clip_trainable(name, freeze_layer_num):
+    """Does CLIP tensor `name` train under CLIP4Clip's --freeze_layer_num rule (-1: everything trains)?"""
+    if freeze_layer_num == -1 or name.startswith(ALWAYS_TRAINED):
+        return True
+    if name.startswith(("visual.transformer.resblocks.", "transformer.resblocks.")):
+        return int(name.split(".resblocks.")[1].split(".")[0]) >= freeze_layer_num
+    return False
+
+
 class MeanP(nn.Module):
-    """Frame CLS features, L2-normalised, masked mean over frames; every CLIP tensor trains (train_clip)."""
+    """Frame CLS features, L2-normalised, masked mean over frames; CLIP trains by CLIP4Clip's freeze rule."""
 
     # train.py's method contract (docs/design.md)
     uses_clip = True  # built as MeanP(clip_model, num_frames, **kwargs)
     normalize_pixels = staticmethod(clip.normalize_pixels)  # uint8 frames -> CLIP's input statistics
     similarity = None  # the loop's cosine of the pooled embeddings x logit_scale
 
-    def __init__(self, clip_model, num_frames, *, train_clip=True):
+    def __init__(self, clip_model, num_frames, *, freeze_layer_num=0, train_clip=True):
         super().__init__()
-        self.clip, self.num_frames = clip_model.requires_grad_(train_clip), num_frames
+        layers = max(clip_model.visual.transformer.layers, clip_model.transformer.layers)
+        if not -1 <= freeze_layer_num <= layers:  # CLIP4Clip asserts -1 <= k <= 12 (ViT-B's depth)
+            raise ValueError(f"freeze_layer_num must be -1 (train all), 0 (CLIP4Clip's default) or up to {layers} "
+                             f"(the towers' depth), not {freeze_layer_num}")
+        self.clip, self.num_frames = clip_model, num_frames
+        for name, p in clip_model.named_parameters():  # train_clip=False: nothing trains (ZeroShot)
+            p.requires_grad_(train_clip and clip4clip_trainable(name, freeze_layer_num))
 
     @property
     def logit_scale(self):
@@ -65,5 +94,5 @@ class MeanP(nn.Module):
 class ZeroShot(MeanP):
     """CLIP frozen: nothing trains, train.py evaluates it as it is."""
 
-    def __init__(self, clip_model, num_frames):
-        super().__init__(clip_model, num_frames, train_clip=False)
+    def __init__(self, clip_model, num_frames, *, freeze_layer_num=0):  # shares MeanP's RECIPE: the flag is moot
+        super().__init__(clip_model, num_frames, freeze_layer_num=freeze_layer_num, train_clip=False)

@@ -4,8 +4,23 @@ video, and the metrics of the field (recall@k, median and mean rank) as CLIP4Cli
   t2v  each caption ranks every video; its rank is the position of the video it describes
   v2t  each video ranks the caption groups (one group per video: multi-caption sets have several), each group
        scored by its best caption
-Ties with the ground truth follow CLIP4Clip: a k-way tie at ranks r..r+k-1 adds all k ranks (each counted
-once per query in the median/mean), so a constant similarity matrix scores at chance, not at R@1 = 100.
+Ties and medians follow CLIP4Clip's metrics.py, function by function, as its eval_epoch calls them: the
+published numbers of CLIP4Clip and of the methods built on its evaluation (MSR-VTT, MSVD, VATEX, ...) came from
+these functions, and a number is comparable only when it is computed the same way. Two rules, by case:
+  one caption per video, both directions; and v2t of every set (compute_metrics)
+       a k-way tie with the ground truth at ranks r..r+k-1 adds all k ranks to the list every metric is taken
+       over, so a constant similarity matrix scores at chance, not at R@1 = 100; the median of an even count
+       is the mean of the two middle ranks (numpy.median).
+  t2v when some video has several captions, e.g. MSVD, VATEX (tensor_text_to_video_metrics)
+       one rank per caption, its position in the caption's sorted videos; the median of an even count is
+       the lower middle rank (torch.median). Tied videos: in index order (the ground truth after the tied
+       videos listed before it). CLIP4Clip orders them as torch.argsort's unstable sort happens to, which
+       depends on the row length and the build (torch 2.14.1 keeps index order in rows of 12, not of 20):
+       no rule reproduces that, so nanoTVR takes the same function with a stable sort.
+Real similarity matrices almost never tie, so the tie rules matter for degenerate scores only (the fixture's
+200 x 20 matrix of round(3x) scores, t2v R@1: 1.8 under the k-entry rule, 4.0 in index order, 3.5 under
+CLIP4Clip's unstable sort); the median rule can move MdR by 0.5. tests/fixtures/clip4clip_metrics.pt holds
+CLIP4Clip's outputs on such matrices (tests/oracles/make_metrics_fixture.py); tests/test_metrics.py checks them.
 """
 import glob
 import hashlib
@@ -43,21 +58,31 @@ def ranks_of(sim, gt):
     return torch.cat([torch.arange(a + 1, a + t + 1) for a, t in zip(above.tolist(), tied.tolist())]).double()
 
 
-def summarize(r):
+def index_order_ranks(sim, gt):
+    """sim [Nq, Nc], gt [Nq] -> one 1-based rank per query; tied candidates rank in index order."""
+    score, gt = sim[torch.arange(len(sim)), gt].unsqueeze(1), gt.unsqueeze(1)
+    before = (sim > score) | ((sim == score) & (torch.arange(sim.shape[1]) < gt))
+    return before.sum(1).double() + 1
+
+
+def summarize(r, lower_median=False):
+    median = r.median().item() if lower_median else float(np.median(r.numpy()))
     return {"R@1": 100 * (r <= 1).double().mean().item(), "R@5": 100 * (r <= 5).double().mean().item(),
-            "R@10": 100 * (r <= 10).double().mean().item(), "MdR": float(np.median(r.numpy())), "MnR": r.mean().item()}
+            "R@10": 100 * (r <= 10).double().mean().item(), "MdR": median, "MnR": r.mean().item()}
 
 
 def retrieval_metrics(sim, caption_video, dsl=False):
     """sim [Nt, Nv] (caption i describes video caption_video[i]) -> {"t2v": ..., "v2t": ...}.
-    v2t ranks, for video j, each video's caption group by its best caption's score (multi-caption rule)."""
+    v2t ranks, for video j, each video's caption group by its best caption's score (multi-caption rule);
+    t2v takes CLIP4Clip's multi-caption rules when there are more captions than videos (module docstring)."""
     sim, cv = sim.double().cpu(), torch.as_tensor(caption_video)
     t2v_sim = v2t_sim = sim
     if dsl:  # CAMoE's dual softmax: reweight by a softmax over the query axis (transductive, off by default)
         t2v_sim, v2t_sim = sim * sim.softmax(0) * len(sim), sim * sim.softmax(1) * sim.shape[1]
     groups = torch.full((sim.shape[1], sim.shape[1]), -math.inf, dtype=sim.dtype).scatter_reduce(
         0, cv[:, None].expand_as(v2t_sim), v2t_sim, "amax")  # [group g, video j]: best caption of g
-    return {"t2v": summarize(ranks_of(t2v_sim, cv)),
+    multi = len(cv) > sim.shape[1]
+    return {"t2v": summarize(index_order_ranks(t2v_sim, cv) if multi else ranks_of(t2v_sim, cv), lower_median=multi),
             "v2t": summarize(ranks_of(groups.T, torch.arange(sim.shape[1])))}
 
 

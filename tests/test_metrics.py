@@ -1,11 +1,16 @@
-"""Retrieval metrics: worked examples A (ties) and B (multi-caption), DSL, the loss and schedule."""
+"""Retrieval metrics: worked examples A (ties) and B (multi-caption), CLIP4Clip's own outputs (a fixture), DSL,
+the loss and the schedule."""
 import math
+import os
 
 import pytest
 import torch
 
 from retrieval import ranks_of, retrieval_metrics
 from train import lr_factor
+
+FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "clip4clip_metrics.pt")
+NAMES = ("R@1", "R@5", "R@10", "MdR", "MnR")  # the fixture's R1, R5, R10, MR, MeanR
 
 # Example A: rows are texts, the ground truth is on the diagonal; video 3 ties (.2) with text 0
 A = torch.tensor([[.9, .1, .3, .2], [.5, .4, .8, .1], [.2, .6, .7, .6], [.3, .9, .1, .2]])
@@ -38,6 +43,33 @@ def test_example_b_multi_caption():
 def test_even_count_median_averages_like_numpy():
     sim = torch.tensor([[1., 0.], [1., 0.]])  # text 1's video ranks 2: ranks (1, 2) -> MdR 1.5
     assert retrieval_metrics(sim, [0, 1])["t2v"]["MdR"] == 1.5
+
+
+def test_equals_clip4clip_metrics_on_recorded_outputs():
+    """CLIP4Clip's compute_metrics / tensor_text_to_video_metrics at 508ffa3 on random, tied and constant matrices,
+    one and several captions per video (tests/oracles/make_metrics_fixture.py). Measured |diff|: <= 1.5e-14 on
+    the single-caption cases and v2t; <= 3.7e-6 on multi-caption t2v R@k, which CLIP4Clip divides in float32."""
+    fixture = torch.load(FIXTURE, weights_only=True)
+    assert fixture["repo"] == "ArrowLuo/CLIP4Clip" and fixture["commit"].startswith("508ffa3")
+    assert len(fixture["cases"]) == 11
+    for case in fixture["cases"]:
+        ours = retrieval_metrics(case["sim"], case["caption_video"])
+        # multi-caption t2v: CLIP4Clip's function with tied videos in index order (retrieval.py's docstring)
+        for direction, expected in (("t2v", case.get("t2v_stable", case["t2v"])), ("v2t", case["v2t"])):
+            got = torch.tensor([ours[direction][k] for k in NAMES], dtype=torch.float64)
+            torch.testing.assert_close(got, expected, atol=2e-5, rtol=0, msg=f"{case['name']} {direction}")
+        if "t2v_stable" in case and case["name"] != "multi tied round(3x) 200x20":  # the others sort stably anyway
+            torch.testing.assert_close(case["t2v_stable"], case["t2v"], atol=2e-5, rtol=0)
+
+
+def test_multi_caption_text_to_video_one_rank_per_caption_ties_in_index_order_lower_median():
+    # 2 videos x 2 captions; caption 1 ties videos 0 and 1; caption 3 ties them too
+    sim = torch.tensor([[.9, .1], [.5, .5], [.2, .7], [.3, .3]])
+    t2v = retrieval_metrics(sim, [0, 0, 1, 1])["t2v"]
+    # ranks 1, 1 (its video 0 comes first among the tied), 1, 2 (video 1 after the tied video 0): one entry each
+    assert t2v["R@1"] == 75 and t2v["MnR"] == 1.25 and t2v["MdR"] == 1.0
+    even = torch.tensor([[.9, .1], [.8, .2], [.5, .4], [.6, .5]])  # ranks 1, 1, 2, 2: numpy's median says 1.5
+    assert retrieval_metrics(even, [0, 0, 1, 1])["t2v"]["MdR"] == 1.0  # torch.median, as CLIP4Clip
 
 
 def test_dsl_is_a_separate_and_different_ranking():
