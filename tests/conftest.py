@@ -1,8 +1,10 @@
-"""Shared fixtures: tiny CLIP configs built with OpenAI's constructor arguments (CPU, seconds)."""
+"""Shared fixtures: tiny CLIP configs built with OpenAI's constructor arguments (CPU, seconds), and the tiny
+synthetic run setup of the train.py tests."""
 import pytest
 import torch
 
 import clip
+import synthetic
 
 # 32 px frames, 8 px patches (16 patches + CLS), widths 64 (one 64-dim head), 2 layers per tower
 TINY = dict(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=8,
@@ -17,3 +19,20 @@ def make_tiny_clip(seed=0, **overrides):
 @pytest.fixture
 def tiny_clip():
     return make_tiny_clip()
+
+
+@pytest.fixture
+def one_thread():  # tiny tensors: one thread is as fast, and far faster on a loaded machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A 24-clip synthetic set (72 training pairs, 8 test clips) and a random tiny CLIP checkpoint."""
+    tmp = tmp_path_factory.mktemp("run")
+    synthetic.make_synthetic(str(tmp / "synthetic"), n_train=24, n_test_pairs=4)
+    torch.save(make_tiny_clip().state_dict(), tmp / "clip.pt")
+    return tmp

@@ -23,21 +23,7 @@ from conftest import make_tiny_clip
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():  # tiny tensors: one thread is as fast, and far faster on a loaded machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """A 24-clip synthetic set (72 training pairs, 8 test clips) and a random tiny CLIP checkpoint."""
-    tmp = tmp_path_factory.mktemp("faults")
-    synthetic.make_synthetic(str(tmp / "synthetic"), n_train=24, n_test_pairs=4)
-    torch.save(make_tiny_clip().state_dict(), tmp / "clip.pt")
-    return tmp
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest; `setup` is conftest's too
 
 
 def flags(setup, out, *extra, method="ump"):

@@ -6,9 +6,7 @@ import json
 import pytest
 import torch
 
-import synthetic
 import train
-from conftest import make_tiny_clip
 
 # name -> flags; 2 epochs x 3 steps of 24 pairs, 2 frames: seconds per run
 CONFIGS = {"ump": ["--method", "ump"], "dgl-linear": ["--method", "dgl", "--latent", "linear"],
@@ -18,21 +16,7 @@ CONFIGS = {"ump": ["--method", "ump"], "dgl-linear": ["--method", "dgl", "--late
 TIMING = {"step_time", "clips_per_s", "data_wait", "time"}  # wall-clock fields, the only ones that may differ
 
 
-@pytest.fixture(autouse=True)
-def one_thread():  # tiny tensors: one thread is as fast, and far faster on a loaded machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """A 24-clip synthetic set (72 training pairs, 8 test clips) and a random tiny CLIP checkpoint."""
-    tmp = tmp_path_factory.mktemp("resume")
-    synthetic.make_synthetic(str(tmp / "synthetic"), n_train=24, n_test_pairs=4)
-    torch.save(make_tiny_clip().state_dict(), tmp / "clip.pt")
-    return tmp
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest; `setup` is conftest's too
 
 
 def run(setup, out, config, workers, *extra):
