@@ -541,34 +541,56 @@ def quality(args):
             os.makedirs(out)
             print("python " + " ".join(cmd), flush=True)
             log = open(os.path.join(out, "stdout.txt"), "w")
-            running.append((out, cmd, subprocess.Popen([sys.executable] + cmd, stdout=log, stderr=subprocess.STDOUT,
-                                                       env=env)))
+            started = (time.time(), os.getloadavg()[0])
+            running.append((out, cmd, started, subprocess.Popen([sys.executable] + cmd, stdout=log,
+                                                                stderr=subprocess.STDOUT, env=env)))
         time.sleep(1)
-        for job in [j for j in running if j[2].poll() is not None]:
+        for job in [j for j in running if j[3].poll() is not None]:
             running.remove(job)
-            out, cmd, proc = job
+            out, cmd, (t0, load0), proc = job
             if proc.returncode:
                 sys.exit(f"{' '.join(cmd)} failed (exit {proc.returncode}); its output is in {out}/stdout.txt")
-            evals = [json.loads(l) for l in open(os.path.join(out, "log.jsonl")) if '"event": "eval"' in l]
-            json.dump(evals[-1], open(os.path.join(out, "final_eval.json"), "w"))
+            evals = last_evals(out)
+            # the whole run's wall time and the 1-minute load average at its start and end: a time means
+            # little without the load it was measured under
+            final = dict(evals[-1], wall_s=round(time.time() - t0, 1), load=[round(load0, 1),
+                                                                              round(os.getloadavg()[0], 1)])
+            json.dump(final, open(os.path.join(out, "final_eval.json"), "w"))
     rows = []
     for name in args.methods.split(","):
         finals = [json.load(open(os.path.join(runs[name, s], "final_eval.json"))) for s in args.seeds.split(",")]
         metrics = [{f"{d} {k}": v for d in ("t2v", "v2t") for k, v in e[d].items()} for e in finals]
+        for m, e in zip(metrics, finals):
+            if "temporal" in e:  # the synthetic set's time-reversed pairs
+                m["pair acc"] = e["temporal"]["pair_acc"]
+            if "wall_s" in e:
+                m["wall min"] = e["wall_s"] / 60
         stats = {k: (statistics.mean(m[k] for m in metrics), statistics.pstdev(m[k] for m in metrics))
-                 for k in metrics[0]}
+                 for k in metrics[0] if all(k in m for m in metrics)}
+        loads = [x for e in finals for x in e.get("load", [])]
         extra = " --latent linear" if name == "dgl-linear" else ""
         rows.append(dict(method=name, seeds=args.seeds, stats=stats,
+                         load=f"{min(loads):.1f}-{max(loads):.1f}" if loads else "?",
                          command=f"python train.py --method {name.split('-')[0]}{extra} --seed S"))
     return rows
 
 
+def last_evals(out):
+    """A run's eval rows: log.jsonl of a training run, or the eval-*.json record that an evaluation-only run
+    (zeroshot trains nothing) writes instead."""
+    log = os.path.join(out, "log.jsonl")
+    if os.path.exists(log):
+        return [json.loads(l) for l in open(log) if '"event": "eval"' in l]
+    return [json.load(open(os.path.join(out, f))) for f in sorted(os.listdir(out)) if f.startswith("eval-")]
+
+
 def quality_table(rows):
-    keys = list(rows[0]["stats"])
-    lines = ["| method | " + " | ".join(keys) + " | command |", "|---|" + "---:|" * len(keys) + "---|"]
+    keys = [k for k in ("t2v R@1", "t2v R@5", "t2v R@10", "t2v MdR", "v2t R@1", "v2t R@10", "pair acc", "wall min")
+            if k in rows[0]["stats"]]
+    lines = ["| method | " + " | ".join(keys) + " | load | command |", "|---|" + "---:|" * len(keys) + "---|---|"]
     for r in rows:
-        cells = " | ".join(f"{m:.1f} ± {sd:.1f}" for m, sd in r["stats"].values())
-        lines.append(f"| {r['method']} | {cells} | `{r['command']}` |")
+        cells = " | ".join(f"{r['stats'][k][0]:.1f} ± {r['stats'][k][1]:.1f}" for k in keys)
+        lines.append(f"| {r['method']} | {cells} | {r['load']} | `{r['command']}` |")
     return "\n".join(lines)
 
 
