@@ -533,7 +533,9 @@ def quality(args):
             runs[name, seed] = out
             if not os.path.exists(os.path.join(out, "final_eval.json")):
                 queue.append((out, ["train.py", "--method", method, "--seed", seed, "--output_dir", out] + extra))
-    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // args.jobs)))
+    env = dict(os.environ)  # one job at a time: exactly the command a user runs, timed as such
+    if args.jobs > 1:  # several: the cores split between them
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
     while queue or running:
         while queue and len(running) < args.jobs:
             out, cmd = queue.pop(0)
