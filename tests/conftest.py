@@ -29,10 +29,15 @@ def one_thread():  # tiny tensors: one thread is as fast, and far faster on a lo
     torch.set_num_threads(threads)
 
 
+def make_run_dir(tmp, n_train=24):
+    """tmp/synthetic: a synthetic set of n_train training clips (3 captions each) and 8 test clips;
+    tmp/clip.pt: a random tiny CLIP checkpoint. -> tmp"""
+    synthetic.make_synthetic(str(tmp / "synthetic"), n_train=n_train, n_test_pairs=4)
+    torch.save(make_tiny_clip().state_dict(), tmp / "clip.pt")
+    return tmp
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A 24-clip synthetic set (72 training pairs, 8 test clips) and a random tiny CLIP checkpoint."""
-    tmp = tmp_path_factory.mktemp("run")
-    synthetic.make_synthetic(str(tmp / "synthetic"), n_train=24, n_test_pairs=4)
-    torch.save(make_tiny_clip().state_dict(), tmp / "clip.pt")
-    return tmp
+    return make_run_dir(tmp_path_factory.mktemp("run"))

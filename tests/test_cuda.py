@@ -33,9 +33,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import bench
-import synthetic
 import train
-from conftest import make_tiny_clip
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -162,16 +160,8 @@ def test_unmasked_attention_runs_on_flash_or_memory_efficient_kernels(name, monk
     assert calls["unmasked"] > 0, calls
 
 
-@pytest.fixture(scope="module")
-def synthetic_set(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("cuda")
-    synthetic.make_synthetic(str(tmp / "set"), n_train=24, n_test_pairs=4)
-    torch.save(make_tiny_clip().state_dict(), tmp / "clip.pt")
-    return tmp
-
-
 def train_py(tmp, method, out, *extra, launcher=(sys.executable,)):
-    argv = [*launcher, "train.py", "--method", method, "--data_path", str(tmp / "set"), "--clip", str(tmp / "clip.pt"),
+    argv = [*launcher, "train.py", "--method", method, "--data_path", str(tmp / "synthetic"), "--clip", str(tmp / "clip.pt"),
             "--output_dir", str(out), "--device", "cuda", "--max_frames", "4", "--batch_size", "8", "--epochs", "1",
             "--num_workers", "2", *extra]
     r = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -180,8 +170,8 @@ def train_py(tmp, method, out, *extra, launcher=(sys.executable,)):
 
 
 @pytest.mark.parametrize("method", ["full", "adapter", "simvtp"])
-def test_train_py_end_to_end_on_cuda(synthetic_set, tmp_path, method):
-    r, rows = train_py(synthetic_set, method, tmp_path)
+def test_train_py_end_to_end_on_cuda(setup, tmp_path, method):
+    r, rows = train_py(setup, method, tmp_path)
     amp = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     assert "device cuda" in r.stdout and f"autocast torch.{amp}" in r.stdout
     steps = [x for x in rows if x["event"] == "train"]
@@ -193,11 +183,11 @@ def test_train_py_end_to_end_on_cuda(synthetic_set, tmp_path, method):
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
-def test_torchrun_two_gpus_nccl(synthetic_set, tmp_path):
+def test_torchrun_two_gpus_nccl(setup, tmp_path):
     launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
-    _, two = train_py(synthetic_set, "full", tmp_path / "two", "--max_steps", "2", "--log_every", "1",
+    _, two = train_py(setup, "full", tmp_path / "two", "--max_steps", "2", "--log_every", "1",
                       launcher=launcher)
-    _, one = train_py(synthetic_set, "full", tmp_path / "one", "--max_steps", "2", "--log_every", "1")
+    _, one = train_py(setup, "full", tmp_path / "one", "--max_steps", "2", "--log_every", "1")
     assert len(torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True, map_location="cpu")["rng"]) == 2
     losses = [[x["loss"] for x in rows if x["event"] == "train"] for rows in (one, two)]
     assert len(losses[1]) == 2 and losses[1] == pytest.approx(losses[0], rel=2e-2)  # bf16 noise apart

@@ -16,9 +16,8 @@ import clip
 import data
 import retrieval
 import runs
-import synthetic
 import train
-from conftest import make_tiny_clip
+from conftest import make_run_dir
 
 COLOURS = dict(red=(0, 0, 255), green=(0, 255, 0), blue=(255, 0, 0))  # BGR
 
@@ -195,10 +194,7 @@ def test_query_through_train_py(colour_folder, tmp_path, monkeypatch, capsys):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A synthetic set of 24 training pairs and 8 test clips, and a random tiny CLIP."""
-    tmp = tmp_path_factory.mktemp("run")
-    synthetic.make_synthetic(str(tmp / "synthetic"), n_train=8, n_test_pairs=4)
-    torch.save(make_tiny_clip().state_dict(), tmp / "clip.pt")
-    return tmp
+    return make_run_dir(tmp_path_factory.mktemp("run"), n_train=8)
 
 
 def test_training_run_leaves_picture_rounded_log_and_readable_console(tiny_run, capsys):
