@@ -552,11 +552,10 @@ def quality(args):
             out, cmd, (t0, load0), proc = job
             if proc.returncode:
                 sys.exit(f"{' '.join(cmd)} failed (exit {proc.returncode}); its output is in {out}/stdout.txt")
-            evals = last_evals(out)
-            # the whole run's wall time and the 1-minute load average at its start and end: a time means
-            # little without the load it was measured under
-            final = dict(evals[-1], wall_s=round(time.time() - t0, 1), load=[round(load0, 1),
-                                                                              round(os.getloadavg()[0], 1)])
+            # the last evaluation, the whole run's wall time and the 1-minute load average at its start and
+            # end: a time means little without the load it was measured under
+            load = [round(load0, 1), round(os.getloadavg()[0], 1)]
+            final = dict(eval_rows(out)[-1], wall_s=round(time.time() - t0, 1), load=load)
             json.dump(final, open(os.path.join(out, "final_eval.json"), "w"))
     rows = []
     for name in args.methods.split(","):
@@ -577,7 +576,7 @@ def quality(args):
     return rows
 
 
-def last_evals(out):
+def eval_rows(out):
     """A run's eval rows: log.jsonl of a training run, or the eval-*.json record that an evaluation-only run
     (zeroshot trains nothing) writes instead."""
     log = os.path.join(out, "log.jsonl")
