@@ -307,15 +307,14 @@ def _download(name, root):
             raise ModelFileError(f"downloaded {file} from {url} has SHA256 {got}, expected {sha}; the download was "
                                  f"discarded (retry; a proxy or a full disk can cut files short).{kept}")
         os.replace(tmp, target)  # atomic: a half-written file is never in the cache under its real name
-    except (urllib.error.URLError, OSError, ModelFileError) as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, ModelFileError):
-            raise
+    except (urllib.error.URLError, OSError) as e:
         raise ModelFileError(
             f"could not download CLIP {name} from {url} ({e}).{kept} To fix: download "
             f"{file} (SHA256 {sha}) on a machine with network access and copy it to {target}, or pass the path "
             "of a local copy to clip.load()/--clip.") from e
+    finally:  # any failure, Ctrl-C included, leaves no partial file behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return target
 
 

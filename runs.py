@@ -421,15 +421,19 @@ def alive(pid):
     return int(pid) > 0
 
 
-def resume_command(argv, world):
-    """The command that continues a run: its flags without --max_steps and --overwrite, with --resume."""
+def resume_command(argv, world, local_world=None):
+    """The command that continues a run: its flags without --max_steps and --overwrite, with --resume.
+    One machine (local_world = world): `torchrun --standalone`; several: the launcher's flags are the user's."""
     out, it = [], iter(argv)
     for t in it:
         if t == "--max_steps":
             next(it, None)
         elif not t.startswith(("--max_steps=", "--overwrite", "--resume")):
             out.append(t)
-    return f"{f'torchrun --nproc_per_node={world}' if world > 1 else 'python'} train.py {shlex.join(out + ['--resume'])}"
+    local_world = world if local_world is None else local_world
+    launcher = ("python" if world == 1 else f"torchrun --standalone --nproc_per_node={world}" if local_world == world
+                else f"torchrun --nnodes={world // local_world} --nproc_per_node={local_world} <your rendezvous flags>")
+    return f"{launcher} train.py {shlex.join(out + ['--resume'])}"
 
 
 class Stop:

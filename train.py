@@ -507,7 +507,8 @@ def main(argv=None):
             f"({args.batch_size // (world * args.accum)} per rank x {world} ranks x {args.accum} accumulation)")
 
         # the loop: an epoch, its checkpoint, then its evaluation (which may fail without losing the epoch)
-        checkpoints, resume = runs.Checkpoints(ckpt, method, opt, scaler, args), runs.resume_command(argv, world)
+        checkpoints = runs.Checkpoints(ckpt, method, opt, scaler, args)
+        resume = runs.resume_command(argv, world, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
         evaluate = lambda: (evaluate_epoch(method, test, args, device, amp, pos, record, resume, picture), pos["epoch"])
         metrics, evaluated = evaluate() if pos["epoch"] and not (pos["batch"] or has_eval or pretrain) else (None, None)
         loop = dict(model=model, method=method, loader=loader, opt=opt, scaler=scaler, amp=amp, device=device,

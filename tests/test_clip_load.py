@@ -202,3 +202,15 @@ def test_matches_official_clip():
     assert len(ref["grads"]) == 39  # every tensor of <= 8192 entries: LNs, biases, embeddings, projections
     for k, g in ref["grads"].items():  # |grad| <= 59
         assert (params[k].grad - g).abs().max() <= 5e-6, k  # measured 1.7e-6
+
+
+def test_interrupted_download_leaves_no_partial_file(cache, monkeypatch):
+    class Cut(io.BytesIO):  # the first megabyte arrives, then the user presses Ctrl-C
+        def read(self, n=-1):
+            if self.tell():
+                raise KeyboardInterrupt
+            return super().read(n)
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: Cut(cache["data"] * 2))
+    with pytest.raises(KeyboardInterrupt):
+        clip.load("tiny")
+    assert os.listdir(cache["dir"]) == []

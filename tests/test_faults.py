@@ -118,7 +118,8 @@ def test_sigint_finishes_the_step_and_a_second_quits(setup, tmp_path, capsys, mo
 def test_resume_command():
     argv = ["--method", "ump", "--max_steps", "4", "--overwrite", "--max_steps=5", "--output_dir", "out dir"]
     assert runs.resume_command(argv, 1) == "python train.py --method ump --output_dir 'out dir' --resume"
-    assert runs.resume_command(["--resume"], 4) == "torchrun --nproc_per_node=4 train.py --resume"
+    assert runs.resume_command(["--resume"], 4) == "torchrun --standalone --nproc_per_node=4 train.py --resume"
+    assert runs.resume_command([], 8, 4).startswith("torchrun --nnodes=2 --nproc_per_node=4 <your rendezvous flags> ")
 
 
 def test_huge_lr_stops_at_the_first_non_finite_step(setup, tmp_path, capsys):
