@@ -38,7 +38,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.nn.functional import all_gather as all_gather_with_grad
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -255,12 +254,29 @@ def is_master():
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+class GatherWithGrad(torch.autograd.Function):
+    """All-gather whose backward sums the gathered batch's gradient over the ranks and keeps this rank's rows
+    (torch.distributed.nn's all_gather does the same and is deprecated)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x)
+        return torch.cat(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # every rank's loss depends on every rank's rows
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
+
+
 def gather(x):
     """Concatenate x from every rank in rank order; differentiable, the backward sums gradients."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return x
     if x.requires_grad:
-        return torch.cat(all_gather_with_grad(x.contiguous()))
+        return GatherWithGrad.apply(x.contiguous())
     y = x.to(torch.uint8) if x.dtype == torch.bool else x.contiguous()  # gloo has no bool
     out = [torch.empty_like(y) for _ in range(dist.get_world_size())]
     dist.all_gather(out, y)
