@@ -159,12 +159,30 @@ def _load_json(path, origin, unique_keys=False):
                    "(a test video listed twice would count its captions twice)", origin) from None
 
 
+class _CaptionUnpickler(pickle.Unpickler):
+    """Containers and strings only: unpickling can run any code a file names, and a caption file needs none."""
+    ALLOWED = {("builtins", "dict"), ("builtins", "list"), ("builtins", "str"), ("builtins", "tuple"),
+               ("collections", "defaultdict"), ("collections", "OrderedDict")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise _Refused(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
+class _Refused(Exception):
+    pass
+
+
 def _load_pickle(path, origin):
     if os.path.getsize(path) == 0:
         raise _bad(path, "is empty (0 bytes)", origin)
     try:
         with open(path, "rb") as f:
-            return pickle.load(f)
+            return _CaptionUnpickler(f).load()
+    except _Refused as e:
+        raise _bad(path, f"asks to load {e} when unpickled, which a caption file does not contain (refused: "
+                   "unpickling can run code)", origin) from None
     except Exception as e:  # EOFError, UnpicklingError, ...: whatever a damaged pickle raises
         raise _bad(path, f"cannot be unpickled ({type(e).__name__}: {e}; cut off or damaged?)", origin) from e
 

@@ -1,5 +1,6 @@
 """data.py on damaged input: every fault is a DataError naming the file, the line/key/column and the download;
 annotation files are never changed; check_videos() names all unreadable videos at once; MSVD in both formats."""
+import collections
 import csv
 import json
 import os
@@ -138,6 +139,16 @@ def test_pickle_cut_off_or_empty(tmp_path):
     pickle.dump({"a": "one caption, not a list"}, open(path, "wb"))
     raises_unchanged(path, r"has \['a'\] = str, expected a list of captions", "msvd", "test", str(tmp_path),
                      str(tmp_path / "v"))
+    pickle.dump(collections.defaultdict(list, a=[["a", "man", "cooks"]]), open(path, "wb"))  # plain containers load
+    assert data.read_split("msvd", "test", str(tmp_path), str(tmp_path / "v")).captions == ["a man cooks"]
+
+    class Payload:  # a pickle that runs a command when loaded
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'ran'}",)
+    pickle.dump({"a": [Payload()]}, open(path, "wb"))
+    raises_unchanged(path, r"raw-captions.pkl asks to load (posix|nt).system when unpickled, which a caption file does "
+                     r"not contain \(refused", "msvd", "test", str(tmp_path), str(tmp_path / "v"))
+    assert not (tmp_path / "ran").exists()
     os.remove(path)  # UMP_TVR's format
     (tmp_path / "captions_msvd.json").write_bytes(b"")
     raises_unchanged(tmp_path / "captions_msvd.json", r"captions_msvd.json is empty \(0 bytes\): this file comes "
