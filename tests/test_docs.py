@@ -49,11 +49,11 @@ def mentions(line, text):
 
 
 def definition_line(lines, text):
-    """1-based line for a code link text: the def / class of its name, else a line holding the whole text,
-    else the name's first assignment, else its first mention; None if the file never names it."""
+    """1-based line for a code link text: the def / class of its name, else its first assignment, else a line
+    holding the whole text, else its first mention; None if the file never names it."""
     name, code = symbol(text), text.strip().strip("`")
-    tests = [lambda l: re.match(rf"\s*(def|class) {name}\b", l), lambda l: code in l,
-             lambda l: re.match(rf"\s*{name}\s*=[^=]", l), lambda l: re.search(rf"\b{name}\b", l)]
+    tests = [lambda l: re.match(rf"\s*(def|class) {name}\b", l), lambda l: re.match(rf"\s*{name}\s*=[^=]", l),
+             lambda l: code in l, lambda l: re.search(rf"\b{name}\b", l)]
     for test in tests:
         for i, line in enumerate(lines):
             if test(line):
@@ -105,12 +105,12 @@ def problems(fix=False):
                                    f"{os.path.relpath(file, ROOT)} has {len(lines)} lines")
                    + (f" (line {now} does)" if now else ""))
         if fix and now:
-            edits.setdefault(md, []).append((target, f"{path}#L{now}" + (f"-L{now + last - first}" if m.group(2)
-                                                                        else "")))
+            edits.setdefault(md, []).append((text, target, f"{path}#L{now}" + (f"-L{now + last - first}"
+                                                                              if m.group(2) else "")))
     for md, changes in edits.items():
         text = open(os.path.join(ROOT, md), encoding="utf-8").read()
-        for old, new in changes:
-            text = text.replace(f"]({old})", f"]({new})")
+        for link_text, old, new in changes:  # the text too: two names may share one stale line
+            text = text.replace(f"[{link_text}]({old})", f"[{link_text}]({new})")
             print(f"{md}: {old} -> {new}")
         open(os.path.join(ROOT, md), "w", encoding="utf-8").write(text)
     return out
@@ -157,3 +157,9 @@ if __name__ == "__main__":
     left = problems(fix=sys.argv[1:] == ["--fix"])
     left = problems() if sys.argv[1:] == ["--fix"] else left
     print("\n".join(left) if left else "every reference resolves")
+
+
+def test_fix_moves_an_anchor_to_the_definition_not_a_comment():
+    lines = ["# --stage pretrain uses PRETRAINING", "PRETRAINING = {}", "x = read_split(1)", "def read_split(data):"]
+    assert definition_line(lines, "`PRETRAINING`") == 2
+    assert definition_line(lines, "`data.read_split()`") == 4
