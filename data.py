@@ -159,6 +159,10 @@ def _load_json(path, origin, unique_keys=False):
                    "(a test video listed twice would count its captions twice)", origin) from None
 
 
+class _Refused(Exception):
+    """A pickle that names a callable outside _CaptionUnpickler.ALLOWED."""
+
+
 class _CaptionUnpickler(pickle.Unpickler):
     """Containers and strings only: unpickling can run any code a file names, and a caption file needs none."""
     ALLOWED = {("builtins", "dict"), ("builtins", "list"), ("builtins", "str"), ("builtins", "tuple"),
@@ -168,10 +172,6 @@ class _CaptionUnpickler(pickle.Unpickler):
         if (module, name) not in self.ALLOWED:
             raise _Refused(f"{module}.{name}")
         return super().find_class(module, name)
-
-
-class _Refused(Exception):
-    pass
 
 
 def _load_pickle(path, origin):

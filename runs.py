@@ -423,14 +423,15 @@ def alive(pid):
 
 def resume_command(argv, world, local_world=None):
     """The command that continues a run: its flags without --max_steps and --overwrite, with --resume.
-    One machine (local_world = world): `torchrun --standalone`; several: the launcher's flags are the user's."""
+    One machine (local_world, torchrun's LOCAL_WORLD_SIZE, = world): `torchrun --standalone`; several: the
+    launcher's flags are the user's."""
     out, it = [], iter(argv)
     for t in it:
         if t == "--max_steps":
             next(it, None)
         elif not t.startswith(("--max_steps=", "--overwrite", "--resume")):
             out.append(t)
-    local_world = world if local_world is None else local_world
+    local_world = local_world or int(os.environ.get("LOCAL_WORLD_SIZE", world))
     launcher = ("python" if world == 1 else f"torchrun --standalone --nproc_per_node={world}" if local_world == world
                 else f"torchrun --nnodes={world // local_world} --nproc_per_node={local_world} <your rendezvous flags>")
     return f"{launcher} train.py {shlex.join(out + ['--resume'])}"

@@ -275,12 +275,8 @@ def gather(x):
     """Concatenate x from every rank in rank order; differentiable, the backward sums gradients."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return x
-    if x.requires_grad:
-        return GatherWithGrad.apply(x.contiguous())
     y = x.to(torch.uint8) if x.dtype == torch.bool else x.contiguous()  # gloo has no bool
-    out = [torch.empty_like(y) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, y)
-    return torch.cat(out).to(x.dtype)
+    return GatherWithGrad.apply(y).to(x.dtype)
 
 
 def contrastive_loss(method, text, video, video_mask):
@@ -524,7 +520,7 @@ def main(argv=None):
 
         # the loop: an epoch, its checkpoint, then its evaluation (which may fail without losing the epoch)
         checkpoints = runs.Checkpoints(ckpt, method, opt, scaler, args)
-        resume = runs.resume_command(argv, world, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+        resume = runs.resume_command(argv, world)
         evaluate = lambda: (evaluate_epoch(method, test, args, device, amp, pos, record, resume, picture), pos["epoch"])
         metrics, evaluated = evaluate() if pos["epoch"] and not (pos["batch"] or has_eval or pretrain) else (None, None)
         loop = dict(model=model, method=method, loader=loader, opt=opt, scaler=scaler, amp=amp, device=device,
