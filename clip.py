@@ -217,6 +217,27 @@ class CLIP(nn.Module):
         return logits_per_image, logits_per_image.t()
 
 
+# OpenAI's released ViT shapes, and the tiny ones that tests, the synthetic set and bench.py build: CLIP(**CONFIGS[k])
+def _config(embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size, transformer_width,
+            transformer_heads, transformer_layers, context_length=77, vocab_size=49408):
+    return dict(locals())
+
+
+CONFIGS = {
+    "ViT-B/32": _config(512, 224, 12, 768, 32, 512, 8, 12),
+    "ViT-B/16": _config(512, 224, 12, 768, 16, 512, 8, 12),
+    "ViT-L/14": _config(768, 224, 24, 1024, 14, 768, 12, 12),
+    "ViT-L/14@336px": _config(768, 336, 24, 1024, 14, 768, 12, 12),
+    "tiny": _config(32, 32, 2, 64, 8, 64, 1, 2),  # tests and self-tests: 32 px, 16 patches, 2 layers per tower
+    "synthetic": _config(64, 64, 2, 64, 16, 64, 1, 2),  # the synthetic default's backbone (synthetic.py)
+    "bench-tiny": _config(64, 64, 4, 128, 16, 128, 2, 4),  # bench.py --tiny: a CPU smoke size
+}
+
+
+def count_trainable(module):
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
 def causal_mask(length, device=None):
     """Boolean [L, L] mask, True on and below the diagonal (token i sees tokens 0..i)."""
     return torch.ones(length, length, dtype=torch.bool, device=device).tril()
@@ -460,6 +481,9 @@ def _regex():
 
 class SimpleTokenizer:
     def __init__(self, bpe_path=_VOCAB):
+        if not os.path.isfile(bpe_path):  # a copied clip.py without its vocabulary: say which file it needs
+            raise FileNotFoundError(f"clip.py's tokenizer needs {os.path.basename(bpe_path)} beside it ({bpe_path}): "
+                                    "copy it from nanoTVR or openai/CLIP")
         merges = gzip.open(bpe_path).read().decode("utf-8").split("\n")
         merges = [tuple(m.split()) for m in merges[1:49152 - 256 - 2 + 1]]  # line 0 is a header
         self.byte_encoder = bytes_to_unicode()
