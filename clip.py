@@ -33,11 +33,13 @@ import urllib.request
 import warnings
 import zipfile
 from collections import OrderedDict
+from contextlib import nullcontext
 from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # ----------------------------------------------------------------------------------------------------
 # Model
@@ -53,6 +55,12 @@ class LayerNorm(nn.LayerNorm):
 class QuickGELU(nn.Module):
     def forward(self, x):
         return x * torch.sigmoid(1.702 * x)
+
+
+# PyTorch's fused CPU attention in bf16 packs operands with AVX-512 instructions and raises ("pack_vnni2 is only
+# supported when avx512 is supported") on a CPU without them (or under ATEN_CPU_CAPABILITY=avx2/default): there,
+# bf16 attention takes the math kernel, which computes the same function.
+BF16_FLASH_CPU = "AVX512" in torch.backends.cpu.get_cpu_capability()
 
 
 class MultiheadAttention(nn.Module):
@@ -73,13 +81,15 @@ class MultiheadAttention(nn.Module):
         B, N, W = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # [B, N, 3W]
         qkv = qkv.view(B, N, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)  # [3, B, H, N, 64]
-        q, k, v = qkv[0], qkv[1], qkv[2]
+        q, k, v = qkv.unbind(0)  # views; backward writes one [3, ...] gradient instead of zero-filling three
         if mask is not None:
             if mask.dtype != torch.bool:
                 mask = mask.to(q.dtype)  # SDPA wants an additive mask in the query's dtype
             if mask.dim() == 3:
                 mask = mask.unsqueeze(1)  # [B, 1, N, N]: one mask shared by the heads
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
+        with sdpa_kernel(SDPBackend.MATH) if q.dtype == torch.bfloat16 and q.device.type == "cpu" and not BF16_FLASH_CPU \
+                else nullcontext():
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
         y = y.transpose(1, 2).reshape(B, N, W)  # [B, N, W]
         return self.out_proj(y)
 

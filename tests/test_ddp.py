@@ -15,6 +15,7 @@ import meanp
 import runs
 import train
 from conftest import make_tiny_clip
+from equivalence import FORWARD, GRADIENT, assert_close32, gradient_floor
 
 B, T, STEPS = 6, 3, 2
 
@@ -70,14 +71,14 @@ def test_two_gloo_ranks_equal_one_process_on_the_concatenated_batch(tmp_path):
     ref_losses, ref_grads, ref = run(0, 1)
     for rank in (0, 1):
         losses, grads, weights = torch.load(f"{out}.{rank}", weights_only=False)
-        torch.testing.assert_close(losses, ref_losses, atol=1e-6, rtol=0)  # every rank sees the global loss
+        assert_close32(losses, ref_losses, FORWARD, "losses")  # every rank sees the global loss
         for step, (g, ref_g) in enumerate(zip(grads, ref_grads)):
             assert g.keys() == ref_g.keys()
             for name in ref_g:
-                torch.testing.assert_close(g[name], ref_g[name], atol=1e-6, rtol=1e-4, msg=f"step {step} {name}")
+                assert_close32(g[name], ref_g[name], GRADIENT, f"step {step} {name}", gradient_floor(ref_g.values()))
         assert weights.keys() == ref.keys()
-        for name in ref:
-            torch.testing.assert_close(weights[name], ref[name], atol=1e-6, rtol=0, msg=name)
+        for name in ref:  # SGD at lr 0.5: the weights carry the gradients' error
+            assert_close32(weights[name], ref[name], GRADIENT, name)
     norms = [torch.cat([g.flatten() for g in step.values()]).norm() for step in ref_grads]
     assert min(norms) > 1e-2  # gradients of a size that a wrong factor would show in
     moved = [n for n in ref if not torch.equal(ref[n], make_tiny_clip().state_dict()[n[len("clip."):]])]
@@ -121,9 +122,14 @@ def test_two_nodes_of_one_process_equal_one_process(tmp_path):
     train.main(argv("one"))
     a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True) for d in ("one", "nodes"))
     assert a["step"] == b["step"] == 2
-    for name in a["model"]:  # AdamW: attention key biases, whose exact gradient is 0, step by lr x noise / eps
-        atol = 1e-5 if name.endswith("in_proj_bias") else 1e-6  # measured: 1.1e-6 on one key bias, else < 1e-6
-        torch.testing.assert_close(b["model"][name], a["model"][name], atol=atol, rtol=0, msg=name)
+    for name in a["model"]:
+        if name.endswith("in_proj_bias"):  # the key biases' exact gradient is 0 (softmax ignores a shift per query):
+            # AdamW turns the rounding noise left in its place into steps of up to lr (m / sqrt(v) ~ 1), so two
+            # summation orders may differ there by up to lr x steps = 2e-3
+            torch.testing.assert_close(b["model"][name], a["model"][name], atol=2 * 1e-3, rtol=0, msg=name)
+        else:  # AdamW moves a weight by up to lr a step, with the gradients' relative error: scale >= lr x steps
+            assert_close32(b["model"][name], a["model"][name], GRADIENT, name, floor=2 * 1e-3)
     losses = [[r["loss"] for r in map(json.loads, open(tmp_path / d / "log.jsonl")) if r["event"] == "train"]
               for d in ("one", "nodes")]
-    assert len(losses[0]) == 2 and losses[1] == pytest.approx(losses[0], abs=1e-6)
+    assert len(losses[0]) == 2
+    assert_close32(torch.tensor(losses[1]), torch.tensor(losses[0]), FORWARD, "losses")
