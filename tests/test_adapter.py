@@ -7,15 +7,14 @@ import torch.nn.functional as F
 from conftest import make_tiny_clip
 
 import clip
-from adapter import RECIPE, DATASET_RECIPES, BertAdam, CrossModalAdapter
+from adapter import RECIPE, DATASET_RECIPES, BertAdam, CrossModalAdapter, CrossModalAdapterRelease, adapted_blocks
 
-B32 = (512, 224, 12, 768, 32, 77, 49408, 512, 8, 12)
 IDS = clip.tokenize(["a red square moves left", "a blue circle grows", "green"], context_length=12)
 
 
-def make(seed=0, d_s=8, **kw):
+def make(seed=0, d_s=8, cls=CrossModalAdapter, **kw):
     torch.manual_seed(seed)
-    return CrossModalAdapter(make_tiny_clip(seed, **kw.pop("clip", {})), 4, r=4, d_s=d_s, **kw).eval()
+    return cls(make_tiny_clip(seed, **kw.pop("clip", {})), 4, r=4, d_s=d_s, **kw).eval()
 
 
 def frames():  # 3 videos of 4 frames, the last two padded
@@ -32,7 +31,7 @@ def infonce(s):  # the release's loss: mean of the text->video and video->text c
 def test_vitb32_trainable_counts_and_frozen_clip(data, count):
     rec = {**RECIPE, **DATASET_RECIPES.get(data, {})}
     with torch.device("meta"):  # shapes only, nothing allocated
-        m = CrossModalAdapter(clip.CLIP(*B32), rec["frames"], r=rec["r"], d_s=rec["d_s"])
+        m = CrossModalAdapter(clip.CLIP(**clip.CONFIGS["ViT-B/32"]), rec["frames"], r=rec["r"], d_s=rec["d_s"])
     trainable = {n: p.numel() for n, p in m.named_parameters() if p.requires_grad}
     assert sum(trainable.values()) == count and all(n.split("_")[1] == "adapter" for n in trainable)
     assert not any(p.requires_grad for p in m.clip.parameters())  # LNs, proj, embeddings, logit_scale too
@@ -156,8 +155,8 @@ def test_bertadam_has_no_bias_correction_and_decays_into_the_update():
     torch.testing.assert_close(p.detach(), torch.full((3,), 0.5 - 1e-2 * (m / (v ** 0.5 + 1e-6) + 0.2 * 0.5)))
 
 
-def test_exact_fp16_casts_like_the_release_and_ignores_autocast():
-    m, ref, (video, mask) = make(exact_fp16=True), make(), frames()
+def test_release_fp16_casts_like_the_release_and_ignores_autocast():
+    m, ref, (video, mask) = make(cls=CrossModalAdapterRelease), make(), frames()
     assert m.text_adapter_down_weight.dtype == m.clip.visual.proj.dtype == torch.float16
     assert m.clip.ln_final.weight.dtype == m.clip.logit_scale.dtype == torch.float32  # as convert_weights
     with torch.no_grad():
@@ -188,27 +187,31 @@ def test_matches_official_release(variant):
     gradients and three BertAdam steps (train.py's groups, warmup_cosine, clip_grad_norm_ 1.0)."""
     ref = torch.load(os.path.join(os.path.dirname(__file__), "fixtures", "official_adapter.pt"), weights_only=True)
     c, o = ref["config"], ref[variant]
-    cfg = {k: c[k] for k in clip.CLIP.__init__.__code__.co_varnames[1:11]}
+    cfg = {k: c[k] for k in clip.CONFIGS["tiny"]}  # CLIP's constructor arguments
     i = ref["inputs"]
     ids, video, mask = i["text_ids"], i["video"].float(), i["video_mask"].bool()
     sd = {"clip." + k: v.float() for k, v in ref["state_dict"].items()} | {k: v.float() for k, v in o["state_dict"].items()}
     m = CrossModalAdapter(clip.CLIP(**cfg), c["num_frames"], r=c["r"], d_s=c["variants"][variant], tau=c["tau"]).eval()
     missing, unexpected = m.load_state_dict(sd, strict=False)
     assert not missing and all("attn_mask" in k for k in unexpected), (missing, unexpected)
-    calls, adapt = {"visual": [], "text": []}, m._adapt
+    calls = {"visual": [], "text": []}
 
-    def spy(h, tower, j):  # the release's adapter returns h + u, seq-first
-        u = adapt(h, tower, j)
-        calls[tower].append((h.detach(), (h + u).detach()))
-        return u
-    m._adapt = spy
+    def traced(tower, x, blocks, is_causal=False):  # the adapted tower, each adapter call's input and output kept
+        def adapt(h, j):  # the release's adapter returns h + u, seq-first
+            u = m.adapt(h, tower, j)
+            calls[tower].append((h.detach(), (h + u).detach()))
+            return u
+        return adapted_blocks(x, blocks, adapt, is_causal)
     with torch.no_grad():
         t, f = m.encode_text(ids), m.encode_video(video, mask)
+        x = traced("text", m.clip.embed_text(ids), m.clip.transformer.resblocks, is_causal=True)
+        assert torch.equal(m.clip.text_head(x[torch.arange(len(ids)), ids.argmax(-1)]), t)  # encode_text's path
+        x = traced("visual", m.clip.visual.embed(video.flatten(0, 1)), m.clip.visual.transformer.resblocks)
+        assert torch.equal(m.clip.visual.head(x[:, 0]).view(f.shape), f)  # encode_video's path
         logits = m.similarity(t, f, mask)
         m.pool = "mean"
         logits_mean = m.similarity(t, f, mask)
         m.pool = "qscore"
-    del m._adapt
     out = o["outputs"]
     if "visual_in" in out:
         for tower in ("visual", "text"):
