@@ -6,24 +6,25 @@ arXiv:2211.09623 v1, Pattern Recognition 2025). Official code: LeapLabTHU/Cross-
 optimization.py, train.py); docs/adapter.md maps them to the lines below.
 
 Faithful to (v1 §3, release): CLIP entirely frozen, logit_scale included (exp = 100 for OpenAI's weights).
-Every block of both towers gets two adapters, one on the attention sublayer's output and one on the MLP
-sublayer's output, added before the block's residual: x + (h + u). Adapter: Linear(d -> r) -> QuickGELU ->
-Linear(r -> d - d_s) for the tower alone, concatenated with Linear(r -> d_s) from ONE tensor shared by the
-vision and text adapter at the same depth and sublayer (the shared channels are the LAST d_s in both towers).
-Down-projections are never shared; sharing is the only coupling, so text and video still encode
-independently. Weights ~ N(0, 0.01^2) truncated at +-2, biases 0 (so the up-projections are not zero).
-Frame embedding = ln_post(CLS) @ proj per frame; the video-text score is the text-conditioned softmax over
-valid frames (Eq. 7-8, temperature 5) on unnormalised embeddings, then cosine x exp(logit_scale).
-Tensor names and layouts follow the release ([2*layers, out, in], slot j = 2*block + (sublayer == mlp)), so
-its adapter tensors load unchanged. ViT-B/32, MSR-VTT (r=8, d_s=16): 519,168 trainable parameters.
+Every block of both towers gets two adapters, on the attention and on the MLP sublayer's output, added before
+the block's residual: x + (h + u). Adapter: Linear(d -> r) -> QuickGELU -> Linear(r -> d - d_s) for the tower
+alone, concatenated with Linear(r -> d_s) from ONE tensor shared by the vision and text adapter at the same
+depth and sublayer (the shared channels are the LAST d_s in both towers). Down-projections are never shared;
+sharing is the only coupling, so text and video still encode independently. Weights ~ N(0, 0.01^2)
+truncated at +-2, biases 0 (so the up-projections are not zero). Frame embedding = ln_post(CLS) @ proj per
+frame; the video-text score is the text-conditioned softmax over valid frames (Eq. 7-8, temperature 5) on
+unnormalised embeddings, then cosine x exp(logit_scale). Tensor names and layouts follow the release
+([2*layers, out, in], slot j = 2*block + (sublayer == mlp)), so its adapter tensors load unchanged.
+ViT-B/32, MSR-VTT (r=8, d_s=16): 519,168 trainable parameters.
 
 Deliberate deviations and our decisions:
   1. Precision. The release casts CLIP AND the adapters to fp16 and trains them so, optimizer state included
      (BertAdam's v = 0.02 g^2 underflows for |g| < ~1e-3 and those entries take steps ~ lr*m/eps). Default:
-     fp32 adapters (and optimizer state) under the caller's autocast for the frozen towers. `exact_fp16=True`
-     casts CLIP and the adapters to fp16, runs the towers with autocast off and returns fp32 features as the
-     release does; an optimizer built on these parameters (AdamW or `BertAdam` below) then keeps fp16 state.
-     Which of the two reproduces 45.4 R@1 on MSR-VTT is not measured yet (needs a GPU run of each).
+     fp32 adapters (and optimizer state) under the caller's autocast for the frozen towers.
+     `CrossModalAdapterRelease` (last section) casts CLIP and the adapters to fp16, runs the towers with
+     autocast off and returns fp32 features as the release does; an optimizer built on its parameters (AdamW
+     or `BertAdam`) then keeps fp16 state. Which of the two reproduces 45.4 R@1 on MSR-VTT is not measured yet
+     (needs a GPU run of each).
   2. Activation: QuickGELU, as the release asserts (v1 §3 says GELU, App. B "a GELU approximation").
   3. Dropout after the activation: v1 App. B says it helps, the release runs with 0. Default 0, `dropout`.
   4. Biases on all three projections (the equations omit them; the paper's parameter counts need them).
@@ -32,12 +33,11 @@ Deliberate deviations and our decisions:
      (share_dim 0, lr 1e-4).
   7. The q-score makes the video vector depend on the caption, so `encode_video` returns per-frame
      embeddings [B, T, D] and `similarity(text, frames, mask)` gives the logits (the contract's similarity
-     hook, docs/design.md);
-     `pool="mean"` is the release's q_score=0 path (masked mean of raw frames, then cosine) as an ablation.
-  8. Optimizer: the release uses BertAdam (Adam without bias correction, decoupled decay added to the
-     update, lr 0 at step 0, cosine not re-based after warmup). `BertAdam` below reproduces it (checked on
-     the oracle's three steps); train.py's loop uses it only if it picks it up, otherwise AdamW (with bias
-     correction, which changes only the first ~50 steps' size).
+     hook, docs/design.md); `pool="mean"` is the release's q_score=0 path (masked mean of raw frames, then
+     cosine) as an ablation.
+  8. Optimizer: the release uses BertAdam (Adam without bias correction, decoupled decay added to the update,
+     lr 0 at step 0, cosine not re-based after warmup). `BertAdam` (last section) reproduces it, checked on the
+     oracle's three steps; train.py trains with AdamW (bias correction changes only the first ~50 steps' size).
   9. Model selection on test (the release reports its best epoch): train.py reports the last epoch. The
      metrics are the release's: its metrics.py is CLIP4Clip's, whose tie rule (a k-way tie with the ground
      truth counts k times) retrieval.py reproduces.
@@ -51,8 +51,6 @@ Usage:
     t, f = model.encode_text(ids), model.encode_video(frames, frame_mask)         # [N, 512], [B, T, 512]
     logits = model.similarity(t, f, frame_mask)                                    # [N, B], x100
 """
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -76,9 +74,7 @@ RECIPE = dict(
     pool="qscore",        # "qscore": Eq. 7-8 text-conditioned softmax over frames; "mean": ablation
     tau=5.0,              # q-score temperature (release --q_score_temp 5)
     dropout=0.0,          # after the activation; release 0 (deviation 3)
-    exact_fp16=False,     # True: the release's pure-fp16 parameters and optimizer state (deviation 1)
 )
-
 # v1 App. B. ActivityNet: 20 epochs. Synthetic: the tiny CLIP pretrained on still frames by train.py;
 # 3e-3 because 1e-5 moves near-identity adapters of a 64-wide model too little in the few hundred steps
 # that fit in minutes on 2 CPU cores (the paper's lr is for 7,030 steps at batch 128 on ViT-B/32), and r=8
@@ -96,7 +92,7 @@ DATASET_RECIPES = dict(
 
 
 # ----------------------------------------------------------------------------------------------------
-# The adapter (v1 §3.2, Eq. 3-6; release adapter_controller.call_adapter)
+# Sec. 3.2, Eq. 3-6: the adapter (release adapter_controller.call_adapter)
 
 
 def adapter(h, down_w, down_b, up_w, up_b, share_w, share_b, dropout=0.0, training=False):
@@ -112,23 +108,48 @@ def adapter(h, down_w, down_b, up_w, up_b, share_w, share_b, dropout=0.0, traini
     return torch.cat(parts, dim=-1)  # [..., d]: shared slice last (deviation 5)
 
 
-def convert_weights_fp16(model):
-    """Release convert_weights: Linear/Conv/attention weights, proj, text_projection and the adapter tensors to
-    fp16; LayerNorms (run in fp32 anyway), embeddings and logit_scale stay fp32."""
-    for module in model.modules():
-        for name, p in module.named_parameters(recurse=False):
-            if (isinstance(module, (nn.Linear, nn.Conv2d, clip.MultiheadAttention))
-                    or name in ("proj", "text_projection") or "adapter" in name):
-                p.data = p.data.half()
+# ----------------------------------------------------------------------------------------------------
+# Fig. 2: two adapters in every frozen block, on the attention and on the MLP sublayer's output
+
+
+def adapted_blocks(x, blocks, adapt, is_causal=False):
+    """Frozen pre-LN blocks, x [n, N, d] -> [n, N, d]: x + (h + adapt(h, j)) after each sublayer, where h is the
+    sublayer's output and slot j = 2i after the attention, 2i + 1 after the MLP of block i."""
+    for i, block in enumerate(blocks):
+        h = block.attention(x, is_causal=is_causal)  # attn(ln_1(x)), [n, N, d]
+        x = x + (h + adapt(h, 2 * i))  # the adapter's own skip, then the block residual
+        h = block.feed_forward(x)  # mlp(ln_2(x))
+        x = x + (h + adapt(h, 2 * i + 1))
+    return x
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sec. 3.3, Eq. 7-8: the video-text score (release CLIP4Clip.q_score and _loose_similarity)
+
+
+def qscore_similarity(text_feats, video_feats, mask, tau, scale):
+    """Raw text [Nt, E], raw frames [Nv, T, E], mask [Nv, T] bool -> logits [Nt, Nv]:
+    w = softmax over valid frames of <t, f_k> / tau; v = sum_k w_k f_k; S = scale * cos(t, v)."""
+    s = torch.einsum("nd,mtd->nmt", text_feats, video_feats) / tau  # [Nt, Nv, T], raw features
+    w = s.masked_fill(~mask[None], float("-inf")).softmax(dim=-1)  # padded frames get weight 0
+    v = F.normalize(torch.einsum("nmt,mtd->nmd", w, video_feats), dim=-1)  # [Nt, Nv, E]
+    return scale * torch.einsum("nd,nmd->nm", F.normalize(text_feats, dim=-1), v)
+
+
+def mean_similarity(text_feats, video_feats, mask, scale):
+    """The ablation (release q_score=0): v = mean of the valid raw frames; S = scale * cos(t, v) [Nt, Nv]."""
+    m = mask.to(video_feats.dtype).unsqueeze(-1)  # [Nv, T, 1]
+    v = F.normalize((video_feats * m).sum(1) / m.sum(1), dim=-1)  # [Nv, E]
+    return scale * F.normalize(text_feats, dim=-1) @ v.t()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Cross-Modal Adapter
 
 
 def trunc_normal(*shape, std=0.01):
     """Release init: trunc_normal_(0, std) with bounds +-2 (absolute), i.e. N(0, std^2) in effect."""
     return nn.Parameter(nn.init.trunc_normal_(torch.empty(*shape), std=std))
-
-
-# ----------------------------------------------------------------------------------------------------
-# Cross-Modal Adapter
 
 
 class CrossModalAdapter(nn.Module):
@@ -137,8 +158,7 @@ class CrossModalAdapter(nn.Module):
     normalize_pixels = staticmethod(clip.normalize_pixels)  # uint8 frames -> CLIP's input statistics
     # similarity: defined below (the release's pooling over frames, given the text)
 
-    def __init__(self, clip_model, num_frames, *, r=8, d_s=16, pool="qscore", tau=5.0, dropout=0.0,
-                 exact_fp16=False):
+    def __init__(self, clip_model, num_frames, *, r=8, d_s=16, pool="qscore", tau=5.0, dropout=0.0):
         super().__init__()
         self.clip, self.num_frames = clip_model, num_frames
         for p in self.clip.parameters():
@@ -155,7 +175,6 @@ class CrossModalAdapter(nn.Module):
         if tau <= 0:
             raise ValueError(f"tau must be positive, got {tau}")
         self.r, self.d_s, self.pool, self.tau, self.dropout = r, d_s, pool, tau, dropout
-        self.exact_fp16 = exact_fp16
         S = 2 * Lv  # slots: 2i = after attention, 2i+1 = after the MLP of block i
         # Release names and layouts: [slots, out, in] weights, [slots, out] biases.
         self.visual_adapter_down_weight = trunc_normal(S, r, Dv)
@@ -169,8 +188,6 @@ class CrossModalAdapter(nn.Module):
         shared = d_s > 0  # d_s = 0: plain independent adapters ("w/o Share", v1 Tab. 2)
         self.vt_adapter_up_share_weight = trunc_normal(S, d_s, r) if shared else None
         self.vt_adapter_up_share_bias = nn.Parameter(torch.zeros(S, d_s)) if shared else None
-        if exact_fp16:  # deviation 1: as the release's convert_weights, which also halves every adapter tensor
-            convert_weights_fp16(self)
 
     @property
     def logit_scale(self):  # CLIP's temperature, frozen (exp = 100 for OpenAI's weights)
@@ -182,30 +199,14 @@ class CrossModalAdapter(nn.Module):
         return [dict(params=[p for n, p in named if not n.endswith("bias")], weight_decay=weight_decay),
                 dict(params=[p for n, p in named if n.endswith("bias")], weight_decay=0.0)]
 
-    def _adapt(self, h, tower, j):
-        """Adapter of `tower` ("visual"/"text") at slot j on a sublayer output h [n, N, d]."""
+    def adapt(self, h, tower, j):
+        """The adapter of `tower` ("visual"/"text") at slot j on its sublayer's output h [n, N, d] -> u [n, N, d]."""
+        w = lambda name: getattr(self, f"{tower}_adapter_{name}")  # noqa: E731
+        unique = (None, None) if w("up_unique_weight") is None else (w("up_unique_weight")[j], w("up_unique_bias")[j])
         share = self.vt_adapter_up_share_weight
-        return adapter(h, getattr(self, f"{tower}_adapter_down_weight")[j],
-                       getattr(self, f"{tower}_adapter_down_bias")[j],
-                       *(None, None) if getattr(self, f"{tower}_adapter_up_unique_weight") is None else
-                       (getattr(self, f"{tower}_adapter_up_unique_weight")[j],
-                        getattr(self, f"{tower}_adapter_up_unique_bias")[j]),
-                       *(None, None) if share is None else (share[j], self.vt_adapter_up_share_bias[j]),
+        shared = (None, None) if share is None else (share[j], self.vt_adapter_up_share_bias[j])
+        return adapter(h, w("down_weight")[j], w("down_bias")[j], *unique, *shared,
                        dropout=self.dropout, training=self.training)
-
-    def _blocks(self, x, blocks, tower, is_causal=False):
-        """Frozen pre-LN blocks with both adapters (Fig. 2): x + (h + u) after attention and after the MLP."""
-        for i, block in enumerate(blocks):
-            h = block.attention(x, is_causal=is_causal)  # attn(ln_1(x)), [n, N, d]
-            x = x + (h + self._adapt(h, tower, 2 * i))  # the adapter's own skip, then the block residual
-            h = block.feed_forward(x)  # mlp(ln_2(x))
-            x = x + (h + self._adapt(h, tower, 2 * i + 1))
-        return x
-
-    def _precision(self):
-        # exact_fp16: the whole model already is fp16; the caller's autocast (bf16) must not recast it
-        device = self.clip.logit_scale.device.type
-        return torch.autocast(device, enabled=False) if self.exact_fp16 else contextlib.nullcontext()
 
     # ------------------------------------------------------------------------------------------------
     # Encoders (independent of each other and of the rest of the batch)
@@ -214,12 +215,10 @@ class CrossModalAdapter(nn.Module):
         """Token ids [N, L] (EOT = the largest id) -> raw text embeddings [N, E] at EOT."""
         if text.dim() != 2:
             raise ValueError(f"encode_text expects token ids [N, L], got shape {tuple(text.shape)}")
-        with self._precision():
-            x = self.clip.embed_text(text).to(self.clip.dtype)  # [N, L, Dt] (fp16 under exact_fp16)
-            x = self._blocks(x, self.clip.transformer.resblocks, "text", is_causal=True)
-            eot = text.argmax(dim=-1)  # EOT has the largest id; argmax returns the first one
-            t = self.clip.text_head(x[torch.arange(x.shape[0], device=x.device), eot])  # [N, E]
-        return t.float() if self.exact_fp16 else t  # release: encode_text(...).float()
+        x = self.clip.embed_text(text).to(self.clip.dtype)  # [N, L, Dt] in the towers' dtype, as OpenAI's
+        x = adapted_blocks(x, self.clip.transformer.resblocks, lambda h, j: self.adapt(h, "text", j), is_causal=True)
+        eot = text.argmax(dim=-1)  # EOT has the largest id; argmax returns the first one
+        return self.clip.text_head(x[torch.arange(x.shape[0], device=x.device), eot])  # [N, E]
 
     def encode_video(self, video, video_mask):
         """Frames [B, T, 3, H, W] (CLIP-normalised), video_mask [B, T] bool -> raw frame embeddings
@@ -228,23 +227,14 @@ class CrossModalAdapter(nn.Module):
             raise ValueError(f"encode_video expects video [B, T, 3, H, W] and video_mask [B, T], got "
                              f"{tuple(video.shape)} and {tuple(video_mask.shape)}")
         B, T = video.shape[:2]
-        with self._precision():
-            x = self.clip.visual.embed(video.flatten(0, 1))  # [B*T, 1+g*g, Dv], CLS first
-            x = self._blocks(x, self.clip.visual.transformer.resblocks, "visual")
-            f = self.clip.visual.head(x[:, 0]).view(B, T, -1)  # [B, T, E]: ln_post(CLS) @ proj per frame
-        return f.float() if self.exact_fp16 else f
-
-    # ------------------------------------------------------------------------------------------------
-    # Video-text score (v1 §3.3, Eq. 7-8; release CLIP4Clip.q_score and _loose_similarity)
+        x = self.clip.visual.embed(video.flatten(0, 1))  # [B*T, 1+g*g, Dv], CLS first
+        x = adapted_blocks(x, self.clip.visual.transformer.resblocks, lambda h, j: self.adapt(h, "visual", j))
+        return self.clip.visual.head(x[:, 0]).view(B, T, -1)  # [B, T, E]: ln_post(CLS) @ proj per frame
 
     def similarity(self, text_feats, video_feats, video_mask):
-        """Raw text [Nt, E], raw frames [Nv, T, E], video_mask [Nv, T] bool -> logits [Nt, Nv].
-
-        qscore: w = softmax over valid frames of <t, f_k> / tau; v = sum_k w_k f_k; S = 100 * cos(t, v).
-        mean:   v = mean of the valid raw frames; S = 100 * cos(t, v).
-        Memory is Nt x Nv x E: evaluate in blocks of texts and videos. Computed in fp32 with autocast off
-        (bf16 logits of size 100 would carry errors of ~0.4).
-        """
+        """Raw text [Nt, E], raw frames [Nv, T, E], video_mask [Nv, T] bool -> logits [Nt, Nv] (Eq. 7-8, or the
+        mean-pooling ablation). Memory is Nt x Nv x E: evaluate in blocks of texts and videos. Computed in fp32
+        with autocast off (bf16 logits of size 100 would carry errors of ~0.4)."""
         if text_feats.dim() != 2 or video_feats.dim() != 3 or video_mask.shape != video_feats.shape[:2]:
             raise ValueError(f"similarity expects text [Nt, E], frames [Nv, T, E], mask [Nv, T]; got "
                              f"{tuple(text_feats.shape)}, {tuple(video_feats.shape)}, {tuple(video_mask.shape)}")
@@ -252,29 +242,52 @@ class CrossModalAdapter(nn.Module):
         if not bool(mask.any(dim=1).all()):
             raise ValueError("every video needs at least one valid frame (a row of video_mask is all False)")
         with torch.autocast(text_feats.device.type, enabled=False):  # fp32 scores x100, as the release
-            return self._similarity(text_feats.float(), video_feats.float(), mask)
-
-    def _similarity(self, text_feats, video_feats, mask):
-        t = F.normalize(text_feats, dim=-1)
-        if self.pool == "mean":
-            m = mask.to(video_feats.dtype).unsqueeze(-1)  # [Nv, T, 1]
-            v = F.normalize((video_feats * m).sum(1) / m.sum(1), dim=-1)  # [Nv, E]
-            return self.logit_scale.exp() * t @ v.t()
-        s = torch.einsum("nd,mtd->nmt", text_feats, video_feats) / self.tau  # [Nt, Nv, T], raw features
-        w = s.masked_fill(~mask[None], float("-inf")).softmax(dim=-1)  # padded frames get weight 0
-        v = F.normalize(torch.einsum("nmt,mtd->nmd", w, video_feats), dim=-1)  # [Nt, Nv, E]
-        return self.logit_scale.exp() * torch.einsum("nd,nmd->nm", t, v)
+            t, f, scale = text_feats.float(), video_feats.float(), self.logit_scale.exp()
+            if self.pool == "mean":
+                return mean_similarity(t, f, mask, scale)
+            return qscore_similarity(t, f, mask, self.tau, scale)
 
 
 # ----------------------------------------------------------------------------------------------------
-# The release's optimizer (deviation 8; modules/optimization.py BertAdam, schedule left to the caller)
+# ---- Reproducing the release ----
+# Its pure-fp16 setting (deviation 1) and its optimizer (deviation 8). train.py trains CrossModalAdapter
+# with AdamW; tests/test_adapter.py checks both of these against the release's behaviour.
+
+
+def convert_weights_fp16(model):
+    """Release convert_weights: Linear/Conv/attention weights, proj, text_projection and the adapter tensors to
+    fp16; LayerNorms (run in fp32 anyway), embeddings and logit_scale stay fp32."""
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if (isinstance(module, (nn.Linear, nn.Conv2d, clip.MultiheadAttention))
+                    or name in ("proj", "text_projection") or "adapter" in name):
+                p.data = p.data.half()
+
+
+class CrossModalAdapterRelease(CrossModalAdapter):
+    """The release's pure fp16: CLIP and every adapter tensor cast by convert_weights (so an optimizer on them
+    keeps fp16 state), the towers run with the caller's autocast off (a bf16 autocast must not recast them),
+    features returned as fp32 (release: encode_text(...).float()). Same arguments as CrossModalAdapter."""
+
+    def __init__(self, clip_model, num_frames, **kwargs):
+        super().__init__(clip_model, num_frames, **kwargs)
+        convert_weights_fp16(self)
+
+    def encode_text(self, text):
+        with torch.autocast(self.logit_scale.device.type, enabled=False):
+            return super().encode_text(text).float()
+
+    def encode_video(self, video, video_mask):
+        with torch.autocast(self.logit_scale.device.type, enabled=False):
+            return super().encode_video(video, video_mask).float()
 
 
 class BertAdam(torch.optim.Optimizer):
-    """Adam without bias correction; decay added to the update: p -= lr * (m / (sqrt(v) + eps) + wd * p).
+    """The release's optimizer (modules/optimization.py; schedule left to the caller): Adam without bias
+    correction, decay added to the update: p -= lr * (m / (sqrt(v) + eps) + wd * p).
 
-    State keeps the parameter's dtype (fp16 under exact_fp16, as the release). The learning rate is
-    group["lr"] as the caller's schedule sets it; the release's warmup_cosine gives lr 0 at step 0.
+    State keeps the parameter's dtype (fp16 under CrossModalAdapterRelease, as the release). The learning rate
+    is group["lr"] as the caller's schedule sets it; the release's warmup_cosine gives lr 0 at step 0.
     """
 
     def __init__(self, params, lr=1e-5, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.0):
@@ -301,19 +314,14 @@ class BertAdam(torch.optim.Optimizer):
         return loss
 
 
-def count_trainable(module):
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
-
-
-if __name__ == "__main__":
+if __name__ == "__main__":  # tiny-config shape check, then the ViT-B/32 count (meta device: no memory)
     torch.manual_seed(0)
-    tiny = clip.CLIP(32, 32, 2, 64, 8, 77, 49408, 64, 1, 2)
-    model = CrossModalAdapter(tiny, 4, r=8, d_s=8).eval()
+    model = CrossModalAdapter(clip.CLIP(**clip.CONFIGS["tiny"]), 4, r=8, d_s=8).eval()
     ids = clip.tokenize(["a red square moves left", "a blue circle"], context_length=16)
     video, mask = torch.randn(3, 4, 3, 32, 32), torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]]).bool()
     t, f = model.encode_text(ids), model.encode_video(video, mask)
     print("text", tuple(t.shape), "frames", tuple(f.shape), "logits", tuple(model.similarity(t, f, mask).shape))
-    print(f"trainable {count_trainable(model):,} of {sum(p.numel() for p in model.parameters()):,}")
+    print(f"trainable {clip.count_trainable(model):,} of {sum(p.numel() for p in model.parameters()):,}")
     with torch.device("meta"):  # ViT-B/32 shapes without allocating them
-        b32 = CrossModalAdapter(clip.CLIP(512, 224, 12, 768, 32, 77, 49408, 512, 8, 12), 12, r=8, d_s=16)
-    print(f"ViT-B/32, MSR-VTT (r=8, d_s=16): {count_trainable(b32):,} trainable")
+        b32 = CrossModalAdapter(clip.CLIP(**clip.CONFIGS["ViT-B/32"]), 12, r=8, d_s=16)
+    print(f"ViT-B/32, MSR-VTT (r=8, d_s=16): {clip.count_trainable(b32):,} trainable")

@@ -568,6 +568,6 @@ def tokenize(texts, context_length=77, truncate=False):
 
 
 if __name__ == "__main__":  # tiny config: shapes and a forward pass
-    m = CLIP(64, 32, 2, 128, 8, 77, 49408, 128, 2, 2)
+    m = CLIP(**CONFIGS["tiny"])
     img, txt = torch.randn(2, 3, 32, 32), tokenize(["a red circle moves left", "a blue square"])
     print([t.shape for t in m(img, txt)], sum(p.numel() for p in m.parameters()), "parameters")

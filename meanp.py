@@ -20,7 +20,9 @@ and 0.08M of positions, class embedding and ln_pre), -1 all of them, 12 only the
 
   python train.py --method zeroshot               # evaluation only
   python train.py --method full                   # the synthetic default; --data msrvtt ... for MSR-VTT
+  python meanp.py                                 # trainable counts of both at ViT-B/32
 """
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -38,6 +40,9 @@ RECIPE = dict(lr=1e-4, clip_lr=1e-7, epochs=5, batch_size=128, frames=12, words=
 DATASET_RECIPES = dict(synthetic=dict(clip_lr=3e-4, epochs=3, batch_size=32, frames=8))
 
 
+# ----------------------------------------------------------------------------------------------------
+# What trains: CLIP4Clip's --freeze_layer_num rule (main_task_retrieval.py)
+
 # CLIP tensors that always train under CLIP4Clip's rule (name prefixes, as its main_task_retrieval.py tests them)
 ALWAYS_TRAINED = ("ln_final.", "text_projection", "logit_scale", "visual.ln_post.", "visual.proj")
 
@@ -49,6 +54,20 @@ def clip4clip_trainable(name, freeze_layer_num):
     if name.startswith(("visual.transformer.resblocks.", "transformer.resblocks.")):
         return int(name.split(".resblocks.")[1].split(".")[0]) >= freeze_layer_num
     return False
+
+
+# ----------------------------------------------------------------------------------------------------
+# The video vector: CLIP4Clip's parameter-free similarity, meanP (its "loose" type)
+
+
+def mean_pool(frames, video_mask):
+    """L2-normalised frame features [B, T, E], valid frames [B, T] bool -> their masked mean [B, E]."""
+    m = video_mask.unsqueeze(-1).to(frames.dtype)  # [B, T, 1]
+    return (frames * m).sum(1) / m.sum(1).clamp(min=1.0)  # [B, E]; the loop normalises it again
+
+
+# ----------------------------------------------------------------------------------------------------
+# The two baselines
 
 
 class MeanP(nn.Module):
@@ -87,8 +106,7 @@ class MeanP(nn.Module):
     def encode_video(self, video, video_mask):
         B, T = video_mask.shape
         f = F.normalize(self.clip.encode_image(video.flatten(0, 1)).view(B, T, -1), dim=-1)  # [B, T, E]
-        m = video_mask.unsqueeze(-1).to(f.dtype)  # [B, T, 1]
-        return (f * m).sum(1) / m.sum(1).clamp(min=1.0)  # [B, E]
+        return mean_pool(f, video_mask)
 
 
 class ZeroShot(MeanP):
@@ -96,3 +114,11 @@ class ZeroShot(MeanP):
 
     def __init__(self, clip_model, num_frames, *, freeze_layer_num=0):  # shares MeanP's RECIPE: the flag is moot
         super().__init__(clip_model, num_frames, freeze_layer_num=freeze_layer_num, train_clip=False)
+
+
+if __name__ == "__main__":  # trainable counts at ViT-B/32 (meta device: shapes only, no memory)
+    for name, cls in (("full", MeanP), ("zeroshot", ZeroShot)):
+        with torch.device("meta"):
+            model = cls(clip.CLIP(**clip.CONFIGS["ViT-B/32"]), 12)
+        total = sum(p.numel() for p in model.parameters())
+        print(f"ViT-B/32 {name}: {clip.count_trainable(model):,} trainable of {total:,}")

@@ -1,60 +1,59 @@
 """simvtp.py: SimVTP, masked-autoencoder video-text pretraining, then retrieval fine-tuning.
 
 SimVTP: Simple Video Text Pre-training with Masked Autoencoders (Ma, Yang, Shan, Li; arXiv 2212.03490,
-https://arxiv.org/abs/2212.03490; only the abstract was available to us). Official code: mayuelala/SimVTP,
-read in the copy wufeim/SimVTP @ 558d24e (modeling_pretrain.py, modeling_finetune.py, engine_for_*.py,
-masking_generator.py, loss.py, scripts/*.sh). Walk-through with line references: docs/simvtp.md.
+https://arxiv.org/abs/2212.03490; only the abstract was available to us). Official code: mayuelala/SimVTP, read in
+the copy wufeim/SimVTP @ 558d24e (modeling_pretrain.py, modeling_finetune.py, engine_for_*.py, masking_generator.py,
+loss.py, scripts/*.sh). Walk-through with line references: docs/simvtp.md.
 
 Two models, one per stage, built from the same encoder pieces (Block, PatchEmbed, TextEmbeddings below):
-  SimVTPPretraining  modeling_pretrain.PretrainVisionTransformer: one ViT (tubelet Conv3d, fixed sin/cos
-    positions added before masking, pre-LN blocks with q/v biases and no k bias, LN eps 1e-6) encodes
-    [visible video ; masked caption]. 90% of the spatial cells are hidden in every time slice (tube masking,
-    int() floor), 75% of the real caption tokens are drawn i.i.d. and ALL replaced by the mask id (no
-    80/10/10). A 384-wide decoder regresses per-tubelet normalised pixels of the masked tubes from
-    [visible ; mask tokens]; a single Linear predicts the masked words; VTC (mean pooling, tau 0.05, both
-    directions summed) runs the encoder per modality; VTM classifies B positives and B random non-matching
-    (video swapped) pairs. Loss = L_mvm + L_mlm + L_vtc + L_vtm. Every pass sees the masked caption and
-    masked video (the release masks input_ids in place, so VTC and VTM see them too).
-  SimVTP  modeling_finetune.DualVideoTextEncoder, the retrieval model: two separate copies of the pretrained
-    encoder (a video tower and a text tower), mean pooling, a fresh LN (fc_norm), cosine, tau 0.05. A
-    SimVTPPretraining state dict loads into it (load_state_dict(strict=False): both towers are filled from
-    `encoder.*` and `text_embeddings.*`, as run_simvtp_finetuning.py does), so `train.py --init` works.
+  SimVTPPretraining  modeling_pretrain.PretrainVisionTransformer: one ViT (tubelet Conv3d, fixed sin/cos positions
+    added before masking, pre-LN blocks with q/v biases and no k bias, LN eps 1e-6) encodes [visible video ; masked
+    caption]. 90% of the spatial cells are hidden in every time slice (tube masking, int() floor), 75% of the real
+    caption tokens are drawn i.i.d. and ALL replaced by the mask id (no 80/10/10). A 384-wide decoder regresses
+    per-tubelet normalised pixels of the masked tubes from [visible ; mask tokens]; a single Linear predicts the
+    masked words; VTC (mean pooling, tau 0.05, both directions summed) runs the encoder per modality; VTM classifies
+    B positives and B random non-matching (video swapped) pairs. Loss = L_mvm + L_mlm + L_vtc + L_vtm. Every pass
+    sees the masked caption and masked video (the release masks input_ids in place, so VTC and VTM see them too).
+  SimVTP  modeling_finetune.DualVideoTextEncoder, the retrieval model: two separate copies of the pretrained encoder
+    (video and text tower), mean pooling, a fresh LN (fc_norm), cosine, tau 0.05. `towers_from_pretraining` fills
+    both from a SimVTPPretraining state dict's `encoder.*` and `text_embeddings.*`, as run_simvtp_finetuning.py does.
 
-Replacements for the release's dependencies: timm Block/Attention/Mlp/DropPath/PatchEmbed -> the ~60 lines
-below (same parameter names: `encoder.blocks.i.attn.qkv.weight`, `q_bias`, `v_bias`, `mlp.fc1`, ...;
-attention via F.scaled_dot_product_attention); HF BertEmbeddings -> `TextEmbeddings` (same keys);
-BertTokenizerFast -> clip.tokenize; einops -> view/permute; decord -> data.py (OpenCV).
+Replacements for the release's dependencies: timm Block/Attention/Mlp/DropPath/PatchEmbed -> the ~60 lines below
+(same parameter names: `encoder.blocks.i.attn.qkv.weight`, `q_bias`, `v_bias`, `mlp.fc1`, ...; attention via
+SDPA); HF BertEmbeddings -> `TextEmbeddings` (same keys); BertTokenizerFast -> clip.tokenize; einops ->
+view/permute; decord -> data.py (OpenCV).
 
 Deliberate deviations:
-  1. Vocabulary: CLIP BPE (49408) + one mask id 49408 (vocab_size 49409), 77 text positions, SOT/EOT
-     instead of [CLS]/[SEP]. CLIP pads with id 0 ("!"), so padding is found from the EOT position (argmax),
-     not from id 0, and the pad rows are "!" embeddings (BERT's [PAD] row is 0). Batches are trimmed to
-     their longest caption as the release pads to the longest (its mean pooling counts the pads, so the
-     padded length changes the embedding).
-  2. Init: random (BERT-style N(0, 0.02) text embeddings; xavier as the release elsewhere). The release
-     starts from VideoMAE K400 and bert-base-uncased; `convert_official` maps VideoMAE/SimVTP checkpoints
-     (the WordPiece-sized word embeddings and MLM head cannot map to BPE and are dropped).
-  3. The positive half of the VTM batch is the joint pass of MVM/MLM (the release recomputes it; the two
-     differ only by the embedding dropout's noise): 2B joint rows per step instead of 3B. The MLM head scores
-     only the masked positions (same loss; the 49409-wide head is most of a tiny model's step).
-  4. Frames are a parameter (the release assumes 16). Padded frames (video_mask False) are ignored by
-     retrieval: their tubelets are key-masked and left out of the pooling; pretraining ignores video_mask.
-  5. Retrieval towers carry no dead weights (the release's video tower holds an unused BERT embedding, its
-     text tower an unused patch embedding); one view per clip (the release averages 3x3 / 15x3 test views);
-     no layer decay, as in effect in the release (its layer_decay=0.75 matches no parameter name, since they
-     all start with video_encoder./text_encoder., so every group keeps scale 1).
+  1. Vocabulary: CLIP BPE (49408) + one mask id 49408 (vocab_size 49409), 77 text positions, SOT/EOT for
+     [CLS]/[SEP]. CLIP pads with id 0 ("!"), so padding is found from the EOT position (argmax), not from id 0, and
+     the pad rows are "!" embeddings (BERT's [PAD] row is 0). Batches are trimmed to their longest caption as the
+     release pads to the longest (its mean pooling counts the pads, so the padded length changes the embedding).
+  2. Init: random (BERT-style N(0, 0.02) text embeddings; xavier as the release elsewhere). The release starts from
+     VideoMAE K400 and bert-base-uncased; `convert_official` maps VideoMAE/SimVTP checkpoints (the WordPiece-sized
+     word embeddings and MLM head cannot map to BPE and are dropped).
+  3. The positive half of the VTM batch is the joint pass of MVM/MLM (the release recomputes it; the two differ only
+     by the embedding dropout's noise): 2B joint rows per step, not 3B. The MLM head scores only the masked
+     positions (same loss; the 49409-wide head is most of a tiny model's step).
+  4. Frames are a parameter (the release assumes 16). Padded frames (video_mask False) are ignored by retrieval
+     (their tubelets key-masked and left out of the pooling); pretraining ignores video_mask.
+  5. Retrieval towers carry no dead weights (the release's video tower holds an unused BERT embedding, its text
+     tower an unused patch embedding); one view per clip (the release averages 3x3 / 15x3 test views); no layer
+     decay, as in effect in the release (its layer_decay=0.75 matches no parameter name: all start with
+     video_encoder./text_encoder., so every group keeps scale 1).
   6. Recipe: single-stage cosine to 0 (the release decays to min lr 4e-5 / 2.5e-7). Fine-tuning uses train.py's
-     symmetric InfoNCE: it averages the two directions where NormSoftmax sums them (a factor 2 on the loss)
-     and gathers negatives across GPUs where the release uses each GPU's local batch of 8.
+     symmetric InfoNCE: it averages the two directions where NormSoftmax sums them (a factor 2 on the loss) and
+     gathers negatives across GPUs where the release uses each GPU's local batch of 8.
   7. Augmentations (multi-scale crop, RandAugment, RandomErasing) are not applied: data.py's own.
 
 Usage:
     pre = SimVTPPretraining(16)                               # ViT-B/16, 16 frames, 224 px
     out = pre.pretraining_loss(normalize_pixels(uint8_video), video_mask, clip.tokenize(captions))  # out["loss"]
-    model = SimVTP(16); model.load_state_dict(pre.state_dict(), strict=False)   # both towers from the encoder
+    model = SimVTP(16); model.load_state_dict(model.towers_from_pretraining(pre.state_dict()), strict=False)
     t, v = model.encode_text(ids), model.encode_video(video, video_mask)          # [B, 768] each, cosine
 """
+
 import math
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -121,22 +120,14 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
-class Mlp(nn.Module):
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class Block(nn.Module):
     """Pre-LN transformer block (LN eps 1e-6), optional stochastic depth."""
 
     def __init__(self, dim, heads, drop_path=0.0):
         super().__init__()
         self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads)
-        self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), Mlp(dim, 4 * dim)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(dim, 4 * dim), act=nn.GELU(), fc2=nn.Linear(4 * dim, dim)))
         self.drop_path = drop_path
 
     def _drop(self, x):  # DropPath: zero whole samples' residual branches, rescale the rest
@@ -229,9 +220,7 @@ class SimVTPBase(nn.Module):
         return ids, torch.arange(ids.shape[1], device=ids.device) <= eot[:, None]
 
     def _pool(self, x, valid):  # mean over tokens; pads counted unless pool_pads=False (deviation 1)
-        if self.pool_pads:
-            return x.mean(1)
-        return (x * valid[..., None]).sum(1) / valid.sum(1, keepdim=True)
+        return x.mean(1) if self.pool_pads else (x * valid[..., None]).sum(1) / valid.sum(1, keepdim=True)
 
     def contrastive_loss(self, t, v):
         """NormSoftmax (loss.py): cosine / tau, CE in both directions, summed."""
@@ -241,10 +230,9 @@ class SimVTPBase(nn.Module):
 
     def param_groups(self, weight_decay):
         """AdamW groups as optim_factory: no decay for 1-D params (biases, LN, q/v bias) and mask_token."""
-        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        no = [p for n, p in named if p.ndim <= 1 or n == "mask_token"]
-        return [dict(params=[p for n, p in named if not (p.ndim <= 1 or n == "mask_token")],
-                     weight_decay=weight_decay), dict(params=no, weight_decay=0.0)]
+        named = [(p.ndim <= 1 or n == "mask_token", p) for n, p in self.named_parameters() if p.requires_grad]
+        return [dict(params=[p for no, p in named if not no], weight_decay=weight_decay),
+                dict(params=[p for no, p in named if no], weight_decay=0.0)]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -379,7 +367,6 @@ class SimVTP(SimVTPBase):
             blocks=make_blocks(width, depth, heads, drop_path), fc_norm=nn.LayerNorm(width, eps=1e-6)))
         for m in (self.video_encoder.blocks, self.text_encoder.blocks):  # modeling_finetune.py, if not loaded
             init_linears(m, lambda w: nn.init.trunc_normal_(w, std=0.02))
-        self._register_load_state_dict_pre_hook(self._towers_from_pretraining)
 
     def encode_video(self, video, video_mask):
         """[B, T, 3, H, W] ImageNet-normalised, [B, T] bool -> [B, W]: all tokens, no final LN, fc_norm(mean)."""
@@ -402,24 +389,29 @@ class SimVTP(SimVTPBase):
             x = blk(x, (~attn).float() * -10000.0)
         return self.text_encoder.fc_norm(self._pool(x, attn))
 
-    # ------------------------------------------------------------------ checkpoints
-    def _towers_from_pretraining(self, sd, prefix, *args):
-        """A SimVTPPretraining state dict (`encoder.*`, `text_embeddings.*`) loads into both towers, as
-        run_simvtp_finetuning.py does; the rest (final LN, decoder, heads) stays unexpected, fc_norm fresh."""
-        for k in [k for k in sd if k.startswith(prefix + "encoder.") or k.startswith(prefix + "text_embeddings.")]:
-            name = k[len(prefix):]
-            if name.startswith(("encoder.patch_embed.", "encoder.blocks.")):
-                sd[prefix + "video_" + name] = sd[k]
-            if name.startswith("encoder.blocks."):
-                sd[prefix + "text_" + name] = sd[k]
-            if name.startswith("text_embeddings."):
-                sd[prefix + "text_encoder." + name] = sd[k]
-            if not name.startswith("encoder.norm."):
-                del sd[k]
-        if any(k.startswith(prefix + "video_encoder.") for k in sd):
-            for tower in ("video_encoder", "text_encoder"):
-                for n, p in getattr(self, tower).fc_norm.state_dict().items():
-                    sd.setdefault(f"{prefix}{tower}.fc_norm.{n}", p.detach().clone())
+    def towers_from_pretraining(self, state_dict):
+        """A SimVTPPretraining state dict -> this model's names, as run_simvtp_finetuning.py loads it: `encoder.*` fills
+        the video tower's patch_embed and both towers' blocks, `text_embeddings.*` the text tower's, fc_norm stays
+        fresh; the rest (encoder.norm, decoder, heads) and this model's own keys pass unchanged: load the result with
+        load_state_dict(strict=False), which lists the pretraining-only tensors as unexpected."""
+        out = {}
+        for k, v in state_dict.items():
+            if k.startswith(("encoder.patch_embed.", "encoder.blocks.")):
+                out["video_" + k] = v
+            if k.startswith("encoder.blocks."):
+                out["text_" + k] = v
+            if k.startswith("text_embeddings."):
+                out["text_encoder." + k] = v
+            if not k.startswith(("encoder.", "text_embeddings.")) or k.startswith("encoder.norm."):
+                out[k] = v
+        fresh = {f"{tower}.fc_norm.{n}": p.detach().clone() for tower in ("video_encoder", "text_encoder")
+                 for n, p in getattr(self, tower).fc_norm.state_dict().items()}
+        return {**fresh, **out} if any(k.startswith("video_encoder.") for k in out) else out
+
+
+# ----------------------------------------------------------------------------------------------------
+# ---- Reproducing the release ----
+# Loading its checkpoints, its figure, and its parameter counts: nothing above calls these.
 
 
 def convert_official(sd, model):
@@ -471,22 +463,16 @@ def visualize(model, video, text, path, scale=4):
     mu, sd = tok.mean(2, keepdim=True), tok.var(2, keepdim=True).sqrt() + 1e-6
     rec = tok.clone()
     rec[tube] = (out["pixel_pred"].reshape(-1, t * p * p, C) * sd[tube] + mu[tube]).clamp(0, 1)
-
-    def frames(x):  # [B, N, t*p*p, C] -> [B, T, H, W, C], the inverse of the tubelet cut
-        x = x.reshape(B, T // t, g, g, t, p, p, C).permute(0, 1, 4, 2, 5, 3, 6, 7)
-        return x.reshape(B, T, H, W, C)
-
-    rows = [frames(tok), frames(tok.masked_fill(tube[..., None, None], 0.5)), frames(rec)]
+    rows = [x.reshape(B, T // t, g, g, t, p, p, C).permute(0, 1, 4, 2, 5, 3, 6, 7).reshape(B, T, H, W, C)
+            for x in (tok, tok.masked_fill(tube[..., None, None], 0.5), rec)]  # frames, masked input, reconstruction
     pred = ids.masked_scatter(select, out["mlm_logits"][:, :model.mask_id].argmax(-1))  # never the mask id
-    dec = clip._tokenizer().decode
-    blocks = []
+    dec, blocks = clip._tokenizer().decode, []
     for b in range(B):
         grid = torch.cat([torch.cat(list(r[b]), 1) for r in rows], 0)  # [3H, T*W, C]
         img = np.ascontiguousarray((grid.flip(-1) * 255).byte().cpu().numpy())  # RGB -> BGR
         img = cv2.resize(img, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
-        n = int(attn[b].sum()) - 1  # words sit at 1 .. EOT-1
         words = [(dec([int(ids[b, i])]).strip(), dec([int(pred[b, i])]).strip(), bool(select[b, i]))
-                 for i in range(1, n)]
+                 for i in range(1, int(attn[b].sum()) - 1)]  # words sit at 1 .. EOT-1
         lines = ["caption:   " + " ".join(f"[{w}]" if s else w for w, _, s in words),
                  "predicted: " + " ".join(f"[{q}]" if s else w for w, q, s in words)]
         text_img = np.full((22 * len(lines) + 8, img.shape[1], 3), 255, np.uint8)
@@ -503,9 +489,9 @@ if __name__ == "__main__":  # tiny-config check, then the official ViT-B/16 coun
     pre, ret = SimVTPPretraining(8, **tiny, **TINY_DECODER), SimVTP(8, **tiny)
     video, text, mask = torch.randn(2, 8, 3, 32, 32), clip.tokenize(["a red circle", "a blue square grows"]), None
     print({k: round(v.item(), 3) for k, v in pre.pretraining_loss(video, mask, text).items()})
-    ret.load_state_dict(pre.state_dict(), strict=False)  # towers from the pretraining weights
+    ret.load_state_dict(ret.towers_from_pretraining(pre.state_dict()), strict=False)  # both towers from the encoder
     print("tiny:", ret.encode_text(text).shape, ret.encode_video(video, torch.ones(2, 8, dtype=torch.bool)).shape,
-          sum(p.numel() for p in pre.parameters()), "/", sum(p.numel() for p in ret.parameters()), "trainable")
+          clip.count_trainable(pre), "/", clip.count_trainable(ret), "trainable")
     with torch.device("meta"):
         counts = param_counts(SimVTPPretraining(16), SimVTP(16))
     for k, v in counts.items():

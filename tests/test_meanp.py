@@ -8,9 +8,6 @@ import meanp
 import train
 from conftest import make_tiny_clip
 
-# ViT-B/32's shapes (OpenAI's release), built on the meta device: names and sizes without memory
-B32 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=32,
-           context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8, transformer_layers=12)
 # What CLIP4Clip's rule (main_task_retrieval.py at 508ffa3, --freeze_layer_num k >= 0) freezes, spelled out: the
 # tensors outside the output ends and the residual blocks, and the blocks numbered below k in either tower
 STEM = {"token_embedding.weight", "positional_embedding", "visual.class_embedding", "visual.positional_embedding",
@@ -43,9 +40,9 @@ def test_tiny_clip_trainable_set_follows_clip4clip(k):
 @pytest.mark.parametrize("k, trainable", [(-1, 151_277_313), (0, 123_540_993), (6, 62_099_457), (12, 657_921)])
 def test_vit_b32_trainable_set_and_count(k, trainable):
     with torch.device("meta"):
-        method = meanp.MeanP(clip.CLIP(**B32), 12, freeze_layer_num=k)
+        method = meanp.MeanP(clip.CLIP(**clip.CONFIGS["ViT-B/32"]), 12, freeze_layer_num=k)  # shapes, no memory
     assert frozen_names(method) == expected_frozen(k)
-    assert sum(p.numel() for p in method.parameters() if p.requires_grad) == trainable
+    assert clip.count_trainable(method) == trainable
 
 
 def test_default_is_clip4clip_zero_and_the_flag_reaches_the_constructor():

@@ -115,8 +115,7 @@ def test_decoder_order_visible_then_mask_tokens():
     mask, seen = m.random_tube_mask(3), {}
     m.decoder.blocks[0].register_forward_hook(first_input(seen, "x"))
     out = m.pretraining_loss(video, None, text, tube_mask=mask)
-    pos = m.decoder_pos_embed.expand(3, -1, -1)
-    x = seen["x"]
+    pos, x = m.decoder_pos_embed.expand(3, -1, -1), seen["x"]
     assert x.shape == (3, 32, 16) and out["mvm"] > 0
     assert torch.allclose(x[:, 4:], m.mask_token + pos[mask].view(3, 28, 16))  # mask tokens last, own slots
     assert not torch.allclose(x[:, :4], pos[~mask].view(3, 4, 16))  # visible: encoder output + position
@@ -156,10 +155,11 @@ def test_vtm_negatives_swap_the_video():
 
 
 def test_finetune_towers_independent_and_loaded_from_pretraining():
-    pre, (video, text) = tiny(seed=1), batch()
-    m = tiny(seed=2, pretraining=False)
+    pre, m, (video, text) = tiny(seed=1), tiny(seed=2, pretraining=False), batch()
     fresh_fc = m.video_encoder.fc_norm.weight.clone()
-    missing, unexpected = m.load_state_dict(pre.state_dict(), strict=False)
+    plain = m.load_state_dict(pre.state_dict(), strict=False)  # load_state_dict itself renames nothing
+    assert set(plain.unexpected_keys) == set(pre.state_dict())
+    missing, unexpected = m.load_state_dict(m.towers_from_pretraining(pre.state_dict()), strict=False)
     assert missing == [] and {k.split(".")[0] for k in unexpected} == {
         "encoder", "decoder", "encoder_to_decoder", "mask_token", "text_cls", "vtm_head"}  # the release's "not used"
     assert [k for k in unexpected if k.startswith("encoder.")] == ["encoder.norm.weight", "encoder.norm.bias"]
@@ -196,6 +196,5 @@ def test_convert_official_and_errors(tmp_path):
         m.pretraining_loss(batch()[0][:1], None, batch()[1][:1])
     assert simvtp.normalize_pixels(torch.full((1, 3, 2, 2), 255, dtype=torch.uint8))[0, :, 0, 0].allclose(
         (1 - torch.tensor(simvtp.IMAGENET_MEAN)) / torch.tensor(simvtp.IMAGENET_STD))
-    video, text = batch()
-    fig = simvtp.visualize(m, video, text, str(tmp_path / "vis.png"))
+    fig = simvtp.visualize(m, *batch(), str(tmp_path / "vis.png"))
     assert (tmp_path / "vis.png").stat().st_size > 0 and fig.shape[1] == 4 * 32 * 4

@@ -82,7 +82,8 @@ def test_pretraining_matches_official(ref):
 def test_finetuning_towers_match_official(ref):
     c, p, f = ref["config"], ref["pretrain"], ref["finetune"]
     m = simvtp.SimVTP(c["frames"], **sizes(c)).train()
-    loaded = m.load_state_dict({k: v.float() for k, v in p["state_dict"].items()}, strict=False)
+    pretrained = {k: v.float() for k, v in p["state_dict"].items()}
+    loaded = m.load_state_dict(m.towers_from_pretraining(pretrained), strict=False)
     assert not loaded.missing_keys  # both towers filled from encoder.* and text_embeddings.*, as the release
     m.load_state_dict({k: v.float() for k, v in f["fc_norm"].items()}, strict=False)  # the official run's fc_norm
     video = p["inputs"]["video"].float().transpose(1, 2)

@@ -4,7 +4,7 @@ Not part of nanoTVR: the project and the tests never import this file (pytest co
 It builds each official module on the CPU at a tiny config, feeds it fixed random inputs and saves, per
 method, one small file tests/fixtures/official_<method>.pt that holds the weights, the inputs, the outputs,
 the loss, the gradients of the trainable tensors and (Cross-Modal Adapter) three optimizer steps. The tests
-(test_clip_load.py, test_ump_official.py, test_dgl_oracle.py, test_adapter.py, test_unipt.py,
+(test_clip_load.py, test_ump_official.py, test_dgl_oracle.py, test_adapter_oracle.py, test_unipt.py,
 test_simvtp_oracle.py) load them with torch.load(path, weights_only=True) and run nanoTVR's modules on the
 same numbers. Every file records
 the official repository, the commit (`git rev-parse HEAD` of the checkout) and the torch version.
