@@ -42,8 +42,8 @@ def test_vitb32_counts_and_frozen_clip():
     expect = dict(linear=827_392, transformer=9_575_168)  # the release's modules instantiated at ViT-B/32
     for latent in LATENTS:
         with torch.device("meta"):
-            m = dgl.DGL(clip.CLIP(512, 224, 12, 768, 32, 77, 49408, 512, 8, 12), num_frames=12, latent=latent)
-        assert dgl.count_trainable(m) == expect[latent]
+            m = dgl.DGL(clip.CLIP(**clip.CONFIGS["ViT-B/32"]), num_frames=12, latent=latent)
+        assert clip.count_trainable(m) == expect[latent]
         assert all(not p.requires_grad for p in m.clip.parameters())  # logit_scale, LNs, projections too
         groups = m.param_groups(0.2)
         assert sum(p.numel() for g in groups for p in g["params"]) == expect[latent]
