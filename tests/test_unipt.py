@@ -44,8 +44,8 @@ def test_shapes_and_taps(model):
 
 def test_vitb32_trainable_count():
     with torch.device("meta"):  # counts only: no memory, no init cost
-        m = unipt.UniPT(clip.CLIP(512, 224, 12, 768, 32, 77, 49408, 512, 8, 12), num_frames=12)
-    count = unipt.count_trainable
+        m = unipt.UniPT(clip.CLIP(**clip.CONFIGS["ViT-B/32"]), num_frames=12)
+    count = clip.count_trainable
     assert (count(m), count(m.image_adapter), count(m.text_adapter)) == (9_584_642, 5_644_289, 3_940_353)
     assert all(not p.requires_grad for p in m.clip.parameters())
     assert not m.logit_scale.requires_grad
