@@ -98,10 +98,8 @@ def test_matches_official_release():
     sits in the last 8 slots, so the text prompts reach the loss too."""
     ref = torch.load(os.path.join(os.path.dirname(__file__), "fixtures", "official_ump.pt"), weights_only=True)
     c = ref["config"]
-    keys = ("embed_dim", "image_resolution", "vision_layers", "vision_width", "vision_patch_size",
-            "context_length", "vocab_size", "transformer_width", "transformer_heads", "transformer_layers")
     Lt, Lv = c["transformer_layers"], c["vision_layers"]
-    model = UMPRelease(clip.CLIP(**{k: c[k] for k in keys}), c["num_frames"], d_ff=c["d_ff"]).eval()
+    model = UMPRelease(clip.CLIP(**{k: c[k] for k in clip.CONFIGS["tiny"]}), c["num_frames"], d_ff=c["d_ff"]).eval()
     model.load_state_dict(from_official(ref["state_dict"], Lt, Lv), strict=True)
     text, video, out = ref["inputs"]["text"], ref["inputs"]["video"].float(), ref["outputs"]
     mask = torch.ones(video.shape[:2], dtype=torch.bool)

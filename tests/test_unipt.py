@@ -184,9 +184,7 @@ def test_end_to_end_matches_official():
     (meanP, logit_scale ln 100): embeddings, frame embeddings, pooled video, logits, training loss, gradients."""
     e = torch.load(REF, weights_only=True)["e2e"]
     c, i, out = e["config"], e["inputs"], e["outputs"]
-    keys = ("embed_dim", "image_resolution", "vision_layers", "vision_width", "vision_patch_size", "context_length",
-            "vocab_size", "transformer_width", "transformer_heads", "transformer_layers")
-    m = unipt.UniPT(clip.CLIP(**{k: c[k] for k in keys}), num_frames=c["num_frames"])
+    m = unipt.UniPT(clip.CLIP(**{k: c[k] for k in clip.CONFIGS["tiny"]}), num_frames=c["num_frames"])  # its shapes
     m.load_state_dict({k: v.float() for k, v in e["state_dict"].items()}, strict=True)  # official names
     video, mask = i["video"].float(), i["video_mask"].bool()
     t, frames, v = m.encode_text(i["text"]), m.encode_frames(video), m.encode_video(video, mask)
