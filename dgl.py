@@ -46,6 +46,8 @@ Deliberate deviations:
      which params.py does not define; the values equal the defaults) are not reproduced. Its recall
      (utils/metrics.py, CLIP4Clip's compute_metrics: a k-way tie with the ground truth counts k times) is,
      by retrieval.py.
+The release's checkpoints load with `load_official_state_dict(model, state_dict)`, in the last section
+("Reproducing the release").
 
 Usage:
     model = DGL(clip.load("ViT-B/32"), num_frames=12, latent="transformer")
@@ -144,7 +146,7 @@ class SharedLatentSpace(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Global-local video attention mask
+# Global-local video attention: the definition as a mask, then the two-call form the model runs
 
 
 def global_local_mask(n_g, T, S, video_mask=None):
@@ -177,7 +179,8 @@ def global_local_attention(attn, h, n_g, T, keep=None):
     """attn(h, global_local_mask(...)) without the mask, as two SDPA calls (deviation 2): the global prompts
     query every token (keep: global_key_mask); the tokens of all B*T frames, batched, query [global prompts;
     own frame]. The masked call spends T times the attention FLOPs on pairs the mask then drops.
-    h = ln_1(x) [B, n_g + T*S, W]."""
+    h = ln_1(x) [B, n_g + T*S, W]. The plain form is attn(h, global_local_mask(n_g, T, S, video_mask));
+    tests/test_dgl.py::test_two_call_attention_equals_one_call_under_the_mask pins the two equal."""
     B, N, W = h.shape
     S, H = (N - n_g) // T, attn.heads
     qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias)  # [B, N, 3W]
@@ -280,28 +283,9 @@ class DGL(nn.Module):
         return [dict(params=[p for n, p in named if "bias" not in n], weight_decay=weight_decay),
                 dict(params=[p for n, p in named if "bias" in n], weight_decay=0.0)]
 
-    def load_official_state_dict(self, state_dict):
-        """Load a knightyxp/DGL state dict (CLIP4Clip's `clip.`/`module.` prefixes optional): release
-        names are mapped to this file's; the frozen CLIP tensors keep OpenAI's names."""
-        mapped = {}
-        for k, v in state_dict.items():
-            for prefix in ("module.", "clip."):
-                k = k[len(prefix):] if k.startswith(prefix) else k
-            if k == "visual.position_ids":  # an unused buffer of the release's CLIP
-                continue
-            for old, new in OFFICIAL_NAMES.items():
-                if k.startswith(old):
-                    k = new + k[len(old):]
-                    break
-            else:
-                k = "clip." + k
-            mapped[k] = v
-        missing, unexpected = self.load_state_dict(mapped, strict=False)
-        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
-        if unexpected or trainable & set(missing):
-            raise ValueError(f"official state dict does not fit: unexpected {unexpected}, missing trainable "
-                             f"{sorted(trainable & set(missing))}")
-        return missing
+
+# ---- Reproducing the release ------------------------------------------------------------------------
+# knightyxp/DGL's checkpoints: its parameter names, mapped to this file's
 
 
 OFFICIAL_NAMES = {  # release name -> name here
@@ -315,8 +299,28 @@ OFFICIAL_NAMES = {  # release name -> name here
 }
 
 
-def count_trainable(module):
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+def load_official_state_dict(model, state_dict):
+    """Load a knightyxp/DGL state dict into a DGL model (CLIP4Clip's `clip.`/`module.` prefixes optional):
+    release names are mapped to this file's; the frozen CLIP tensors keep OpenAI's names. -> missing keys."""
+    mapped = {}
+    for k, v in state_dict.items():
+        for prefix in ("module.", "clip."):
+            k = k[len(prefix):] if k.startswith(prefix) else k
+        if k == "visual.position_ids":  # an unused buffer of the release's CLIP
+            continue
+        for old, new in OFFICIAL_NAMES.items():
+            if k.startswith(old):
+                k = new + k[len(old):]
+                break
+        else:
+            k = "clip." + k
+        mapped[k] = v
+    missing, unexpected = model.load_state_dict(mapped, strict=False)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if unexpected or trainable & set(missing):
+        raise ValueError(f"official state dict does not fit: unexpected {unexpected}, missing trainable "
+                         f"{sorted(trainable & set(missing))}")
+    return missing
 
 
 if __name__ == "__main__":
@@ -324,13 +328,13 @@ if __name__ == "__main__":
     ids = clip.tokenize(["a red circle moves to the left", "a blue square grows"], context_length=12)
     video, mask = torch.randn(2, 3, 3, 32, 32), torch.tensor([[True, True, True], [True, True, False]])
     for latent in ("linear", "transformer"):
-        model = DGL(clip.CLIP(32, 32, 2, 64, 8, 77, 49408, 64, 1, 2), num_frames=3, latent=latent)  # TINY
+        model = DGL(clip.CLIP(**clip.CONFIGS["tiny"]), num_frames=3, latent=latent)
         t, v = model.encode_text(ids), model.encode_video(video, mask)
-        print(f"tiny {latent}: text {tuple(t.shape)} video {tuple(v.shape)} trainable {count_trainable(model):,}")
+        print(f"tiny {latent}: text {tuple(t.shape)} video {tuple(v.shape)} trainable {clip.count_trainable(model):,}")
     for latent in ("linear", "transformer"):
         with torch.device("meta"):  # counts only
-            b32 = DGL(clip.CLIP(512, 224, 12, 768, 32, 77, 49408, 512, 8, 12), num_frames=12, latent=latent)
+            b32 = DGL(clip.CLIP(**clip.CONFIGS["ViT-B/32"]), num_frames=12, latent=latent)
         frozen = sum(p.numel() for p in b32.clip.parameters())
-        n = count_trainable(b32)
+        n = clip.count_trainable(b32)
         print(f"ViT-B/32 {latent} (12 frames): trainable {n:,} = {100 * n / frozen:.3f} % of the frozen CLIP "
               f"({frozen:,})")

@@ -40,18 +40,18 @@ Deliberate deviations and our decisions:
      `clip_baseline` + avg, as the figure); not the release's default X-Pool head (1.32M, query-dependent).
   8. Trainable parameters, ViT-B/32: 3,989,248 (2.64% of CLIP). The paper reports 1.2M; no released
      configuration of an input-conditioned generator reaches that (the release's linear-generator reading
-     has 0.98M but static prompts; its exact-code mode trains 5.59M).
+     has 0.98M but static prompts; its exact forward pass, UMPRelease, trains 5.59M).
   9. Recipe: words=32 (release: 77); train.py reports the last epoch, the release picks the best 5-eval
      window on the test split.
-Exact-code mode (`official_code=True`) reproduces the release's forward pass instead: separate
-G_t (width 512) and G_v (768), each applied to its seeds alone and broadcast; video prompts appended at
-50..57 and dropped after each block; text prompts replacing the last 8 of L slots (so EOT never sees them
-unless it sits in those slots, where the caption's end is lost, as in the release at L = 77); no STS; mean
-pooling. K_d, upg_condition and shared_upg are ignored there. One difference stays: in training the
-release's dropout draws a different mask per sample, ours one per layer (eval: identical).
+`UMPRelease` (after "Reproducing the release" below) is the release's forward pass instead: separate G_t
+(width 512) and G_v (768), each applied to its seeds alone and broadcast; video prompts appended at 50..57
+and dropped after each block; text zero-padded to CLIP's 77 slots as the release tokenises, the prompts
+replacing the last 8 (EOT sees them only when it sits there, where the caption's end is lost); no STS; mean
+pooling. One difference stays: in training the release's dropout draws a different mask per sample, ours
+one per layer (eval: identical).
 
 Usage:
-    model = UMP(clip.load("ViT-B/32"), num_frames=12)               # K_d=0: w/o STS; official_code=True
+    model = UMP(clip.load("ViT-B/32"), num_frames=12)     # K_d=0: w/o STS; UMPRelease(...): the release
     t, v = model.encode_text(ids), model.encode_video(frames, frame_mask)      # [B, 512], [B, 512]
     logits = model.logit_scale.exp() * F.normalize(t, dim=-1) @ F.normalize(v, dim=-1).T
 """
@@ -78,7 +78,6 @@ RECIPE = dict(
     upg_condition=True,   # False: G sees its seeds only (the paper's "w/o V in UPG" ablation, ump_vis.pdf)
     d_ff=2048,            # G's FFN width: nn.TransformerEncoderLayer's default, which the release keeps
     shared_upg=True,      # Fig. 3 "unified" prompts: one G and one seed set for both towers (ours: width 512)
-    official_code=False,  # True: the release's forward pass, for comparison with the official code
 )
 
 DATASET_RECIPES = dict(
@@ -104,8 +103,8 @@ def prompt_generator(width, d_ff=2048):
 
 
 def generate_prompts(G, seeds, tokens=None, pad=None):
-    """UPG: seeds S [Np, D], own-tower tokens U [N, n, D] (or None: seeds only), pad [N, n] bool (True =
-    padding, hidden from G) -> prompts [N, Np, D] (or [1, Np, D] without tokens)."""
+    """UPG (Fig. 3a): seeds S [Np, D], own-tower tokens U [N, n, D] (or None: seeds only), pad [N, n] bool
+    (True = padding, hidden from G) -> prompts [N, Np, D] (or [1, Np, D] without tokens)."""
     Np = seeds.shape[0]
     if tokens is None:
         return G(seeds.unsqueeze(0))  # [1, Np, D]
@@ -113,7 +112,9 @@ def generate_prompts(G, seeds, tokens=None, pad=None):
     x = torch.cat([tokens, seeds.to(tokens.dtype).expand(N, -1, -1)], dim=1)  # [N, n+Np, D]
     if pad is not None:
         pad = torch.cat([pad, pad.new_zeros(N, Np)], dim=1)  # [N, n+Np], the seeds are never padding
-    return encoder_layer_last_rows(G, x, pad, Np)  # = G(x, src_key_padding_mask=pad)[:, -Np:]
+    # Plain form: G(x, src_key_padding_mask=pad)[:, -Np:]. The fast form below computes the seed rows only;
+    # tests/test_ump.py::test_generator_seed_rows_equal_the_full_encoder_layer pins the two equal.
+    return encoder_layer_last_rows(G, x, pad, Np)  # [N, Np, D]
 
 
 def encoder_layer_last_rows(G, x, pad, k):
@@ -134,12 +135,6 @@ def encoder_layer_last_rows(G, x, pad, k):
     a = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, dropout_p=attn.dropout if G.training else 0.0)
     y = G.norm1(x[:, -k:] + G.dropout1(attn.out_proj(a.transpose(1, 2).flatten(2))))  # [N, k, D]
     return G.norm2(y + G.dropout2(G.linear2(G.dropout(G.activation(G.linear1(y))))))  # [N, k, D]
-
-
-def official_prompts(G, seeds):
-    """The release's "linear" branch: a seq-first layer fed batch-first attends across samples that all hold
-    the same seed, which equals G applied to each seed token alone. [Np, D] -> [1, Np, D]."""
-    return G(seeds.unsqueeze(1)).transpose(0, 1)  # [Np, 1, D]: Np sequences of length 1 -> [1, Np, D]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -167,7 +162,7 @@ def spatial_temporal_shift(z, video_mask, n_tokens):
 
 
 # ----------------------------------------------------------------------------------------------------
-# UMP
+# UMP (Fig. 3): frozen CLIP, UPG before every layer of both towers, STS in the last K_d video layers
 
 
 class UMP(nn.Module):
@@ -177,20 +172,19 @@ class UMP(nn.Module):
     similarity = None  # the loop's cosine of the pooled embeddings x logit_scale
 
     def __init__(self, clip_model, num_frames, *, K_d=6, n_prompts=8, upg_condition=True, shared_upg=True,
-                 d_ff=2048, official_code=False):
+                 d_ff=2048):
         super().__init__()
         self.clip, self.num_frames = clip_model, num_frames
         for p in self.clip.parameters():
             p.requires_grad_(False)  # frozen backbone (Fig. 3); logit_scale too (release: 100, never trained)
         Lv, Lt = len(self.clip.visual.transformer.resblocks), len(self.clip.transformer.resblocks)
         Dv, Dt = self.clip.visual.transformer.width, self.clip.transformer.width
-        if not official_code and not 0 <= K_d <= Lv:
+        if not 0 <= K_d <= Lv:
             raise ValueError(f"K_d={K_d}: STS runs in the last K_d of the {Lv} video layers, so 0 <= K_d <= {Lv}")
         if n_prompts < 1:
             raise ValueError(f"n_prompts={n_prompts}: UMP needs at least one prompt per layer")
-        self.K_d, self.n_prompts, self.upg_condition = K_d, n_prompts, upg_condition
-        self.official_code, self.shared_upg = official_code, shared_upg and not official_code
-        if self.shared_upg:  # deviation 3: G, S_l [Np, Dt] for both towers; the video tower goes through 512
+        self.K_d, self.n_prompts, self.upg_condition, self.shared_upg = K_d, n_prompts, upg_condition, shared_upg
+        if shared_upg:  # deviation 3: G, S_l [Np, Dt] for both towers; the video tower goes through 512
             self.upg = prompt_generator(Dt, d_ff)
             self.prompts = nn.Parameter(torch.randn(max(Lt, Lv), n_prompts, Dt))  # [L, Np, Dt], N(0, 1) as randn
             self.video_in, self.video_out = nn.Linear(Dv, Dt), nn.Linear(Dt, Dv)
@@ -211,43 +205,35 @@ class UMP(nn.Module):
     # ------------------------------------------------------------------------------------------------
     # Text tower (Fig. 3, top)
 
+    def text_prompts(self, w, block, l, pad):
+        """UPG for the text tower: words w [N, L, Dt], pad [N, L] -> layer l's prompts [N, Np, Dt]."""
+        U = block.ln_1(w) if self.upg_condition else None  # deviation 4: G reads the normalised stream
+        return generate_prompts(self.upg, self.prompts[l], U, pad).expand(w.shape[0], -1, -1)
+
+    def text_layer(self, block, w, P):
+        """One text block with the prompts P [N, Np, Dt] after SOT (deviation 5): w [N, L, Dt] -> [N, L, Dt]."""
+        x = torch.cat([w[:, :1], P, w[:, 1:]], dim=1)  # [N, L+Np, Dt]: SOT, prompts, words
+        x = block(x, is_causal=True)
+        return torch.cat([x[:, :1], x[:, 1 + P.shape[1]:]], dim=1)  # [N, L, Dt]: this layer's prompts discarded
+
     def encode_text(self, text):
         """Token ids [N, L] (SOT first, EOT = largest id) -> [N, E] at EOT."""
         if text.dim() != 2:
             raise ValueError(f"encode_text expects token ids [N, L], got shape {tuple(text.shape)}")
         N, L = text.shape
-        Np, rows = self.n_prompts, torch.arange(N, device=text.device)
         eot = text.argmax(dim=-1)  # EOT has the largest id; argmax returns the first one
-        w = self.clip.embed_text(text)  # [N, L, Dt]: words with positions 0..L-1
-        if self.official_code:
-            return self._official_text(w, eot)
         pad = torch.arange(L, device=text.device)[None] > eot[:, None]  # [N, L], True after EOT
+        w = self.clip.embed_text(text)  # [N, L, Dt]: words with positions 0..L-1
         for l, block in enumerate(self.clip.transformer.resblocks):
-            U = block.ln_1(w) if self.upg_condition else None  # deviation 4: G reads the normalised stream
-            P = generate_prompts(self.upg, self.prompts[l], U, pad).expand(N, -1, -1)  # [N, Np, Dt]
-            x = torch.cat([w[:, :1], P, w[:, 1:]], dim=1)  # [N, L+Np, Dt]: SOT, prompts, words (deviation 5)
-            x = block(x, is_causal=True)
-            w = torch.cat([x[:, :1], x[:, 1 + Np:]], dim=1)  # [N, L, Dt]: this layer's prompts are discarded
-        return self.clip.text_head(w[rows, eot])  # = ln_final(x)[eot + Np] @ text_projection
-
-    def _official_text(self, w, eot):
-        """The release: prompts replace the last Np slots before every layer (after EOT, causal mask)."""
-        N, L, _ = w.shape
-        if L <= self.n_prompts:
-            raise ValueError(f"official_code: {L} text tokens leave no room for {self.n_prompts} tail prompts")
-        for l, block in enumerate(self.clip.transformer.resblocks):
-            P = official_prompts(self.upg, self.prompts[l]).expand(N, -1, -1)  # [N, Np, Dt], static
-            x = torch.cat([w[:, :L - self.n_prompts], P], dim=1)  # [N, L, Dt]
-            w = block(x, is_causal=True)
-        return self.clip.text_head(w[torch.arange(N, device=w.device), eot])
+            w = self.text_layer(block, w, self.text_prompts(w, block, l, pad))
+        return self.clip.text_head(w[torch.arange(N, device=text.device), eot])  # = ln_final(x)[eot + Np] @ proj
 
     # ------------------------------------------------------------------------------------------------
     # Video tower (Fig. 3, bottom): UPG before every layer, UPG + STS in the last K_d layers
 
-    def _video_prompts(self, x, block, l):
-        """Frame tokens x [BT, n, Dv] -> this layer's prompts [BT, Np, Dv]."""
-        if self.official_code:
-            return official_prompts(self.upg_video, self.prompts_video[l]).expand(x.shape[0], -1, -1)
+    def video_prompts(self, x, block, l):
+        """UPG for the video tower: frame tokens x [BT, n, Dv] -> layer l's prompts [BT, Np, Dv], each frame's
+        from its own tokens."""
         U = block.ln_1(x) if self.upg_condition else None  # [BT, n, Dv]
         if not self.shared_upg:
             return generate_prompts(self.upg_video, self.prompts_video[l], U).expand(x.shape[0], -1, -1)
@@ -261,9 +247,8 @@ class UMP(nn.Module):
         n = x.shape[1]
         blocks = self.clip.visual.transformer.resblocks
         for l, block in enumerate(blocks):
-            z = torch.cat([x, self._video_prompts(x, block, l)], dim=1)  # [BT, n+Np, Dv], prompts at n..n+Np-1
-            shift = not self.official_code and l >= len(blocks) - self.K_d and T > 1
-            if shift:  # deviation 6: residual STS, the attention reads shifted tokens
+            z = torch.cat([x, self.video_prompts(x, block, l)], dim=1)  # [BT, n+Np, Dv], prompts at n..n+Np-1
+            if l >= len(blocks) - self.K_d and T > 1:  # deviation 6: residual STS, the attention reads shifted tokens
                 zs = spatial_temporal_shift(z.view(B, T, n + self.n_prompts, -1), video_mask, n)
                 z = z + block.attention(zs.flatten(0, 1))  # [BT, n+Np, Dv]
             else:
@@ -283,20 +268,61 @@ class UMP(nn.Module):
         return (frames * m).sum(1) / m.sum(1).clamp(min=1)
 
 
+# ---- Reproducing the release ------------------------------------------------------------------------
+# zchoi/UMP_TVR's forward pass, for comparison with the official code (docstring, last paragraph)
+
+
+def official_prompts(G, seeds):
+    """The release's "linear" branch: a seq-first layer fed batch-first attends across samples that all hold
+    the same seed, which equals G applied to each seed token alone. [Np, D] -> [1, Np, D]."""
+    return G(seeds.unsqueeze(1)).transpose(0, 1)  # [Np, 1, D]: Np sequences of length 1 -> [1, Np, D]
+
+
+class UMPRelease(UMP):
+    """The release: one G and seed set per tower, static prompts, text prompts in the last Np of CLIP's
+    context slots, no STS (K_d = 0). K_d, upg_condition and shared_upg are accepted, so that RECIPE fits,
+    and ignored: the release has none of them."""
+
+    def __init__(self, clip_model, num_frames, *, n_prompts=8, d_ff=2048, K_d=None, upg_condition=None,
+                 shared_upg=None):
+        if clip_model.context_length <= n_prompts:
+            raise ValueError(f"UMPRelease: a context of {clip_model.context_length} text slots leaves no room "
+                             f"for {n_prompts} tail prompts")
+        super().__init__(clip_model, num_frames, K_d=0, n_prompts=n_prompts, upg_condition=False,
+                         shared_upg=False, d_ff=d_ff)
+
+    def text_prompts(self, w, block, l, pad):
+        return official_prompts(self.upg, self.prompts[l]).expand(w.shape[0], -1, -1)  # [N, Np, Dt], static
+
+    def text_layer(self, block, w, P):
+        """The prompts replace the last Np slots (after EOT, behind the causal mask) and stay there."""
+        return block(torch.cat([w[:, :-P.shape[1]], P], dim=1), is_causal=True)  # [N, L, Dt]
+
+    def video_prompts(self, x, block, l):
+        return official_prompts(self.upg_video, self.prompts_video[l]).expand(x.shape[0], -1, -1)  # static
+
+    def encode_text(self, text):
+        """The release tokenises to CLIP's context length (77) and its prompts replace the last 8 of those
+        slots: shorter ids are zero-padded to it, which makes the output equal the release's for any L."""
+        if text.dim() == 2 and text.shape[1] < self.clip.context_length:
+            text = F.pad(text, (0, self.clip.context_length - text.shape[1]))  # [N, 77]: zeros, as the release
+        return super().encode_text(text)
+
+
 if __name__ == "__main__":
     torch.manual_seed(0)
-    tiny = clip.CLIP(32, 32, 2, 64, 8, 77, 49408, 64, 1, 2)
-    model = UMP(tiny, 4, K_d=1).eval()
+    model = UMP(clip.CLIP(**clip.CONFIGS["tiny"]), 4, K_d=1).eval()
     ids = clip.tokenize(["a red square moves left", "a blue circle grows"], context_length=16)
     video, mask = torch.randn(2, 4, 3, 32, 32), torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.bool)
     with torch.no_grad():
         print("tiny: text", tuple(model.encode_text(ids).shape), "video", tuple(model.encode_video(video, mask).shape))
     with torch.device("meta"):  # ViT-B/32 shapes without weights
-        vitb32 = clip.CLIP(512, 224, 12, 768, 32, 77, 49408, 512, 8, 12)
-        for kw in (dict(), dict(shared_upg=False), dict(official_code=True)):
-            m = UMP(vitb32, 12, **kw)
-            n = sum(p.numel() for p in m.parameters() if p.requires_grad)
-            frozen = sum(p.numel() for p in vitb32.parameters())
-            print(f"ViT-B/32 UMP{kw or ' (default)'}: trainable {n:,} ({100 * n / frozen:.2f}% of CLIP {frozen:,})")
-        video = sum(p.numel() for p in [*m.upg_video.parameters(), m.prompts_video])
-        print(f"  official_code: {video:,} of them are video (G_v + seeds); the text part gets no gradient")
+        vitb32 = clip.CLIP(**clip.CONFIGS["ViT-B/32"])
+        frozen = sum(p.numel() for p in vitb32.parameters())
+        for name, m in [("UMP (default)", UMP(vitb32, 12)), ("UMPRelease", UMPRelease(vitb32, 12)),
+                        ("UMP(shared_upg=False)", UMP(vitb32, 12, shared_upg=False))]:
+            n = clip.count_trainable(m)
+            print(f"ViT-B/32 {name}: trainable {n:,} ({100 * n / frozen:.2f}% of CLIP {frozen:,})")
+            if isinstance(m, UMPRelease):
+                video = sum(p.numel() for p in [*m.upg_video.parameters(), m.prompts_video])
+                print(f"  {video:,} of them are video (G_v + seeds); the text part gets no gradient")

@@ -121,7 +121,9 @@ class ParallelSideNetwork(nn.Module):
                 raise ValueError(f"got {taps.shape[0]} taps, the side network was built for {len(self.downsample_layers)}")
             # step 1: q = W_a ReLU(a) + b_a
             q = self.downsample_layer(anchor)  # [N, M]
-            # step 2: X_l = W_l ReLU(h_l) + b_l, all l in one batched matmul (the release loops over l)
+            # step 2: X_l = W_l ReLU(h_l) + b_l, all l in one batched matmul. Plain form, the release's loop:
+            # torch.stack([phi(h) for phi, h in zip(self.downsample_layers, taps)]); the oracle test
+            # tests/test_unipt.py::test_side_network_matches_official pins this form to the release's
             W = torch.stack([p[1].weight for p in self.downsample_layers])  # [L+1, M, H]
             b = torch.stack([p[1].bias for p in self.downsample_layers])  # [L+1, M]
             L1, N, S, H = taps.shape
@@ -203,18 +205,15 @@ class UniPT(nn.Module):
                 dict(params=[p for p in params if p.dim() <= 1], weight_decay=0.0)]
 
 
-def count_trainable(module):
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
-
-
 if __name__ == "__main__":
     torch.manual_seed(0)
-    tiny = clip.CLIP(32, 32, 2, 64, 8, 77, 49408, 64, 1, 2)  # tests/conftest.py TINY
-    model = UniPT(tiny, num_frames=3)
+    model = UniPT(clip.CLIP(**clip.CONFIGS["tiny"]), num_frames=3)
     ids = clip.tokenize(["a red circle moves to the left", "a blue square grows!"], context_length=12)
     video, mask = torch.randn(2, 3, 3, 32, 32), torch.tensor([[True, True, True], [True, True, False]])
     t, v = model.encode_text(ids), model.encode_video(video, mask)
-    print(f"tiny: text {tuple(t.shape)} video {tuple(v.shape)} trainable {count_trainable(model):,}")
-    b32 = UniPT(clip.CLIP(512, 224, 12, 768, 32, 77, 49408, 512, 8, 12), num_frames=12)
-    print(f"ViT-B/32: trainable {count_trainable(b32):,} (video {count_trainable(b32.image_adapter):,}, "
-          f"text {count_trainable(b32.text_adapter):,}), frozen CLIP {sum(p.numel() for p in b32.clip.parameters()):,}")
+    count = clip.count_trainable
+    print(f"tiny: text {tuple(t.shape)} video {tuple(v.shape)} trainable {count(model):,}")
+    with torch.device("meta"):  # ViT-B/32 shapes without weights
+        b32 = UniPT(clip.CLIP(**clip.CONFIGS["ViT-B/32"]), num_frames=12)
+    print(f"ViT-B/32: trainable {count(b32):,} (video {count(b32.image_adapter):,}, "
+          f"text {count(b32.text_adapter):,}), frozen CLIP {sum(p.numel() for p in b32.clip.parameters()):,}")

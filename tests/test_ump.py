@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 import clip
 from conftest import make_tiny_clip
-from ump import RECIPE, UMP, encoder_layer_last_rows, prompt_generator, spatial_temporal_shift
+from ump import RECIPE, UMP, UMPRelease, encoder_layer_last_rows, prompt_generator, spatial_temporal_shift
 
 T, R = 4, 32  # frames, TINY resolution (16 patches + CLS = 17 tokens)
 
@@ -27,23 +27,19 @@ def inputs(n=3, seed=0):
     return ids, video, mask
 
 
-def trainable(model):
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
 def test_clip_frozen_and_trainable_set():
     model = make_ump()
     assert all(not p.requires_grad for p in model.clip.parameters())
     assert not model.logit_scale.requires_grad
-    assert {n.split(".")[0] for n in trainable(model)} == {"upg", "prompts", "video_in", "video_out"}
+    names = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert names == {"upg", "prompts", "video_in", "video_out"}
     assert model.prompts.shape == (2, 8, 64)  # S_l [Np, Dt] per layer, shared by both towers
 
 
 @pytest.mark.parametrize("kw, count", [({}, 3_989_248), ({"shared_upg": False}, 8_789_248)])
 def test_vitb32_trainable_count(kw, count):
     with torch.device("meta"):  # ViT-B/32 shapes without weights
-        model = UMP(clip.CLIP(512, 224, 12, 768, 32, 77, 49408, 512, 8, 12), 12, **kw)
-    assert sum(p.numel() for p in trainable(model).values()) == count
+        assert clip.count_trainable(UMP(clip.CLIP(**clip.CONFIGS["ViT-B/32"]), 12, **kw)) == count
 
 
 def test_towers_independent_sample_alone_equals_batch():
@@ -93,8 +89,8 @@ def test_prompts_follow_own_tokens_only_when_conditioned():
         block = model.clip.visual.transformer.resblocks[0]
         x = torch.randn(2, 17, 64)
         with torch.no_grad():
-            p = model._video_prompts(x, block, 0)  # [2, Np, Dv]
-            p_other = model._video_prompts(x.flip(0), block, 0)
+            p = model.video_prompts(x, block, 0)  # [2, Np, Dv]
+            p_other = model.video_prompts(x.flip(0), block, 0)
         assert p.shape == (2, 8, 64)
         assert ((p - p_other.flip(0)).abs().max() < 1e-5)  # a sample's prompts depend on its own tokens only
         assert ((p[0] - p[1]).abs().max() > 1e-3) == cond  # ... and change with them when conditioned
@@ -185,8 +181,8 @@ def test_gradients_reach_every_trainable_tensor(kw):
     logits = model.logit_scale.exp() * t @ v.T
     labels = torch.arange(3)
     (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)).backward()
-    for name, p in trainable(model).items():
-        assert p.grad is not None and p.grad.abs().max() > 0, name
+    for name, p in model.named_parameters():
+        assert not p.requires_grad or (p.grad is not None and p.grad.abs().max() > 0), name
     assert all(p.grad is None for p in model.clip.parameters())
 
 
@@ -194,8 +190,9 @@ def test_recipe_keys_are_constructor_kwargs_and_bad_input():
     standard = {"lr", "clip_lr", "epochs", "batch_size", "frames", "words", "weight_decay", "warmup",
                 "grad_clip", "betas", "eps"}
     extra = {k: v for k, v in RECIPE.items() if k not in standard}
-    assert {"K_d", "n_prompts", "official_code"} <= set(extra)
-    UMP(make_tiny_clip(), T, **{**extra, "K_d": 1})
+    assert {"K_d", "n_prompts", "upg_condition", "shared_upg", "d_ff"} <= set(extra)
+    for cls in (UMP, UMPRelease):  # the release's class takes the same flags
+        cls(make_tiny_clip(), T, **{**extra, "K_d": 1})
     model = make_ump()
     with pytest.raises(ValueError, match="video_mask"):
         model.encode_video(torch.randn(2, T, 3, R, R), torch.ones(2, T + 1, dtype=torch.bool))

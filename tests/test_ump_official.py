@@ -1,19 +1,20 @@
-"""UMP's exact-code mode (official_code=True): the release's forward pass, and the oracle."""
+"""UMPRelease: the release's forward pass (ump.py, "Reproducing the release"), and the oracle."""
 import os
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 import clip
 from conftest import make_tiny_clip
-from ump import UMP, official_prompts
 from equivalence import FORWARD, GRADIENT, assert_close32, gradient_floor
+from ump import UMPRelease, official_prompts
 
 T, R = 4, 32
 
 
-def make_official(seed=0):
-    model = UMP(make_tiny_clip(seed), T, official_code=True)
+def make_official(seed=0, **clip_overrides):
+    model = UMPRelease(make_tiny_clip(seed, **clip_overrides), T)
     torch.manual_seed(seed + 1)
     for p in model.parameters():
         if p.requires_grad:
@@ -27,19 +28,24 @@ def test_layout_and_vitb32_count():
     assert names == {"upg", "prompts", "upg_video", "prompts_video"}  # one G and seed set per tower
     assert model.prompts.shape == (2, 8, 64) and model.prompts_video.shape == (2, 8, 64)
     with torch.device("meta"):
-        big = UMP(clip.CLIP(512, 224, 12, 768, 32, 77, 49408, 512, 8, 12), 12, official_code=True)
+        big = UMPRelease(clip.CLIP(**clip.CONFIGS["ViT-B/32"]), 12)
     video_part = sum(p.numel() for n, p in big.named_parameters() if n.split(".")[0] in ("upg_video", "prompts_video"))
     assert video_part == 5_587_712  # the release's count: TEL768 + video seeds; the text part is inert
-    assert sum(p.numel() for p in big.parameters() if p.requires_grad) == 5_587_712 + 3_152_384 + 49_152
+    assert clip.count_trainable(big) == 5_587_712 + 3_152_384 + 49_152
 
 
 def test_text_is_frozen_clip_unless_eot_in_the_tail():
-    model = make_official()
+    model = make_official(context_length=16)  # a 16-slot CLIP: the prompts take slots 8..15
     short = clip.tokenize(["a red square moves left", "green"], context_length=16)  # EOT < 16 - 8
     long = clip.tokenize(["a red square moves left then right and up and down"], context_length=16)  # EOT >= 8
     with torch.no_grad():
         assert torch.equal(model.encode_text(short), model.clip.encode_text(short))
         assert (model.encode_text(long) - model.clip.encode_text(long)).abs().max() > 1e-3  # the release's bug
+        wide = make_official()  # CLIP's 77 slots: 16-token ids are zero-padded to 77, as the release tokenises
+        assert torch.equal(wide.encode_text(long), wide.encode_text(F.pad(long, (0, 77 - 16))))
+        assert torch.equal(wide.encode_text(long), wide.clip.encode_text(long))  # EOT 12 < 77 - 8
+    with pytest.raises(ValueError, match="no room for 8 tail prompts"):
+        make_official(context_length=8)
     model.train()
     F.normalize(model.encode_text(short), dim=-1).sum().backward()
     assert model.prompts.grad.abs().max() == 0  # EOT never sees the text prompts (the release's tail slots)
@@ -58,8 +64,8 @@ def test_video_prompts_static_and_shapes():
     h.remove()
     assert seen[0].shape == (2 * T, 17 + 8, 64) and frames.shape == (2, T, 32)
     with torch.no_grad():  # the release's prompts ignore the frames: G applied to each seed token alone
-        P = model._video_prompts(torch.randn(3, 17, 64), block, 0)
-        P_other = model._video_prompts(torch.randn(3, 17, 64), block, 0)
+        P = model.video_prompts(torch.randn(3, 17, 64), block, 0)
+        P_other = model.video_prompts(torch.randn(3, 17, 64), block, 0)
         P_tokenwise = torch.stack([model.upg_video(s.view(1, 1, -1))[0, 0] for s in model.prompts_video[0]])
     assert torch.equal(P, P_other) and torch.allclose(P[1], P_tokenwise, atol=1e-6)
     assert torch.allclose(alone[0, 0], frames[0, 0], atol=1e-5)
@@ -93,10 +99,8 @@ def test_matches_official_release():
     sits in the last 8 slots, so the text prompts reach the loss too."""
     ref = torch.load(os.path.join(os.path.dirname(__file__), "fixtures", "official_ump.pt"), weights_only=True)
     c = ref["config"]
-    keys = ("embed_dim", "image_resolution", "vision_layers", "vision_width", "vision_patch_size",
-            "context_length", "vocab_size", "transformer_width", "transformer_heads", "transformer_layers")
     Lt, Lv = c["transformer_layers"], c["vision_layers"]
-    model = UMP(clip.CLIP(**{k: c[k] for k in keys}), c["num_frames"], official_code=True, d_ff=c["d_ff"]).eval()
+    model = UMPRelease(clip.CLIP(**{k: c[k] for k in clip.CONFIGS["tiny"]}), c["num_frames"], d_ff=c["d_ff"]).eval()
     model.load_state_dict(from_official(ref["state_dict"], Lt, Lv), strict=True)
     text, video, out = ref["inputs"]["text"], ref["inputs"]["video"].float(), ref["outputs"]
     mask = torch.ones(video.shape[:2], dtype=torch.bool)

@@ -45,8 +45,8 @@ def test_shapes_and_taps(model):
 
 def test_vitb32_trainable_count():
     with torch.device("meta"):  # counts only: no memory, no init cost
-        m = unipt.UniPT(clip.CLIP(512, 224, 12, 768, 32, 77, 49408, 512, 8, 12), num_frames=12)
-    count = unipt.count_trainable
+        m = unipt.UniPT(clip.CLIP(**clip.CONFIGS["ViT-B/32"]), num_frames=12)
+    count = clip.count_trainable
     assert (count(m), count(m.image_adapter), count(m.text_adapter)) == (9_584_642, 5_644_289, 3_940_353)
     assert all(not p.requires_grad for p in m.clip.parameters())
     assert not m.logit_scale.requires_grad
@@ -185,9 +185,7 @@ def test_end_to_end_matches_official():
     (meanP, logit_scale ln 100): embeddings, frame embeddings, pooled video, logits, training loss, gradients."""
     e = torch.load(REF, weights_only=True)["e2e"]
     c, i, out = e["config"], e["inputs"], e["outputs"]
-    keys = ("embed_dim", "image_resolution", "vision_layers", "vision_width", "vision_patch_size", "context_length",
-            "vocab_size", "transformer_width", "transformer_heads", "transformer_layers")
-    m = unipt.UniPT(clip.CLIP(**{k: c[k] for k in keys}), num_frames=c["num_frames"])
+    m = unipt.UniPT(clip.CLIP(**{k: c[k] for k in clip.CONFIGS["tiny"]}), num_frames=c["num_frames"])  # its shapes
     m.load_state_dict({k: v.float() for k, v in e["state_dict"].items()}, strict=True)  # official names
     video, mask = i["video"].float(), i["video_mask"].bool()
     t, frames, v = m.encode_text(i["text"]), m.encode_frames(video), m.encode_video(video, mask)
