@@ -244,7 +244,8 @@ def load_init(method, path, log):
     ck = read_checkpoint(path, "--init", keys=())
     state = ck.get("model", ck)
     try:
-        missing, unexpected = method.load_state_dict(state, strict=False)
+        towers = getattr(method, "towers_from_pretraining", None)  # SimVTP: the pretrained encoder into both towers
+        missing, unexpected = method.load_state_dict(towers(state) if towers else state, strict=False)
     except RuntimeError as e:  # a tensor of another shape
         raise RunError(f"--init {path} does not fit this model ({str(e).splitlines()[-1].strip()}): same method "
                        f"flags as the run that wrote it?") from None

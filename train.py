@@ -60,7 +60,10 @@ METHODS = {"zeroshot": (meanp.ZeroShot, meanp.RECIPE, meanp.DATASET_RECIPES),
            "dgl": (dgl.DGL, dgl.RECIPE, dgl.DATASET_RECIPES),
            "adapter": (adapter.CrossModalAdapter, adapter.RECIPE, adapter.DATASET_RECIPES),
            "unipt": (unipt.UniPT, unipt.RECIPE, unipt.DATASET_RECIPES),
-           "simvtp": (simvtp.SimVTP, simvtp.RECIPE, simvtp.DATASET_RECIPES)}
+           "simvtp": (simvtp.SimVTP, simvtp.RECIPE, simvtp.DATASET_RECIPES),
+           # the releases' own forward passes, for comparison (each file's "Reproducing the release" section)
+           "ump-release": (ump.UMPRelease, ump.RECIPE, ump.DATASET_RECIPES),
+           "adapter-release": (adapter.CrossModalAdapterRelease, adapter.RECIPE, adapter.DATASET_RECIPES)}
 PRETRAINING = {"simvtp": (simvtp.SimVTPPretraining, simvtp.PRETRAIN_RECIPE, simvtp.PRETRAIN_DATASET_RECIPES)}
 STANDARD = ("lr", "clip_lr", "epochs", "batch_size", "frames", "words", "weight_decay", "warmup", "grad_clip",
             "betas", "eps", "size")  # the loop's own hyperparameters; every other RECIPE key goes to the class

@@ -111,7 +111,7 @@ def test_method_contract_flags(setup, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--method", "nope"], "choose from zeroshot, full, ump, dgl, adapter, unipt, simvtp"),
+    (["--method", "nope"], "choose from zeroshot, full, ump, dgl, adapter, unipt, simvtp, ump-release, adapter-release"),
     (["--method", "full", "--data", "nope"], "choose from synthetic, msrvtt"),
     (["--method", "full", "--eval_only", "--checkpoint", "/no/such.pt"], "/no/such.pt: no such file"),
 ])
