@@ -50,8 +50,8 @@ def video_cache_keys(split, args):
     """-> (file prefix, model key, videos key): the cache of this split's features under this model is
     <checkpoint>.videos-<model key>-<videos key>.pt (no checkpoint: <output_dir>/videos-...pt)."""
     sources = [fingerprint(p) if p and os.path.isfile(p) else p for p in (args.checkpoint, args.clip, args.init)]
-    model = dict(method=args.method, kwargs=args.kwargs, clip=args.clip, data=args.clip is None and args.data,
-                 files=sources)
+    tiny = args.clip is None and args.data == "synthetic"  # else the checkpoint's fingerprint tells the backbone
+    model = dict(method=args.method, kwargs=args.kwargs, backbone="tiny CLIP" if tiny else args.clip, files=sources)
     stats = [(v, os.path.getsize(v), os.path.getmtime(v)) for v in split.videos]
     videos = dict(videos=stats, frames=args.frames, size=args.size, max_seconds=split.max_seconds,
                   frame_cache=args.frame_cache and (args.frame_cache, data.read_manifest(args.frame_cache)))
