@@ -7,13 +7,12 @@
   python train.py --method ump --resume              # continue the run in out/ump-synthetic, exactly
   python train.py --method full --eval_only --checkpoint out/full-synthetic/checkpoint.pt
   python train.py --method simvtp --stage pretrain ...; python train.py --method simvtp --init CKPT ...
-  python query.py --checkpoint out/ump-synthetic/checkpoint.pt --query "a red circle moves left"   # search
+  python query.py --method ump --checkpoint out/ump-synthetic/checkpoint.pt --query "a red circle"  # search
 
-Flags follow CLIP4Clip's (main_task_retrieval.py) where it has one, X-Pool/UMP's --num_frames, --num_epochs and
---noclip_lr are aliases. Settings are one flat merge: LOOP_DEFAULTS, the method's RECIPE, its
-DATASET_RECIPES[--data], the command line; every RECIPE key the loop does not know is a constructor argument and
-a flag (`--K_d 0`). What a method class must provide is its contract (docs/design.md). Faithful to CLIP4Clip's
-loop (symmetric InfoNCE over the global batch, meanP, its tie and multi-caption metric rules).
+Flags (flags.py) follow CLIP4Clip's main_task_retrieval.py, with X-Pool/UMP's aliases; settings are one flat
+merge of LOOP_DEFAULTS, the method's RECIPE, its DATASET_RECIPES[--data] and the command line; other RECIPE keys
+are constructor arguments and flags (`--K_d 0`). A method class provides its contract (docs/design.md). Faithful
+to CLIP4Clip's loop (symmetric InfoNCE over the global batch, meanP, its tie and multi-caption metric rules).
 
 A run owns its --output_dir (run_folder.py): log.jsonl, checkpoint.pt (checkpoints.py: every --save_every, at
 epoch ends before the evaluation, at --max_steps, on SIGINT/SIGTERM after the step) and a lock. Bad flags and
@@ -57,7 +56,7 @@ from flags import fail, parse_args
 from loss import Forward, contrastive_loss
 from optimizer import MAX_LOGIT_SCALE, param_groups, set_lr
 
-METHODS, STANDARD = methods.METHODS, tuple(flags.LOOP_DEFAULTS)  # bench.py's names, until it reads methods, flags
+METHODS, STANDARD = methods.METHODS, tuple(flags.LOOP_DEFAULTS)  # for bench.py (to go)
 
 # ----------------------------------------------------------------------------------------------------
 # Setup: processes, precision, signals
@@ -66,8 +65,7 @@ Env = namedtuple("Env", "device world rank amp amp_dtype scaler stop")
 
 
 def setup(args):
-    """Processes, precision and signals: -> Env (device, world, rank, autocast context, its dtype, GradScaler,
-    run_folder.Stop)."""
+    """Processes, precision and signals -> Env (device, world, rank, autocast, its dtype, GradScaler, Stop)."""
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     device = torch.device(args.device)
     if world > 1:  # torchrun
@@ -118,7 +116,7 @@ def forward_backward(model, batch, pos, env, args):
 
 
 def optimizer_step(model, opt, pos, env, args):
-    """Unscale, clip, step: a non-finite gradient stops the run; CLIP4Clip clamps the temperature after every step."""
+    """Unscale, clip, step (a non-finite gradient stops the run), clamp the temperature as CLIP4Clip does."""
     env.scaler.unscale_(opt)
     norm = torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], args.grad_clip or math.inf)
     if not env.scaler.is_enabled() and not math.isfinite(norm):  # fp16: the scaler skips such steps itself
@@ -306,7 +304,7 @@ def main(argv=None):
         # the checks before anything slow: the method on a meta-device stand-in of the CLIP towers
         probe = methods.probe(args, cls, given, log)
         evaluating = args.eval_only or probe is not None and not any(p.requires_grad for p in probe.parameters())
-        folder = run_folder.Folder(args, flags.FLAG_NAMES) if env.rank == 0 and not evaluating else None  # no overwrite
+        folder = run_folder.Folder(args, flags.FLAG_NAMES) if env.rank == 0 and not evaluating else None
 
         # data: read (the synthetic set generated) and every test video opened before any CLIP is loaded
         if args.data == "synthetic":
@@ -314,8 +312,8 @@ def main(argv=None):
         read = lambda split: data.read_split(args.data, split, args.data_path, args.video_path, args.allow_missing)
         train_split, test = None if evaluating else read("train"), None if args.stage == "pretrain" else read("test")
         if test:
-            data.check_videos(test, args.frame_cache)  # 1 ms a video: an unreadable one would fail every evaluation
-        if folder:
+            data.check_videos(test, args.frame_cache)  # 1 ms each: a bad one would fail every evaluation
+        if folder:  # the data are found: the folder is the run's
             folder.claim(args.overwrite)
             log(f"run folder {folder.dir}: checkpoint {folder.ckpt}, log {folder.log_path}")
 
@@ -331,7 +329,7 @@ def main(argv=None):
         if evaluating or n_train == 0:  # zeroshot: nothing trains
             return evaluate_only(method, test, args, env, log)
         return train(args, method, train_split, test, env, folder, argv, log)
-    except (checks.RunError, data.DataError, clip.ModelFileError) as e:  # the fix is the user's: the message says it
+    except (checks.RunError, data.DataError, clip.ModelFileError) as e:  # the message says the user's fix
         fail(e, getattr(e, "status", 2))
     finally:  # the one teardown path
         env.stop.restore()
