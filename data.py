@@ -864,3 +864,67 @@ if __name__ == "__main__":
         sys.exit(1 if bad else 0)
     errors = build_frame_cache(videos, a.cache, a.size, a.fps, a.workers, splits[0].max_seconds)
     print(f"cached {len(videos) - len(errors)} of {len(videos)} videos in {a.cache}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The training order (train.py deviation 5): batches, frames and dropout as a function of (seed, epoch,
+# position) only, so that 1 or N ranks see the same batches and --resume is exact, mid-epoch too.
+
+from torch.utils.data import Sampler  # noqa: E402 (this block is appended as one piece)
+
+# Seeds of the training order: large primes, so that (seed, epoch, item) never collide
+EPOCH_STRIDE, SEED_STRIDE, ITEM_STRIDE, RANK_STRIDE = 100_003, 1_000_003, 100_000_007, 1024
+
+
+class EpochSampler(Sampler):
+    """Yields (epoch, item) keys: rank `rank`'s slice of each global batch of this epoch's permutation."""
+
+    def __init__(self, n, rank_batch, batches, rank, world, seed):
+        self.n, self.b, self.batches, self.rank, self.world, self.seed = n, rank_batch, batches, rank, world, seed
+        self.epoch = self.start = 0
+
+    def set_epoch(self, epoch, start=0):  # start: micro-batches of this epoch already done
+        self.epoch, self.start = epoch, start
+
+    def __len__(self):
+        return (self.batches - self.start) * self.b
+
+    def __iter__(self):
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * EPOCH_STRIDE + self.epoch))
+        mine = perm[:self.batches * self.world * self.b].view(self.batches, self.world, self.b)[self.start:, self.rank]
+        return iter([(self.epoch, int(i)) for i in mine.flatten()])
+
+
+class SeededItems(Dataset):
+    """Item (epoch, i) is read under a torch seed made of (seed, epoch, i): its random frames repeat exactly."""
+
+    def __init__(self, dataset, seed):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * SEED_STRIDE + key[0]) * ITEM_STRIDE + key[1])
+            return self.dataset[key[1]]
+
+
+def dropout_seed(seed, epoch, batch, rank):
+    """The torch seed of micro-batch `batch` of `epoch` on `rank` (dropout, masks): the same in a resumed run."""
+    return ((seed * SEED_STRIDE + epoch) * ITEM_STRIDE + batch) * RANK_STRIDE + rank
+
+
+def train_loader(split, args, world, rank, pin_memory=False):
+    """Global batches of args.batch_size cut from one permutation per epoch, rank r reads slice r of each in
+    args.accum micro-batches. -> (dataset, loader, sampler, optimizer steps per epoch)."""
+    ds = VideoTextDataset(split, frames=args.frames, words=args.words, size=args.size, train=True,
+                          frame_cache=args.frame_cache)
+    steps_per_epoch, rank_batch = len(ds) // args.batch_size, args.batch_size // (world * args.accum)
+    if steps_per_epoch == 0:
+        raise DataError(f"{len(ds)} training pairs make no batch of {args.batch_size}: lower --batch_size")
+    sampler = EpochSampler(len(ds), rank_batch, steps_per_epoch * args.accum, rank, world, args.seed)
+    loader = DataLoader(SeededItems(ds, args.seed), batch_size=rank_batch, sampler=sampler,
+                        num_workers=args.num_workers, pin_memory=pin_memory,
+                        persistent_workers=args.num_workers > 0, worker_init_fn=_worker_init)
+    return ds, loader, sampler, steps_per_epoch

@@ -33,7 +33,10 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import bench
-import train
+import flags
+import loss
+import methods
+from optimizer import param_groups
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -47,9 +50,9 @@ def build(name):
     """(method on DEVICE, frame size, pretraining?) at the tiny config, random weights."""
     torch.manual_seed(0)
     if name == "simvtp-pretrain":
-        cls, recipe, dataset_recipes = train.PRETRAINING["simvtp"]
+        cls, recipe, dataset_recipes = methods.PRETRAINING["simvtp"]
         recipe = {**recipe, **dataset_recipes["synthetic"]}
-        kwargs = {k: v for k, v in recipe.items() if k not in train.STANDARD}
+        kwargs = {k: v for k, v in recipe.items() if k not in flags.LOOP_DEFAULTS}
         return cls(T, size=recipe["size"], **kwargs).to(DEVICE), recipe["size"], True
     method, size = bench.build(name, bench.TINY, T, tiny=True)
     return method.to(DEVICE), size, False
@@ -67,12 +70,12 @@ def step_loss(method, data, pretrain, dtype):
     video, mask, text = data
     torch.manual_seed(2)  # the same draws (SimVTP's masks and negatives) in every precision
     method.zero_grad(set_to_none=True)
-    forward = train.Forward(method, pretrain)
+    forward = loss.Forward(method, pretrain)
     with torch.autocast(DEVICE.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         if pretrain:
             loss = forward(text, video, mask)["loss"]
         else:
-            loss = train.contrastive_loss(method, *forward(text, video, mask), mask)
+            loss = loss.contrastive_loss(method, *forward(text, video, mask), mask)
     return loss
 
 
@@ -116,7 +119,7 @@ def test_fp16_grad_scaler_step(name):
     method.eval()
     data = batch(size)
     ref_loss, ref_grad = fp32_reference(method, data, pretrain)
-    groups = train.param_groups(method, 1e-3, 1e-3, 0.0)
+    groups = param_groups(method, 1e-3, 1e-3, 0.0)
     opt = torch.optim.AdamW(groups)
     params = [p for g in groups for p in g["params"]]
     before = [p.detach().clone() for p in params]

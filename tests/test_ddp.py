@@ -11,9 +11,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import checkpoints
 import meanp
-import runs
 import train
+from loss import Forward, contrastive_loss, gather
+from optimizer import param_groups
 from conftest import make_tiny_clip
 from equivalence import FORWARD, GRADIENT, assert_close32, gradient_floor
 
@@ -36,14 +38,14 @@ def run(rank, world):
     method = meanp.MeanP(make_tiny_clip(), T, train_clip=True)
     # SGD: the update is the gradient itself. (Adam would blow numerical noise up to +-lr on tensors whose
     # exact gradient is 0, such as the attention key biases, hiding what this test checks.)
-    opt = torch.optim.SGD(train.param_groups(method, 0.5, 0.5, 0.2))
-    forward = train.Forward(method)
+    opt = torch.optim.SGD(param_groups(method, 0.5, 0.5, 0.2))
+    forward = Forward(method)
     model = torch.nn.parallel.DistributedDataParallel(forward) if world > 1 else forward
     params, losses, grads = [p for g in opt.param_groups for p in g["params"]], [], []
     for text, video, mask in batches():
         part = slice(rank * B // world, (rank + 1) * B // world)
         t, v = model(text[part], video[part], mask[part])
-        loss = train.contrastive_loss(method, t, v, mask[part])
+        loss = contrastive_loss(method, t, v, mask[part])
         loss.backward()
         # the gradient before clipping: clipping would rescale a gradient that is off by a factor (e.g. 1/N
         # when the gather's backward is not summed) back to the same update
@@ -52,7 +54,7 @@ def run(rank, world):
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
-    return torch.tensor(losses), grads, runs.trainable_state(method)
+    return torch.tensor(losses), grads, checkpoints.trainable_state(method)
 
 
 def worker(rank, world, init_file, out):
@@ -87,7 +89,7 @@ def test_two_gloo_ranks_equal_one_process_on_the_concatenated_batch(tmp_path):
 
 def test_gather_is_identity_without_distributed():
     x = torch.randn(3, 2, requires_grad=True)
-    assert train.gather(x) is x
+    assert gather(x) is x
 
 
 # ----------------------------------------------------------------------------------------------------

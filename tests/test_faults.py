@@ -13,9 +13,13 @@ import time
 import pytest
 import torch
 
+import checkpoints
+import checks
+import clip
 import data
+import methods
 import retrieval
-import runs
+import run_folder
 import synthetic
 import train
 from conftest import make_tiny_clip
@@ -91,25 +95,25 @@ def test_sigterm_mid_epoch_saves_and_the_printed_command_resumes_exactly(setup, 
 
 
 def test_sigint_finishes_the_step_and_a_second_quits(setup, tmp_path, capsys, monkeypatch):
-    factor, handler = train.lr_factor, signal.getsignal(signal.SIGINT)
+    record, handler = run_folder.Folder.record, signal.getsignal(signal.SIGINT)
 
-    def interrupting(times, at):  # Ctrl-C `times` times as step `at` + 1 starts
-        def f(step, total, warmup):
-            for _ in range(times if step == at else 0):
+    def interrupting(times, at):  # Ctrl-C `times` times as step `at` is logged, before the run checks for a stop
+        def f(self, **row):
+            for _ in range(times if row.get("event") == "train" and row["step"] == at else 0):
                 os.kill(os.getpid(), signal.SIGINT)
-            return factor(step, total, warmup)
+            return record(self, **row)
         return f
 
-    monkeypatch.setattr(train, "lr_factor", interrupting(1, at=2))
+    monkeypatch.setattr(run_folder.Folder, "record", interrupting(1, at=3))
     with pytest.raises(SystemExit) as e:
-        train.main(flags(setup, tmp_path))
+        train.main(flags(setup, tmp_path, "--log_every", "1"))
     out, err = capsys.readouterr()
     assert e.value.code == 130 and "KeyboardInterrupt" not in err and "SIGINT: finishing this step" in err
     assert (state(tmp_path)["step"], state(tmp_path)["batch"]) == (3, 3)
     assert "stopped by SIGINT at step 3" in out and "--resume" in out
-    monkeypatch.setattr(train, "lr_factor", interrupting(2, at=5))
+    monkeypatch.setattr(run_folder.Folder, "record", interrupting(2, at=6))
     with pytest.raises(SystemExit) as e:
-        train.main(flags(setup, tmp_path, "--resume"))
+        train.main(flags(setup, tmp_path, "--resume", "--log_every", "1"))
     assert e.value.code == 130 and "SIGINT: stopped" in capsys.readouterr().err
     assert state(tmp_path)["step"] == 3 and not (tmp_path / "lock").exists()  # the last checkpoint stays
     assert signal.getsignal(signal.SIGINT) is handler  # restored
@@ -117,9 +121,9 @@ def test_sigint_finishes_the_step_and_a_second_quits(setup, tmp_path, capsys, mo
 
 def test_resume_command():
     argv = ["--method", "ump", "--max_steps", "4", "--overwrite", "--max_steps=5", "--output_dir", "out dir"]
-    assert runs.resume_command(argv, 1) == "python train.py --method ump --output_dir 'out dir' --resume"
-    assert runs.resume_command(["--resume"], 4) == "torchrun --standalone --nproc_per_node=4 train.py --resume"
-    assert runs.resume_command([], 8, 4).startswith("torchrun --nnodes=2 --nproc_per_node=4 <your rendezvous flags> ")
+    assert run_folder.resume_command(argv, 1) == "python train.py --method ump --output_dir 'out dir' --resume"
+    assert run_folder.resume_command(["--resume"], 4) == "torchrun --standalone --nproc_per_node=4 train.py --resume"
+    assert run_folder.resume_command([], 8, 4).startswith("torchrun --nnodes=2 --nproc_per_node=4 <your rendezvous flags> ")
 
 
 def test_huge_lr_stops_at_the_first_non_finite_step(setup, tmp_path, capsys):
@@ -134,11 +138,11 @@ def test_non_finite_weights_are_never_saved(setup, tmp_path):
     method = torch.nn.Linear(2, 2)
     opt = torch.optim.AdamW(method.parameters())
     args = train.parse_args(flags(setup, tmp_path))[0]
-    saver = runs.Checkpoints(str(tmp_path / "checkpoint.pt"), method, opt, torch.amp.GradScaler("cpu", enabled=False), args)
+    saver = checkpoints.Checkpoints(str(tmp_path / "checkpoint.pt"), method, opt, torch.amp.GradScaler("cpu", enabled=False), args)
     saver.save(dict(step=1))
     before = (tmp_path / "checkpoint.pt").read_bytes()
     method.weight.data[0, 0] = float("nan")
-    with pytest.raises(runs.RunError, match=r"not writing .*: 1 trainable tensors are not finite \(\['weight'\]\)"):
+    with pytest.raises(checks.RunError, match=r"not writing .*: 1 trainable tensors are not finite \(\['weight'\]\)"):
         saver.save(dict(step=2))
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
 
@@ -170,9 +174,9 @@ def test_one_run_per_folder(setup, tmp_path, capsys):
 
 
 def test_a_checkpoint_written_between_the_checks_and_the_lock_is_not_overwritten(setup, tmp_path):
-    folder = runs.Folder(train.parse_args(flags(setup, tmp_path))[0])  # checks pass: no run there yet
+    folder = run_folder.Folder(train.parse_args(flags(setup, tmp_path))[0], {})  # checks pass: no run there yet
     torch.save({}, tmp_path / "checkpoint.pt")  # meanwhile another run writes its first checkpoint
-    with pytest.raises(runs.RunError, match="was written by another run while this one started"):
+    with pytest.raises(checks.RunError, match="was written by another run while this one started"):
         folder.claim(overwrite=False)
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt"]  # its lock released, the other run's file kept
 
@@ -229,7 +233,7 @@ def test_flag_errors(setup, tmp_path, extra, message, capsys):
 def test_checks_before_anything_slow(tmp_path, capsys, monkeypatch):
     """Method constraints are checked on a meta-device stand-in of the towers (named CLIP, tiny CLIP), and the
     data paths before any CLIP is loaded: no download, no synthetic set generated, no folder made."""
-    monkeypatch.setattr(train.clip, "load", lambda *a, **k: pytest.fail("CLIP loaded before the checks"))
+    monkeypatch.setattr(clip, "load", lambda *a, **k: pytest.fail("CLIP loaded before the checks"))
     monkeypatch.setattr(synthetic, "ensure_synthetic", lambda *a, **k: pytest.fail("synthetic set generated"))
     out = ["--output_dir", str(tmp_path / "out")]
     assert "K_d=13: STS runs in the last K_d of the 12 video layers" in error(
@@ -318,7 +322,7 @@ def test_aliases_and_idle_flag_warnings(tmp_path, capsys):
                           (["--method", "dgl", "--coef_lr", "1e-3"], "--coef_lr has no effect for --method dgl"),
                           (["--method", "full", "--lr", "1e-3"], "--lr has no effect for --method full: every trainable"),
                           (["--method", "simvtp", "--clip", "ViT-B/32"], "--clip has no effect for --method simvtp")):
-        train.probe_method(*train.parse_args(argv), said.append)
+        methods.probe(*train.parse_args(argv), said.append)
         assert warning in said[-1] and said[-1].startswith("WARNING: ")
-    train.probe_method(*train.parse_args(["--method", "full", "--clip_lr", "1e-3"]), said.append)
+    methods.probe(*train.parse_args(["--method", "full", "--clip_lr", "1e-3"]), said.append)
     assert len(said) == 4  # --clip_lr means something for full

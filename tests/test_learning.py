@@ -22,7 +22,6 @@ import torch.nn.functional as F
 import clip
 import data
 import retrieval
-import runs
 import synthetic
 import train
 
@@ -117,8 +116,8 @@ def test_first_step_loss_is_the_symmetric_infonce_written_out(fit, four_steps):
     """The logged loss of step 1 (weights untouched) against the loss computed here from the same batch."""
     split = data.read_split("synthetic", "train", fit["root"])
     ds = data.VideoTextDataset(split, frames=24, words=32, size=32, train=True)
-    keys = list(runs.EpochSampler(len(ds), 3, 4, 0, 1, 42))[:3]  # the first batch's (epoch, item) keys
-    items = [runs.SeededItems(ds, 42)[k] for k in keys]
+    keys = list(data.EpochSampler(len(ds), 3, 4, 0, 1, 42))[:3]  # the first batch's (epoch, item) keys
+    items = [data.SeededItems(ds, 42)[k] for k in keys]
     video, mask = torch.stack([x["video"] for x in items]), torch.stack([x["video_mask"] for x in items])
     assert (~mask).any() and mask.any(1).all()  # padded frames are in the batch
     model = clip.load(fit["clip"])

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from retrieval import ranks_of, retrieval_metrics
-from train import lr_factor
+from optimizer import lr_factor
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "clip4clip_metrics.pt")
 NAMES = ("R@1", "R@5", "R@10", "MdR", "MnR")  # the fixture's R1, R5, R10, MR, MeanR

@@ -14,8 +14,10 @@ import torch
 
 import clip
 import data
-import retrieval
-import runs
+import methods
+import pictures
+import query
+import run_folder
 import train
 from conftest import make_run_dir
 
@@ -38,7 +40,7 @@ def grey_split(tmp_path, n=8):
 
 def green_boxes(page):
     """Count the green borders: each is two horizontal bands (top and bottom) of >= 100 green pixels."""
-    green = np.all(page == retrieval.GREEN, axis=-1)
+    green = np.all(page == pictures.GREEN, axis=-1)
     bands, inside = 0, False
     for row in green:
         runs = np.diff(np.concatenate([[0], row.astype(int), [0]]))
@@ -50,8 +52,8 @@ def green_boxes(page):
 
 def separators(page):
     """Rows of the page that are the light line between caption rows (full width inside the margins)."""
-    inner = page[:, retrieval.MARGIN:page.shape[1] - retrieval.MARGIN]
-    return int(np.all(inner == retrieval.LIGHT, axis=(1, 2)).sum())
+    inner = page[:, pictures.MARGIN:page.shape[1] - pictures.MARGIN]
+    return int(np.all(inner == pictures.LIGHT, axis=(1, 2)).sum())
 
 
 def test_retrievals_png_layout(tmp_path):
@@ -59,27 +61,27 @@ def test_retrievals_png_layout(tmp_path):
     sim = torch.eye(8) * 10  # every caption finds its clip first ...
     sim[7] = torch.arange(8.0)  # ... but caption 7, whose clip scores highest: rank 1 as well
     sim[6] = -torch.arange(8.0)  # caption 6's clip scores lowest but one: rank 7, outside the top 5
-    rows = retrieval.retrieval_rows(split, sim)
+    rows = pictures.retrieval_rows(split, sim)
     assert [r["index"] for r in rows] == [0, 1, 3, 4, 6, 7]  # evenly spaced, fixed
     assert [r["rank"] for r in rows] == [1, 1, 1, 1, 7, 1]
     assert [v for v, _ in rows[4]["top"]] == [0, 1, 2, 3, 4] and rows[4]["true_score"] == -6
     path = tmp_path / "retrievals.png"
-    retrieval.write_retrievals(str(path), split, sim, "toy")
+    pictures.write_retrievals(str(path), split, sim, "toy")
     page = cv2.imread(str(path))
-    cell = retrieval.PICTURE_FRAMES * retrieval.THUMB + 2 * (retrieval.PICTURE_FRAMES - 1) + 2 * retrieval.BORDER
-    columns = retrieval.PICTURE_TOP + 1  # caption 6's clip in a column of its own
-    assert page.shape[1] == 2 * retrieval.MARGIN + columns * cell + (columns - 1) * retrieval.GAP
+    cell = pictures.PICTURE_FRAMES * pictures.THUMB + 2 * (pictures.PICTURE_FRAMES - 1) + 2 * pictures.BORDER
+    columns = pictures.PICTURE_TOP + 1  # caption 6's clip in a column of its own
+    assert page.shape[1] == 2 * pictures.MARGIN + columns * cell + (columns - 1) * pictures.GAP
     assert separators(page) == len(rows) == 6
     assert green_boxes(page) == 6  # each caption's own clip, once
     assert (page == 255).all(-1).mean() > 0.5  # a white page
     # the long captions wrap inside the page instead of running off it: nothing drawn in the right margin
-    assert (page[:, -retrieval.MARGIN + 2:] == 255).all()
-    lines = retrieval.wrap(split.captions[7], 400)
+    assert (page[:, -pictures.MARGIN + 2:] == 255).all()
+    lines = pictures.wrap(split.captions[7], 400)
     assert len(lines) > 3 and " ".join(lines) == split.captions[7].strip()
-    assert max(cv2.getTextSize(x, retrieval.FONT, retrieval.TEXT, 1)[0][0] for x in lines) <= 400
+    assert max(cv2.getTextSize(x, pictures.FONT, pictures.TEXT, 1)[0][0] for x in lines) <= 400
     sim[6] = torch.eye(8)[6] * 10  # every clip in its top 5: no extra column
-    page = retrieval.write_retrievals(str(path), split, sim, "toy")
-    assert page.shape[1] == 2 * retrieval.MARGIN + 5 * cell + 4 * retrieval.GAP and green_boxes(page) == 6
+    page = pictures.write_retrievals(str(path), split, sim, "toy")
+    assert page.shape[1] == 2 * pictures.MARGIN + 5 * cell + 4 * pictures.GAP and green_boxes(page) == 6
 
 
 class ColourToy(torch.nn.Module):
@@ -131,7 +133,7 @@ def test_folder_reader(colour_folder, tmp_path):
 def query_args(tmp_path, checkpoint, **kw):
     return SimpleNamespace(**{**dict(method="toy", kwargs={}, data="folder", checkpoint=str(checkpoint), clip=None,
                                       init=None, frames=2, words=16, size=8, frame_cache=None, batch_size_val=2,
-                                      num_workers=0, output_dir=str(tmp_path)), **kw})
+                                      num_workers=0, output_dir=str(tmp_path), top_k=5), **kw})
 
 
 def test_query_finds_the_clip_and_caches_video_features(colour_folder, tmp_path, capsys):
@@ -139,39 +141,40 @@ def test_query_finds_the_clip_and_caches_video_features(colour_folder, tmp_path,
     ck = tmp_path / "checkpoint.pt"
     torch.save(dict(model=dict(gain=torch.ones(()))), ck)
     method, args = ColourToy(2), query_args(tmp_path, ck)
-    hits = retrieval.search(method, "a green circle", split, args, "cpu", nullcontext(), top_k=2,
-                            picture=str(tmp_path / "query.png"))
+    hits = query.search(method, "a green circle", split, query_args(tmp_path, ck, top_k=2), "cpu", nullcontext(),
+                        picture=str(tmp_path / "query.png"))
     assert os.path.basename(hits[0][0]) == "green.MP4" and len(hits) == 2 and hits[0][1] > hits[1][1]
     assert method.video_calls == 2  # 3 videos in batches of 2
     out = capsys.readouterr().out
     assert "green.MP4" in out and "encoded 3 videos" in out
-    assert cv2.imread(str(tmp_path / "query.png")).shape[1] > 2 * retrieval.THUMB
+    assert cv2.imread(str(tmp_path / "query.png")).shape[1] > 2 * pictures.THUMB
     caches = [f for f in os.listdir(tmp_path) if f.startswith("checkpoint.pt.videos-")]
     assert len(caches) == 1
     # a second query: the cached features, no video encoded
-    hits = retrieval.search(method, "something blue", split, args, "cpu", nullcontext())
+    hits = query.search(method, "something blue", split, args, "cpu", nullcontext())
     assert os.path.basename(hits[0][0]) == "blue.avi" and method.video_calls == 2
     assert "from " + str(tmp_path / caches[0]) in capsys.readouterr().out
     # the checkpoint changes: encoded again, and the stale cache removed
     torch.save(dict(model=dict(gain=2 * torch.ones(()))), ck)
-    retrieval.search(method, "a red one", split, args, "cpu", nullcontext())
+    query.search(method, "a red one", split, args, "cpu", nullcontext())
     assert method.video_calls == 4
     after = [f for f in os.listdir(tmp_path) if f.startswith("checkpoint.pt.videos-")]
     assert len(after) == 1 and after != caches
     # other frame settings are another cache, the checkpoint's first one stays
-    retrieval.search(method, "a red one", split, query_args(tmp_path, ck, frames=3), "cpu", nullcontext())
+    query.search(method, "a red one", split, query_args(tmp_path, ck, frames=3), "cpu", nullcontext())
     assert method.video_calls == 6
     assert len([f for f in os.listdir(tmp_path) if f.startswith("checkpoint.pt.videos-")]) == 2
     # so is another split, read with another --data: the same model, so nothing is removed
     other = data.Split("other", split.videos[:2], [], [])
-    retrieval.search(method, "a red one", other, query_args(tmp_path, ck, data="msrvtt"), "cpu", nullcontext())
+    query.search(method, "a red one", other, query_args(tmp_path, ck, data="msrvtt"), "cpu", nullcontext())
     assert method.video_calls == 7
     assert len([f for f in os.listdir(tmp_path) if f.startswith("checkpoint.pt.videos-")]) == 3
 
 
-def test_query_through_train_py(colour_folder, tmp_path, monkeypatch, capsys):
-    """python train.py --data folder --video_path DIR --checkpoint CK --query ...: the model as its run built it."""
-    monkeypatch.setitem(train.METHODS, "toy", (ColourToy, dict(lr=1e-3, epochs=1, batch_size=2, frames=2, words=16,
+def test_query_script(colour_folder, tmp_path, monkeypatch, capsys):
+    """python query.py --data folder --video_path DIR --checkpoint CK --query ...: the model as its run built it;
+    python train.py with --query runs the same."""
+    monkeypatch.setitem(methods.METHODS, "toy", (ColourToy, dict(lr=1e-3, epochs=1, batch_size=2, frames=2, words=16,
                                                                weight_decay=0.0, warmup=0.1, grad_clip=1.0), {}))
     ck = tmp_path / "checkpoint.pt"
     torch.save(dict(model=dict(gain=torch.ones(())), args=dict(method="toy", data="synthetic", data_path=None,
@@ -179,10 +182,11 @@ def test_query_through_train_py(colour_folder, tmp_path, monkeypatch, capsys):
                                                                 kwargs={})), ck)
     argv = ["--method", "toy", "--data", "folder", "--video_path", str(colour_folder), "--checkpoint", str(ck),
             "--output_dir", str(tmp_path / "out"), "--num_workers", "0"]
-    hits = train.main(argv + ["--query", "the red clip", "--top_k", "3"])
+    hits = query.main(argv + ["--query", "the red clip", "--top_k", "3"])
     assert [os.path.basename(v) for v, _ in hits][0] == "red.mp4" and len(hits) == 3
     assert os.path.isfile(tmp_path / "out" / "query.png")
     assert "--max_frames 3" in capsys.readouterr().out  # frames from the checkpoint's run
+    assert train.main(argv + ["--query", "the red clip", "--top_k", "3"]) == hits
     with pytest.raises(SystemExit):
         train.parse_args(argv)  # no --query
     assert "--data folder is for --query only" in capsys.readouterr().err
@@ -218,7 +222,7 @@ def test_training_run_leaves_picture_rounded_log_and_readable_console(tiny_run, 
         walk(json.loads(line))
     floats = [x for x in floats if isinstance(x, float)]
     assert len(floats) > 30 and all(float(f"{x:.6g}") == x for x in floats)  # 6 significant digits at most
-    assert runs.rounded(dict(a=3.5000000000000004, b=dict(c=1 / 3, n=7), s="x")) == dict(a=3.5, b=dict(c=0.333333, n=7), s="x")
+    assert run_folder.rounded(dict(a=3.5000000000000004, b=dict(c=1 / 3, n=7), s="x")) == dict(a=3.5, b=dict(c=0.333333, n=7), s="x")
 
 
 def test_frame_cache_manifest_refuses_and_warns(tmp_path, capsys):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import meanp
+import methods
 import train
 from conftest import make_tiny_clip
 
@@ -97,7 +98,7 @@ def test_method_contract_flags(setup, tmp_path, monkeypatch):
 
     recipe = dict(lr=1e-3, clip_lr=None, epochs=1, batch_size=8, frames=6, words=16, weight_decay=0.0, warmup=0.1,
                   grad_clip=1.0, depth=2, rate=0.5, tag="x", gate=True)
-    monkeypatch.setitem(train.METHODS, "toy", (Toy, recipe, dict(synthetic=dict(frames=3, rate=0.25))))
+    monkeypatch.setitem(methods.METHODS, "toy", (Toy, recipe, dict(synthetic=dict(frames=3, rate=0.25))))
     args, cls, _ = train.parse_args(["--method", "toy", "--depth", "5", "--gate", "false", "--tag", "y"])
     assert cls is Toy and args.frames == 3 and args.words == 16 and args.lr == 1e-3
     assert args.kwargs == dict(depth=5, rate=0.25, tag="y", gate=False)

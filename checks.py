@@ -1,0 +1,84 @@
+"""checks.py: what is wrong with a run's flags, found before anything slow (no CLIP loaded, no data read, no
+folder made). The flags' ranges and combinations, then what they mean for the chosen method, checked on the
+method built over a meta-device stand-in of its CLIP towers (clip.CONFIGS: no weights, no download) when the
+towers are known before loading. A fault the user fixes raises RunError (or data.DataError, clip.ModelFileError);
+train.py prints it as one line `error: ...`; docs/faults.md lists them."""
+import math
+import os
+
+import torch
+
+import clip
+
+
+class RunError(ValueError):
+    """A fault the user fixes, the message says how; status: the exit status train.py gives it."""
+
+    def __init__(self, message, status=2):
+        super().__init__(message)
+        self.status = status
+
+
+def flag_problems(args, uses_clip):
+    """Ranges and combinations of train.py's flags -> what is wrong with them, each saying how to fix it."""
+    rate = lambda x: x is not None and 0 < x < math.inf
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    return [message for ok, message in (
+            (args.frames >= 1, f"--max_frames {args.frames}: a clip needs at least 1 frame"),
+            (args.words >= 3, f"--max_words {args.words}: [SOT] and [EOT] take 2 tokens, so >= 3 keep a word"),
+            (args.batch_size >= 1 and args.accum >= 1 and args.batch_size % (world * args.accum) == 0,
+             f"--batch_size {args.batch_size}: >= 1, divisible by ranks x --gradient_accumulation_steps "
+             f"({world} x {args.accum})"),
+            (rate(args.lr), f"--lr {args.lr}: a learning rate is positive and finite"),
+            (args.clip_lr is None or rate(args.clip_lr), f"--clip_lr {args.clip_lr}: positive and finite, or unset"),
+            (args.epochs >= 1 or args.eval_only, f"--epochs {args.epochs}: train at least 1 epoch (or --eval_only)"),
+            (0 <= args.warmup <= 1, f"--warmup_proportion {args.warmup}: a share of the steps, in [0, 1]"),
+            (args.weight_decay >= 0 and 0 <= args.grad_clip < math.inf and rate(args.eps) and
+             all(0 <= b < 1 for b in args.betas), "--weight_decay and --grad_clip >= 0, --eps > 0, --betas in [0, 1)"),
+            (min(args.num_workers, args.max_steps, args.seed) >= 0, "--num_workers, --max_steps, --seed: >= 0"),
+            (min(args.log_every, args.batch_size_val) >= 1, "--log_every, --batch_size_val: >= 1"),
+            (uses_clip or args.size or args.data == "folder",  # a folder query: the checkpoint's size
+             f"{args.method} has no CLIP model to take the frame size from: pass --size"),
+            (args.size is None or args.size >= 1, f"--size {args.size}: >= 1 pixel"),
+            (not (args.resume and args.overwrite), "--resume continues the run in --output_dir, --overwrite replaces it"),
+            (not (args.eval_only and (args.resume or args.stage == "pretrain")),
+             "--eval_only: not with --resume or --stage pretrain"),
+            (args.checkpoint is None or args.eval_only, "--checkpoint is what --eval_only evaluates; to continue a run "
+             "pass --resume, to start from weights --init"),
+            (not args.device.startswith("cuda") or torch.cuda.is_available(), f"--device {args.device}: no CUDA here"),
+            (args.data != "folder" or args.query, "--data folder is for --query only: a folder of videos has no "
+             "captions to train or evaluate on"),
+            (not args.query or args.checkpoint or args.method == "zeroshot", f"--query with --method {args.method} "
+             "needs --checkpoint (a trained run's checkpoint.pt), or use --method zeroshot"),
+            (not args.query or args.top_k >= 1, f"--top_k {args.top_k}: >= 1"),
+            (not args.checkpoint or os.path.isfile(args.checkpoint), f"--checkpoint {args.checkpoint}: no such file"),
+            (not args.init or os.path.isfile(args.init), f"--init {args.init}: no such file")) if not ok]
+
+
+def clip_stand_in(name):
+    """A meta-device CLIP (no memory, no weights) of clip.CONFIGS[name] ("synthetic": the tiny CLIP of the
+    synthetic default), or None for a file, checked once it is loaded."""
+    if name not in clip.CONFIGS:
+        return None
+    with torch.device("meta"):
+        return clip.CLIP(**clip.CONFIGS[name])
+
+
+def check_method(args, given, method, log):
+    """What the flags mean for this method: an error for a run that cannot work, a WARNING for a flag it ignores."""
+    groups = [g for g in method.param_groups(args.weight_decay) if g["params"]]
+    clip_groups, trains = [g.get("clip", False) for g in groups], bool(groups)
+    if args.eval_only and trains and not args.checkpoint:
+        raise RunError(f"--eval_only would evaluate an untrained {args.method}: pass --checkpoint <output_dir>/checkpoint.pt")
+    if any(clip_groups) and args.clip_lr is None:
+        raise RunError(f"{args.method} trains CLIP parameters and its recipe sets no rate for them: pass --clip_lr")
+    for flag, idle, why in (("clip_lr", not any(clip_groups), "no CLIP parameter trains"),
+                            ("coef_lr", not any(clip_groups), "no CLIP parameter trains"),
+                            ("lr", trains and all(clip_groups), "every trainable parameter is CLIP's (--clip_lr)"),
+                            ("clip", not method.uses_clip, "it has its own encoders"),
+                            ("cache_dir", not method.uses_clip or args.clip or args.data != "synthetic",
+                             "it holds the tiny CLIP of the synthetic default only"),
+                            ("dsl", args.stage == "pretrain", "pretraining has no evaluation")):
+        if flag in given and idle:
+            stage = " --stage pretrain" * (args.stage == "pretrain")
+            log(f"WARNING: --{flag} has no effect for --method {args.method}{stage}: {why}")

@@ -1,0 +1,193 @@
+"""run_folder.py: a training run's --output_dir and how a run stops and continues. Rank 0 owns the folder:
+
+  <output_dir>/lock            one run at a time: "host pid", created exclusively; a dead process's is taken over
+  <output_dir>/checkpoint.pt   checkpoints.py's dict
+  <output_dir>/log.jsonl       a JSON row per event (start, resume, train, eval); a resume drops the rows after
+                               its checkpoint's step, which the resumed run writes again, equal
+  <output_dir>/eval-*.json     --eval_only's record, beside (never in) a training log
+A new run refuses a folder that holds a checkpoint (--resume continues it, --overwrite replaces it); --resume
+refuses flags that differ from the checkpoint's run, except RESUME_MAY_CHANGE. Stop turns SIGINT/SIGTERM into a
+checkpoint after the current step; resume_command is the command printed to continue. docs/faults.md lists every
+fault, what it prints and what is kept.
+"""
+import json
+import os
+import shlex
+import signal
+import socket
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+import checkpoints
+import files
+from checks import RunError
+
+# What --resume may change: how long, how often, where, how fast. Every other flag must equal the checkpoint's.
+RESUME_MAY_CHANGE = ("epochs", "max_steps", "save_every", "log_every", "num_workers", "batch_size_val", "device",
+                     "dsl", "output_dir", "data_path", "video_path", "frame_cache", "cache_dir", "resume")
+
+
+class Folder:
+    """A training run's --output_dir (rank 0 only): the checks of a new or resumed run (no side effect), then
+    claim(): the folder and its lock, then open_log()."""
+
+    def __init__(self, args, flag_names):  # flag_names: dest -> flag, for the settings named otherwise
+        self.dir, self.log, self.owned = args.output_dir, None, None
+        self.ckpt, self.log_path, self.lock = (os.path.join(self.dir, f) for f in ("checkpoint.pt", "log.jsonl", "lock"))
+        if os.path.exists(self.ckpt) and not (args.resume or args.overwrite):
+            raise RunError(f"{self.dir} holds a run ({self.ckpt}); pass --resume to continue it or --overwrite to "
+                           f"replace it (or another --output_dir)")
+        if args.resume and not os.path.isfile(self.ckpt):
+            raise RunError(f"--resume: no checkpoint at {self.ckpt}; start without --resume")
+        self.resumed = checkpoints.read(self.ckpt, "--resume") if args.resume else None
+        self.stamp = os.path.exists(self.ckpt) and os.stat(self.ckpt).st_mtime_ns  # as these checks saw it
+        saved, now = (self.resumed or {}).get("args", {}), vars(args)  # size None: the CLIP file's, known later
+        self.changed = {k: [saved[k], now[k]] for k in sorted(saved.keys() & now.keys() - {"kwargs"})
+                        if saved[k] != now[k] and not (k == "size" and now[k] is None)}
+        refused = [f"{flag_names.get(k, '--' + k)} {b} (checkpoint: {a})" for k, (a, b) in self.changed.items()
+                   if k not in RESUME_MAY_CHANGE]
+        if refused:
+            raise RunError(f"--resume with flags that differ from the checkpoint's run: {', '.join(refused)}; pass "
+                           f"the run's values (only --{', --'.join(RESUME_MAY_CHANGE[:-1])} may change)")
+
+    def claim(self, overwrite):
+        """Once the data are found: the folder, its lock; a killed checkpoint write removed, --overwrite's run too."""
+        os.makedirs(self.dir, exist_ok=True)
+        self.owned = self.take_lock()
+        if (os.path.exists(self.ckpt) and os.stat(self.ckpt).st_mtime_ns) != self.stamp:
+            self.close()  # another run wrote it between the checks and the lock
+            raise RunError(f"{self.ckpt} was written by another run while this one started; run the command again")
+        for f in os.listdir(self.dir):
+            if f.startswith("checkpoint.pt.tmp"):  # a checkpoint write that was killed
+                os.remove(os.path.join(self.dir, f))
+                print(f"WARNING: removed {f}, a checkpoint write a killed run left in {self.dir}", file=sys.stderr)
+        for f in (self.ckpt, self.log_path) if overwrite else ():
+            if os.path.exists(f):
+                os.remove(f)
+
+    def take_lock(self):
+        me = f"{socket.gethostname()} {os.getpid()}"
+        for attempt in range(2):
+            try:
+                fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                os.write(fd, me.encode())
+                os.close(fd)
+                return me
+            except FileExistsError:
+                host, _, pid = open(self.lock).read().partition(" ")
+            if attempt == 0 and host == socket.gethostname() and not alive(pid):
+                print(f"WARNING: {self.lock}: its run (pid {pid}) died; taking the folder over", file=sys.stderr)
+                os.remove(self.lock)
+        raise RunError(f"{self.dir} is in use by another run (pid {pid} on {host}): wait for it, choose another "
+                       f"--output_dir, or delete {self.lock} if no run is active")
+
+    def open_log(self, step, argv):
+        """-> (record(**row), whether `step` has its eval row). A new run starts log.jsonl; --resume keeps the
+        rows up to the checkpoint's step (the rest is redone, exactly) and adds a `resume` row."""
+        lines = open(self.log_path).readlines() if self.resumed and os.path.exists(self.log_path) else []
+        rows = []
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except ValueError:  # a line cut short by a killed run
+                continue
+            if row.get("step", 0) <= step:
+                rows.append(row)
+        files.atomic_write(self.log_path, lambda tmp: write_text(tmp, "".join(json.dumps(r) + "\n" for r in rows)))
+        self.log = open(self.log_path, "a")
+        self.record(event="resume" if self.resumed else "start", step=step, time=time.strftime("%Y-%m-%d %H:%M:%S"),
+                    argv=argv, **(dict(changed=self.changed, dropped_rows=len(lines) - len(rows)) if self.resumed else {}))
+        return self.record, any(r.get("event") == "eval" and r.get("step") == step for r in rows)
+
+    def record(self, **row):
+        self.log.write(json.dumps(rounded(row)) + "\n")
+        self.log.flush()
+
+    def close(self):
+        if self.log:
+            self.log.close()
+        if os.path.exists(self.lock) and open(self.lock).read() == self.owned:
+            os.remove(self.lock)
+
+
+def rounded(x, digits=6):
+    """Floats to `digits` significant digits, in nested dicts too: log.jsonl shows 3.5, not 3.5000000000000004."""
+    if isinstance(x, dict):
+        return {k: rounded(v, digits) for k, v in x.items()}
+    return float(f"{x:.{digits}g}") if isinstance(x, float) else x
+
+
+def write_eval(args, metrics):
+    """--eval_only's record: <output_dir>/eval-<time>-<pid>.json, beside (never in) a training run's log."""
+    path = os.path.join(args.output_dir, f"eval-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json")
+    record = dict(event="eval", **rounded(metrics), args={k: v for k, v in vars(args).items() if k != "kwargs"})
+    files.atomic_write(path, lambda tmp: write_text(tmp, json.dumps(record, indent=1)))
+    return path
+
+
+def write_text(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def alive(pid):
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):  # no number (a lock cut short), or no such process
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return int(pid) > 0
+
+
+def resume_command(argv, world, local_world=None):
+    """The command that continues a run: its flags without --max_steps and --overwrite, with --resume.
+    One machine (local_world, torchrun's LOCAL_WORLD_SIZE, = world): `torchrun --standalone`; several: the
+    launcher's flags are the user's."""
+    out, it = [], iter(argv)
+    for t in it:
+        if t == "--max_steps":
+            next(it, None)
+        elif not t.startswith(("--max_steps=", "--overwrite", "--resume")):
+            out.append(t)
+    local_world = local_world or int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    launcher = ("python" if world == 1 else f"torchrun --standalone --nproc_per_node={world}" if local_world == world
+                else f"torchrun --nnodes={world // local_world} --nproc_per_node={local_world} <your rendezvous flags>")
+    return f"{launcher} train.py {shlex.join(out + ['--resume'])}"
+
+
+class Stop:
+    """SIGINT/SIGTERM. Armed (training): the step finishes, a checkpoint is written, the exit status is 128 + the
+    signal (130, 143). A second signal, or one before training, exits at once; the last checkpoint stays."""
+
+    def __init__(self):
+        self.signal, self.armed, self.pid = 0, False, os.getpid()
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, signum, frame):
+        if os.getpid() != self.pid:  # a DataLoader worker, forked with this handler: the main process decides
+            return
+        name = signal.Signals(signum).name
+        if self.signal or not self.armed:
+            print(f"\n{name}: stopped{' before training: nothing to save' * (not self.armed)}", file=sys.stderr, flush=True)
+            raise SystemExit(128 + signum)
+        self.signal = signum
+        print(f"\n{name}: finishing this step, then writing a checkpoint (again: quit now)", file=sys.stderr, flush=True)
+
+    def reason(self, step, max_steps, device):
+        """What stops the run after `step`: a signal on any rank (ranks get it at different steps), --max_steps."""
+        flag = torch.tensor(self.signal, device=device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, dist.ReduceOp.MAX)
+        return signal.Signals(int(flag)).name if flag else "--max_steps" if step == max_steps else None
+
+    def exit(self, why):
+        if why.startswith("SIG"):
+            raise SystemExit(128 + signal.Signals[why])
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
