@@ -1,5 +1,6 @@
 """synthetic.py: the set is deterministic and in MSR-VTT's layout, its test clips come in time-reversed pairs
-(the rule retrieval's temporal pair accuracy relies on), its still split names objects only; the metric itself."""
+(the test CSV's "twin" column, read into Split.twin, names each clip's twin: what retrieval's temporal pair
+accuracy relies on), its still split names objects only; the metric itself."""
 import csv
 import os
 
@@ -37,11 +38,14 @@ def test_deterministic_and_msrvtt_layout(tiny_set, tmp_path, monkeypatch):
 
 def test_test_clips_are_time_reversed_pairs(tiny_set):
     test = data.read_split("synthetic", "test", str(tiny_set))
-    twin = synthetic.twins(test)
+    twin = test.twin
+    assert synthetic.twins(test) == twin == [j ^ 1 for j in range(6)]  # written in pairs, in order
     with open(tiny_set / "MSRVTT_JSFUSION_test.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     name = [os.path.splitext(os.path.basename(v))[0] for v in test.videos]
-    assert [r["twin"] for r in rows] == [name[twin[j]] for j in range(len(name))]  # the CSV states the rule
+    assert [r["twin"] for r in rows] == [name[twin[j]] for j in range(len(name))]  # read from the CSV
+    assert data.read_split("msrvtt", "test", str(tiny_set), str(tiny_set / "videos")).twin == twin
+    assert data.read_split("msrvtt", "train", str(tiny_set), str(tiny_set / "videos")).twin is None  # no column
     canonical = {synthetic.caption(c, s, m): (c, s, m) for c in synthetic.COLOURS for s in synthetic.SHAPES
                  for m in synthetic.MOTIONS}
     for j in range(len(name)):
@@ -54,7 +58,7 @@ def test_test_clips_are_time_reversed_pairs(tiny_set):
 
 
 def test_still_split_names_objects_only(tiny_set):
-    still = data.read_split("synthetic", "still", str(tiny_set))
+    still = synthetic.still_split(str(tiny_set))
     train = data.read_split("msrvtt", "train", str(tiny_set), str(tiny_set / "videos"))
     objects = {f"a {c} {s}" for c in synthetic.COLOURS for s in synthetic.SHAPES}
     assert still.captions and set(still.captions) <= objects  # no motion word reaches the backbone's pretraining
@@ -79,6 +83,6 @@ def test_temporal_pair_accuracy_by_hand():
     assert "temporal pair accuracy 62.5%" in retrieval.table(m)
 
 
-def test_twins_needs_pairs():
+def test_twins_without_a_twin_column_needs_pairs():  # synthetic.twins' fallback, until retrieval reads Split.twin
     with pytest.raises(ValueError, match="pairs"):
         synthetic.twins(data.Split(name="x", videos=["a", "b", "c"], captions=["a"], caption_video=[0]))
