@@ -8,7 +8,7 @@
     python bench.py clip                # clip.py's image tower vs nn.MultiheadAttention, same weights
     python bench.py quality             # train every method on the synthetic set, 3 seeds: mean ± std
 
-speed (the default) builds every method through train.py's METHODS table on random weights (speed and memory do
+speed (the default) builds every method through methods.py's METHODS table (as train.py does) on random weights (speed and memory do
 not depend on them) and reports per method: trainable / total parameters, median training-step time (forward +
 backward + AdamW step, after warm-up), clips/s, peak memory, evaluation throughput (video encodings/s), the FLOPs
 of one step as torch's FlopCounterMode counts them, GFLOP/s and, on CUDA, the model FLOPs utilisation against the
@@ -41,15 +41,17 @@ from torch import nn
 
 import clip
 import data
+import data_checks
+import frame_cache
 import meanp
+import quality
 import synthetic
-import train  # the method table, loss and STANDARD keys are train.py's: the benchmark times what trains
+from flags import LOOP_DEFAULTS  # the loop's own keys; every other RECIPE key is a constructor argument
+from loss import contrastive_loss
+from methods import METHODS  # the benchmark times what train.py trains
 
 ALL = ["zeroshot", "full", "prompt", "ump", "dgl", "dgl-linear", "adapter", "unipt", "simvtp"]
-TINY = dict(embed_dim=64, image_resolution=64, vision_layers=4, vision_width=128, vision_patch_size=16,
-            context_length=77, vocab_size=49408, transformer_width=128, transformer_heads=2, transformer_layers=4)
-B32 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=32,
-           context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8, transformer_layers=12)
+TINY = clip.CONFIGS["bench-tiny"]  # --tiny's CLIP (tests/test_cuda.py builds it by this name); else ViT-B/32's
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s, for the MFU column
 
 
@@ -85,17 +87,32 @@ class InputPrompt(meanp.MeanP):
 
 def build(name, clip_cfg, frames, tiny):
     """(method, frame size) for a benchmark name on random weights, built as train.py builds it: the class and
-    RECIPE from train.METHODS (with DATASET_RECIPES["synthetic"] for --tiny: UMP's K_d, SimVTP's tiny ViT)."""
+    RECIPE from methods.METHODS (with DATASET_RECIPES["synthetic"] for --tiny: UMP's K_d, SimVTP's tiny ViT)."""
     if name == "prompt":
         return InputPrompt(clip.CLIP(**clip_cfg), frames), clip_cfg["image_resolution"]
-    cls, recipe, dataset_recipes = train.METHODS[name.split("-")[0]]
+    cls, recipe, dataset_recipes = METHODS[name.split("-")[0]]
     recipe = {**recipe, **(dataset_recipes.get("synthetic", {}) if tiny else {})}
     if name == "dgl-linear":
         recipe["latent"] = "linear"
-    kwargs = {k: v for k, v in recipe.items() if k not in train.STANDARD}
+    kwargs = {k: v for k, v in recipe.items() if k not in LOOP_DEFAULTS}
     if not cls.uses_clip:
         return cls(frames, size=recipe["size"], **kwargs), recipe["size"]
     return cls(clip.CLIP(**clip_cfg), frames, **kwargs), clip_cfg["image_resolution"]
+
+
+def setup(name, args, device, lr):
+    """-> (method on device, AdamW over its trainable parameters or None, a random batch, frame size), seeded."""
+    torch.manual_seed(0)
+    model, size = build(name, TINY if args.tiny else clip.CONFIGS["ViT-B/32"], args.frames, args.tiny)
+    model.to(device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=lr) if trainable else None
+    return model, opt, make_batch(args.batch, args.frames, size, args.words, device), size
+
+
+def state_bytes(model):
+    """The trainable parameters, their gradients and AdamW's two moments."""
+    return sum(p.numel() * p.element_size() * 4 for p in model.parameters() if p.requires_grad)
 
 
 def make_batch(batch, frames, size, words, device):
@@ -112,7 +129,7 @@ def train_step(model, opt, batch, dtype):
     video, mask, text = batch
     model.train()
     with torch.autocast(video.device.type, dtype=dtype, enabled=dtype != torch.float32):
-        loss = train.contrastive_loss(model, model.encode_text(text), model.encode_video(video, mask), mask)
+        loss = contrastive_loss(model, model.encode_text(text), model.encode_video(video, mask), mask)
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -121,6 +138,15 @@ def train_step(model, opt, batch, dtype):
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def timed(fn, device):
+    """Seconds that fn() takes, the device synchronised before and after."""
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
 
 
 def hardware(device):
@@ -204,16 +230,11 @@ def speed(args):
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    cfg, names = TINY if args.tiny else B32, args.methods.split(",")
-    rows, models = {}, {}
+    names, rows, models = args.methods.split(","), {}, {}
     for name in names:
-        torch.manual_seed(0)
-        model, size = build(name, cfg, args.frames, args.tiny)
-        model.to(device)
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(trainable, lr=1e-5) if trainable else None
-        models[name] = (model, opt, make_batch(args.batch, args.frames, size, args.words, device), size)
-        rows[name] = dict(method=name, trainable=sum(p.numel() for p in trainable),
+        models[name] = setup(name, args, device, lr=1e-5)
+        model = models[name][0]
+        rows[name] = dict(method=name, trainable=clip.count_trainable(model),
                           total=sum(p.numel() for p in model.parameters()), step_s=[], eval_s=[])
     for r in range(args.warmup + args.steps):  # round-robin: one step of every method per round
         for name in names:
@@ -231,8 +252,7 @@ def speed(args):
                 elif r == args.warmup and device.type == "cpu":
                     with SavedBytes(skip=model.parameters()) as sb:
                         train_step(model, opt, batch, dtype)
-                    state = sum(p.numel() * p.element_size() * 4 for p in model.parameters() if p.requires_grad)
-                    row["peak_mem_MB"] = (sb.bytes + state) / 2**20  # saved activations + p, grad, 2 moments
+                    row["peak_mem_MB"] = (sb.bytes + state_bytes(model)) / 2**20  # saved activations + p, grad, 2 moments
                 else:
                     train_step(model, opt, batch, dtype)
                 sync(device)
@@ -241,13 +261,10 @@ def speed(args):
                 if device.type == "cuda" and r == args.warmup:
                     row["peak_mem_MB"] = torch.cuda.max_memory_allocated(device) / 2**20
             model.eval()
-            sync(device)
-            t0 = time.perf_counter()
             with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                model.encode_video(batch[0], batch[1])
-            sync(device)
+                t = timed(lambda: model.encode_video(batch[0], batch[1]), device)
             if r >= args.warmup:
-                row["eval_s"].append(time.perf_counter() - t0)
+                row["eval_s"].append(t)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     peak = next((v for k, v in PEAK_BF16.items() if k in gpu), None)
     for row in rows.values():
@@ -276,7 +293,7 @@ def loader_wait(args, models, rows, device, dtype):
         sizes = {size for *_, size in models.values()}
         split = msrvtt_like_split(os.path.join(tmp, "videos"), args.loader_clips, args.batch * (args.loader_steps + 1))
         cache = os.path.join(tmp, "cache")
-        data.build_frame_cache(split.videos, cache, size=max(sizes), workers=1)
+        frame_cache.build_frame_cache(split.videos, cache, size=max(sizes), workers=1)
         loaders = {s: data.make_loader(data.VideoTextDataset(split, frames=args.frames, words=args.words, size=s,
                                                              train=True, frame_cache=cache),
                                        batch_size=args.batch, shuffle=False, num_workers=args.workers)
@@ -326,16 +343,10 @@ def memory_one(args):
     state_MiB (trainable parameters + gradients + AdamW's two moments, fp32), rss_MiB (CPU: peak resident-set
     growth over the first step, allocator noise included), cuda_MiB (max_memory_allocated over a step after a
     warm-up step, weights included)."""
-    torch.manual_seed(0)
     dev = torch.device(args.device)
-    model, size = build(args.one, TINY if args.tiny else B32, args.frames, args.tiny)
-    model.to(dev)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=1e-4)
-    batch = make_batch(args.batch, args.frames, size, args.words, dev)
+    model, opt, batch, _ = setup(args.one, args, dev, lr=1e-4)
     dtype = torch.bfloat16 if args.amp else torch.float32
-    out = dict(method=args.one, trainable=sum(p.numel() for p in trainable),
-               state_MiB=sum(p.numel() * p.element_size() * 4 for p in trainable) / 2**20)
+    out = dict(method=args.one, trainable=clip.count_trainable(model), state_MiB=state_bytes(model) / 2**20)
     if dev.type == "cuda":
         train_step(model, opt, batch, dtype)  # warm-up: AdamW state and kernels allocated
         sync(dev)
@@ -394,23 +405,23 @@ def data_rows(name, split, size, frames, repeats, tmp):
     cache = os.path.join(tmp, name.split()[0] + "-cache")
     os.makedirs(cache)
     items = range(len(split.videos))
-    rows = [("start-up check (data.probe_video: open, first frame)",
-             per_clip_ms(lambda v: data.probe_video(split.videos[v]), items, repeats))]
+    rows = [("start-up check (data_checks.probe_video: open, first frame)",
+             per_clip_ms(lambda v: data_checks.probe_video(split.videos[v]), items, repeats))]
     for train_ in (False, True):
         ds = data.VideoTextDataset(split, frames=frames, words=32, size=size, train=train_, mode="videos")
         rows.append((f"decode {frames} frames ({'random' if train_ else 'centre'} in segments)",
                      per_clip_ms(ds.load_video, items, repeats)))
-    def build_one(v):  # data.build_frame_cache's work for one video, without its process pool
-        data._cache_one((split.videos[v], data.cache_file(cache, split.videos[v]), size, 3.0, None))
+    def build_one(v):  # one video in this process, manifest written: no process pool
+        frame_cache.build_frame_cache([split.videos[v]], cache, size, 3.0, workers=0)
     rows.append(("build cache (one-off: <= 3 fps, all frames)", per_clip_ms(build_one, items, 1)))
     for train_ in (False, True):
         ds = data.VideoTextDataset(split, frames=frames, words=32, size=size, train=train_, mode="videos",
                                    frame_cache=cache)
         rows.append((f"cached load, {frames} frames ({'random' if train_ else 'centre'})",
                      per_clip_ms(ds.load_video, items, repeats)))
-    n = np.load(data.cache_file(cache, split.videos[0]), mmap_mode="r").shape[0]
+    n = np.load(data_checks.cache_file(cache, split.videos[0]), mmap_mode="r").shape[0]
     print(f"\n{name}: {len(split.videos)} clips, output {frames}x3x{size}x{size} uint8; cache {n} frames/clip, "
-          f"{os.path.getsize(data.cache_file(cache, split.videos[0])) / 2**20:.1f} MiB/clip")
+          f"{os.path.getsize(data_checks.cache_file(cache, split.videos[0])) / 2**20:.1f} MiB/clip")
     print("| step | median ms/clip | min ms/clip | clips/s per worker (median) |\n|---|---:|---:|---:|")
     for label, (med, mn) in rows:
         print(f"| {label} | {med:.1f} | {mn:.1f} | {1000 / med:.1f} |")
@@ -499,12 +510,9 @@ def clip_bench(args):
         times = {name: [] for name in runs}
         for i in range(iters + 2):  # 2 warm-up rounds; alternate the order so drift hits both alike
             for name in (list(runs) if i % 2 == 0 else list(runs)[::-1]):
-                sync(device)
-                t0 = time.perf_counter()
-                runs[name](frames)
-                sync(device)
+                t = timed(lambda: runs[name](frames), device)
                 if i >= 2:
-                    times[name].append(time.perf_counter() - t0)
+                    times[name].append(t)
     print(f"{hardware(device)}; size {args.size} ({res} px, patch {size['vision_patch_size']}, width "
           f"{size['vision_width']}, {size['vision_layers']} layers), batch {args.batch}, {args.dtype}, {iters} timed "
           f"calls each; max |diff| between the two = {diff:.2e}")
@@ -515,84 +523,6 @@ def clip_bench(args):
     (mine, theirs), (mine_best, theirs_best) = med.values(), [min(t) for t in times.values()]
     print(f"speed-up of clip.py over nn.MultiheadAttention: {theirs / mine:.2f}x (median), "
           f"{theirs_best / mine_best:.2f}x (best)")
-
-
-# ----------------------------------------------------------------------------------------------------
-# quality: every method trained on the synthetic set with several seeds through train.py
-
-def quality(args):
-    """-> rows of mean ± population std of each method's last evaluation over the seeds.
-
-    Runs go `--jobs` at a time, the CPU threads split between them. A finished run leaves final_eval.json in its
-    directory and is not trained again, so an interrupted `quality` picks up where it stopped."""
-    runs, queue, running = {}, [], []
-    for name in args.methods.split(","):
-        method, extra = (name.split("-")[0], ["--latent", "linear"]) if name == "dgl-linear" else (name, [])
-        for seed in args.seeds.split(","):
-            out = os.path.join(args.out, f"quality_{name}_seed{seed}")
-            runs[name, seed] = out
-            if not os.path.exists(os.path.join(out, "final_eval.json")):
-                queue.append((out, ["train.py", "--method", method, "--seed", seed, "--output_dir", out] + extra))
-    env = dict(os.environ)  # one job at a time: exactly the command a user runs, timed as such
-    if args.jobs > 1:  # several: the cores split between them
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
-    while queue or running:
-        while queue and len(running) < args.jobs:
-            out, cmd = queue.pop(0)
-            shutil.rmtree(out, ignore_errors=True)  # an unfinished run starts over: its log would mix two runs
-            os.makedirs(out)
-            print("python " + " ".join(cmd), flush=True)
-            log = open(os.path.join(out, "stdout.txt"), "w")
-            started = (time.time(), os.getloadavg()[0])
-            running.append((out, cmd, started, subprocess.Popen([sys.executable] + cmd, stdout=log,
-                                                                stderr=subprocess.STDOUT, env=env)))
-        time.sleep(1)
-        for job in [j for j in running if j[3].poll() is not None]:
-            running.remove(job)
-            out, cmd, (t0, load0), proc = job
-            if proc.returncode:
-                sys.exit(f"{' '.join(cmd)} failed (exit {proc.returncode}); its output is in {out}/stdout.txt")
-            # the last evaluation, the whole run's wall time and the 1-minute load average at its start and
-            # end: a time means little without the load it was measured under
-            load = [round(load0, 1), round(os.getloadavg()[0], 1)]
-            final = dict(eval_rows(out)[-1], wall_s=round(time.time() - t0, 1), load=load)
-            json.dump(final, open(os.path.join(out, "final_eval.json"), "w"))
-    rows = []
-    for name in args.methods.split(","):
-        finals = [json.load(open(os.path.join(runs[name, s], "final_eval.json"))) for s in args.seeds.split(",")]
-        metrics = [{f"{d} {k}": v for d in ("t2v", "v2t") for k, v in e[d].items()} for e in finals]
-        for m, e in zip(metrics, finals):
-            if "temporal" in e:  # the synthetic set's time-reversed pairs
-                m["pair acc"] = e["temporal"]["pair_acc"]
-            if "wall_s" in e:
-                m["wall min"] = e["wall_s"] / 60
-        stats = {k: (statistics.mean(m[k] for m in metrics), statistics.pstdev(m[k] for m in metrics))
-                 for k in metrics[0] if all(k in m for m in metrics)}
-        loads = [x for e in finals for x in e.get("load", [])]
-        extra = " --latent linear" if name == "dgl-linear" else ""
-        rows.append(dict(method=name, seeds=args.seeds, stats=stats,
-                         load=f"{min(loads):.1f}-{max(loads):.1f}" if loads else "?",
-                         command=f"python train.py --method {name.split('-')[0]}{extra} --seed S"))
-    return rows
-
-
-def eval_rows(out):
-    """A run's eval rows: log.jsonl of a training run, or the eval-*.json record that an evaluation-only run
-    (zeroshot trains nothing) writes instead."""
-    log = os.path.join(out, "log.jsonl")
-    if os.path.exists(log):
-        return [json.loads(l) for l in open(log) if '"event": "eval"' in l]
-    return [json.load(open(os.path.join(out, f))) for f in sorted(os.listdir(out)) if f.startswith("eval-")]
-
-
-def quality_table(rows):
-    keys = [k for k in ("t2v R@1", "t2v R@5", "t2v R@10", "t2v MdR", "v2t R@1", "v2t R@10", "pair acc", "wall min")
-            if k in rows[0]["stats"]]
-    lines = ["| method | " + " | ".join(keys) + " | load | command |", "|---|" + "---:|" * len(keys) + "---|---|"]
-    for r in rows:
-        cells = " | ".join(f"{r['stats'][k][0]:.1f} ± {r['stats'][k][1]:.1f}" for k in keys)
-        lines.append(f"| {r['method']} | {cells} | {r['load']} | `{r['command']}` |")
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -657,9 +587,9 @@ def main(argv=None):
         clip_bench(args)
     else:
         os.makedirs(args.out, exist_ok=True)
-        rows = quality(args)
+        rows = quality.quality(args)
         json.dump(rows, open(os.path.join(args.out, "quality.json"), "w"), indent=1)
-        print(quality_table(rows))
+        print(quality.quality_table(rows))
 
 
 if __name__ == "__main__":

@@ -1,48 +1,46 @@
-"""data.py: video-text retrieval data for nanoTVR: benchmark readers, frame decoding, a synthetic set, loaders.
+"""data.py: video-text retrieval data for nanoTVR: benchmark readers, tokenizing, frame decoding, the loaders.
 
 Readers turn each benchmark's annotation files (the files CLIP4Clip @ 508ffa3 and DGL @ 9139fd1 read; MSVD
-also as UMP_TVR ships it; docs/data.md) into a `Split`: one path per video, the captions, and caption -> video. Multi-caption
-test sets (MSVD, VATEX) are several captions pointing at one video; paragraph sets (DiDeMo, ActivityNet) join a
-video's sentences into one caption; WebVid-2M (SimVTP pretraining) is one caption per video. `VideoTextDataset`
+also as UMP_TVR ships it; docs/data.md) into a `Split`: one path per video, the captions, and caption -> video.
+Multi-caption test sets (MSVD, VATEX) are several captions pointing at one video; paragraph sets (DiDeMo,
+ActivityNet) join a video's sentences into one caption; WebVid-2M (SimVTP pretraining) is one caption per video.
+The synthetic set is written by synthetic.py in MSR-VTT's layout (videos in <data_path>/videos); a test CSV's
+optional `twin` column (the id of each clip's time-reversed twin) becomes Split.twin. `VideoTextDataset`
 serves any Split:
   pairs  (training)  one item per caption: video uint8 [T,3,S,S], video_mask bool [T], text long [L]
   videos (eval)      one item per video;   texts (eval) one item per caption.
 Frames: T equal segments over the clip, the centre frame of each at eval, a random frame inside each for
 training (DGL's sampling); only those frames are decoded (OpenCV), resized and centre-cropped as CLIP does
-(clip.resize_crop). Clips with fewer than T frames keep all of them, zero-padded, video_mask False there.
+(clip.resize_crop), or read from a frame cache (frame_cache.py builds it). Clips with fewer than T frames keep
+all of them, zero-padded, video_mask False there.
 Deviations: (1) CLIP4Clip samples 1 frame/s then `linspace`s 12 of them; we sample segments of all frames.
 (2) Clips shorter than T are zero-padded and masked (CLIP4Clip); DGL repeats the last frame. (3) Videos
 leave the loader uint8; train.py normalises them on the GPU (the method's normalize_pixels).
 
-Bad data raises DataError (a ValueError) with a message naming the file, its line, key or column, what is
-wrong and which download the file comes from: missing, empty, cut-off or malformed annotation files, listed
-videos without captions, missing videos (unless allow_missing), and a test split that lists a video twice (an
-error rather than a silent fix: it double-counts captions and shifts the metrics, and no real test file does
-it). Repeated captions of one video are kept: MSVD's annotators wrote the same sentence 3,730 times in its test
+Bad data raises DataError (data_checks.py loads the annotation files so that each fault names the file, its
+line, key or column and its download): listed videos without captions, missing videos (unless
+allow_missing), a test split that lists a video twice (it would double-count captions and shift the metrics).
+Repeated captions of one video are kept: MSVD's annotators wrote the same sentence 3,730 times in its test
 split, and published results count them. Empty captions are dropped with a warning giving their number.
-check_videos() opens every video of a split cheaply and names all unreadable ones at once. A video that fails
-to decode in training is replaced by the next caption's (logged once, counted); in evaluation it is an error.
-
-  python data.py --cache DIR --data msrvtt --data_path ANN --video_path VIDEOS   # optional frame cache
-  python data.py --check --data msrvtt --data_path ANN --video_path VIDEOS --split all --out bad_videos.txt
+check_videos() names every unreadable video of a split at once. A video that fails to decode in training is
+replaced by the next caption's (logged once, counted); in evaluation it is an error.
 """
-import csv
-import json
+import multiprocessing as mp
 import os
-import pickle
 import re
 import sys
-import multiprocessing as mp
 from collections import defaultdict
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
-from tqdm import tqdm
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 import clip
+from data_checks import (DataError, bad_file, caption_text, captions_of, check_unique, get_key, load_json,
+                         load_pickle, need_file, read_csv, read_list)
+from data_checks import cache_file, check_frame_cache
 
 DATASETS = ("synthetic", "msrvtt", "msrvtt7k", "msvd", "vatex", "didemo", "activitynet", "lsmdc", "webvid", "folder")
 
@@ -54,17 +52,13 @@ class Split:
     captions: list       # caption strings
     caption_video: list  # caption i describes videos[caption_video[i]]
     max_seconds: float = None  # sample frames from the first max_seconds only (DiDeMo: 31, as CLIP4Clip)
+    twin: list = None    # videos[twin[j]] is video j played backwards (None: no twin), from the test CSV's "twin"
 
 
 # ----------------------------------------------------------------------------------------------------
-# Readers: (annotation dir, split, origin) -> ordered video ids, (video id, caption) pairs, the captions' file.
-# Every problem with an annotation file is a DataError that names the file (and line, key or column), says what
-# is wrong and which download the file comes from (`origin`).
-
-class DataError(ValueError):
-    """A problem with the data that the user can fix (a missing, damaged or malformed file, unreadable videos);
-    the message says which file, what is wrong and how to fix it. train.py prints it as one `error:` line."""
-
+# Readers: (annotation dir, split, origin) -> ordered video ids, (video id, caption) pairs, the captions' file,
+# and {video id: its twin's id} (None where the file has no twin column). `origin`: the download the file
+# comes from, for data_checks' messages.
 
 ORIGINS = dict(
     synthetic="synthetic.py (delete the synthetic set's folder and it is generated again)",
@@ -80,278 +74,130 @@ ORIGINS = dict(
 )
 
 
-def _bad(path, what, origin):
-    return DataError(f"{path} {what}: this file comes from {origin}")
-
-
-def _need(root, name, origin):
-    if not root:
-        raise DataError(f"--data_path is not set: it is the folder holding {name}, from {origin}")
-    path = os.path.join(root, name)
-    if not os.path.isfile(path):
-        raise DataError(f"{name} not found in --data_path {root}: check --data_path; the file comes from {origin}")
-    return path
-
-
-def _read_list(path, origin):
-    """A list file, one video id a line -> (ids, their line numbers); blank lines are skipped."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            entries = [(n, line.strip()) for n, line in enumerate(f, 1) if line.strip()]
-    except UnicodeDecodeError as e:
-        raise _bad(path, f"is not UTF-8 text (byte {e.start})", origin) from e
-    if not entries:
-        raise _bad(path, "is empty (no video ids)", origin)
-    return [v for _, v in entries], [n for n, _ in entries]
-
-
-def _read_csv(path, columns, origin):
-    """-> [(line number, row dict)]; every named column must exist and every row have the header's fields."""
-    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark is no column
-        reader = csv.DictReader(f, strict=True)  # strict: a quote left open (a file cut off) is an error
-        try:
-            header = reader.fieldnames
-            if not header:
-                raise _bad(path, "is empty (no header line)", origin)
-            missing = [c for c in columns if c not in header]
-            if missing:
-                raise _bad(path, f"has no {missing[0]!r} column (columns: {', '.join(header)})", origin)
-            rows = []
-            for row in reader:
-                n = len(header) + len(row.get(None, ())) - sum(v is None for v in row.values())
-                if n != len(header):
-                    raise _bad(path, f"line {reader.line_num} has {n} fields, the header has {len(header)}"
-                               + (" (a comma in an unquoted caption?)" if n > len(header) else " (cut off?)"), origin)
-                rows.append((reader.line_num, row))
-        except csv.Error as e:
-            raise _bad(path, f"is not valid CSV at line {reader.reader.line_num} ({e}; cut off?)", origin) from e
-        except UnicodeDecodeError as e:
-            raise _bad(path, f"is not UTF-8 text (byte {e.start})", origin) from e
-    return rows
-
-
-class _RepeatedKey(Exception):
-    pass
-
-
-def _unique_keys(pairs):
-    keys = [k for k, _ in pairs]
-    if len(set(keys)) < len(keys):
-        raise _RepeatedKey(sorted({k for k in keys if keys.count(k) > 1}))
-    return dict(pairs)
-
-
-def _load_json(path, origin, unique_keys=False):
-    """json.load with errors that name the file; unique_keys: a key given twice is an error (json keeps the last)."""
-    if os.path.getsize(path) == 0:
-        raise _bad(path, "is empty (0 bytes)", origin)
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f, object_pairs_hook=_unique_keys if unique_keys else None)
-    except UnicodeDecodeError as e:
-        raise _bad(path, f"is not UTF-8 text (byte {e.start})", origin) from e
-    except json.JSONDecodeError as e:
-        cut = " where the file ends (cut off?)" if e.pos >= len(e.doc.rstrip()) else ""
-        raise _bad(path, f"is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}{cut}", origin) from e
-    except _RepeatedKey as e:
-        keys = e.args[0]
-        raise _bad(path, f"gives the key{'s' if len(keys) > 1 else ''} {', '.join(map(repr, keys[:5]))} twice "
-                   "(a test video listed twice would count its captions twice)", origin) from None
-
-
-class _Refused(Exception):
-    """A pickle that names a callable outside _CaptionUnpickler.ALLOWED."""
-
-
-class _CaptionUnpickler(pickle.Unpickler):
-    """Containers and strings only: unpickling can run any code a file names, and a caption file needs none."""
-    ALLOWED = {("builtins", "dict"), ("builtins", "list"), ("builtins", "str"), ("builtins", "tuple"),
-               ("collections", "defaultdict"), ("collections", "OrderedDict")}
-
-    def find_class(self, module, name):
-        if (module, name) not in self.ALLOWED:
-            raise _Refused(f"{module}.{name}")
-        return super().find_class(module, name)
-
-
-def _load_pickle(path, origin):
-    if os.path.getsize(path) == 0:
-        raise _bad(path, "is empty (0 bytes)", origin)
-    try:
-        with open(path, "rb") as f:
-            return _CaptionUnpickler(f).load()
-    except _Refused as e:
-        raise _bad(path, f"asks to load {e} when unpickled, which a caption file does not contain (refused: "
-                   "unpickling can run code)", origin) from None
-    except Exception as e:  # EOFError, UnpicklingError, ...: whatever a damaged pickle raises
-        raise _bad(path, f"cannot be unpickled ({type(e).__name__}: {e}; cut off or damaged?)", origin) from e
-
-
-def _get(item, key, path, where, origin):
-    """item[key] for a JSON object, or a DataError naming the file, the item and the keys it has."""
-    if not isinstance(item, dict):
-        raise _bad(path, f"has {where} = {type(item).__name__}, expected an object with the key {key!r}", origin)
-    if key not in item:
-        keys = ", ".join(map(str, list(item)[:8])) + (", ..." if len(item) > 8 else "")
-        raise _bad(path, f"has no {key!r} key in {where} (keys: {keys})", origin)
-    return item[key]
-
-
-def _text(caption, path, where, origin):
-    """A caption: a string, or a list of words (CLIP4Clip's MSVD pickle) joined by spaces."""
-    if isinstance(caption, (list, tuple)) and all(isinstance(w, str) for w in caption):
-        return " ".join(caption)
-    if not isinstance(caption, str):
-        raise _bad(path, f"has {where} = {type(caption).__name__}, expected a caption string", origin)
-    return caption
-
-
-def _captions_of(table, v, path, origin):
-    """{video id: [captions]} -> the captions of v ([] if it has none: read_split reports that)."""
-    caps = table.get(v, [])
-    if not isinstance(caps, (list, tuple)):
-        raise _bad(path, f"has [{v!r}] = {type(caps).__name__}, expected a list of captions", origin)
-    return [_text(c, path, f"[{v!r}][{k}]", origin) for k, c in enumerate(caps)]
-
-
-def _check_unique(ids, lines, path, origin):
-    """Test splits list each video once: a second listing counts its captions twice and shifts the metrics."""
-    where = defaultdict(list)
-    for v, n in zip(ids, lines):
-        where[v].append(n)
-    repeated = {v: ns for v, ns in where.items() if len(ns) > 1}
-    if repeated:
-        shown = "; ".join(f"{v} at " + ", ".join(n if isinstance(n, str) else f"line {n}" for n in ns)
-                          for v, ns in list(repeated.items())[:5])
-        raise _bad(path, f"lists {len(repeated)} test video{'s' if len(repeated) > 1 else ''} more than once "
-                   f"({shown}{'; ...' if len(repeated) > 5 else ''}): a video listed twice counts its captions "
-                   "twice and shifts the metrics; delete the repeated lines", origin)
-
-
 def _read_msrvtt(root, split, origin, train_csv="9k"):
-    if split in ("test", "still"):  # 1k-A: key,vid_key,video_id,sentence; one caption per video
-        path = _need(root, "MSRVTT_JSFUSION_test.csv" if split == "test" else "synthetic_still.csv", origin)
-        rows = _read_csv(path, ("video_id", "sentence"), origin)
-        if split == "test":
-            _check_unique([r["video_id"] for _, r in rows], [n for n, _ in rows], path, origin)
-        return [r["video_id"] for _, r in rows], [(r["video_id"], r["sentence"]) for _, r in rows], path
+    if split == "test":  # 1k-A: key,vid_key,video_id,sentence[,twin]; one caption per video
+        path = need_file(root, "MSRVTT_JSFUSION_test.csv", origin)
+        rows = read_csv(path, ("video_id", "sentence"), origin)
+        check_unique([r["video_id"] for _, r in rows], [n for n, _ in rows], path, origin)
+        twin = {r["video_id"]: r["twin"] for _, r in rows} if rows and "twin" in rows[0][1] else None
+        return [r["video_id"] for _, r in rows], [(r["video_id"], r["sentence"]) for _, r in rows], path, twin
     if split != "train":
         raise DataError(f"MSR-VTT has splits train/test, not {split!r}")
-    rows = _read_csv(_need(root, f"MSRVTT_train.{train_csv}.csv", origin), ("video_id",), origin)
+    rows = read_csv(need_file(root, f"MSRVTT_train.{train_csv}.csv", origin), ("video_id",), origin)
     ids = [r["video_id"] for _, r in rows]
-    path = _need(root, "MSRVTT_data.json", origin)
+    path = need_file(root, "MSRVTT_data.json", origin)
     if os.path.getsize(path) == 0:  # UMP_TVR's repository holds a 0-byte placeholder of this name
-        raise _bad(path, "is empty (0 bytes; UMP_TVR's repository holds an empty placeholder of this name)", origin)
-    sentences = _get(_load_json(path, origin), "sentences", path, "the top-level object", origin)
+        raise bad_file(path, "is empty (0 bytes; UMP_TVR's repository holds an empty placeholder of this name)", origin)
+    sentences = get_key(load_json(path, origin), "sentences", path, "the top-level object", origin)
     by_video = defaultdict(list)
     for k, s in enumerate(sentences):
         where = f"sentences[{k}]"
-        by_video[_get(s, "video_id", path, where, origin)].append(
-            _text(_get(s, "caption", path, where, origin), path, where + "['caption']", origin))
+        by_video[get_key(s, "video_id", path, where, origin)].append(
+            caption_text(get_key(s, "caption", path, where, origin), path, where + "['caption']", origin))
     # every caption of every train video (CLIP4Clip --expand_msrvtt_sentences, DGL): 9k -> 180,000 pairs
-    return ids, [(v, c) for v in ids for c in by_video[v]], path
+    return ids, [(v, c) for v in ids for c in by_video[v]], path, None
 
 
 def _read_msvd(root, split, origin):
     """{split}_list.txt beside CLIP4Clip's raw-captions.pkl (id -> word lists) or UMP_TVR's captions_msvd.json
     (id -> caption strings, the same captions joined by spaces); the pickle is read when both are there."""
-    path = _need(root, f"{split}_list.txt", origin)
-    ids, lines = _read_list(path, origin)
+    path = need_file(root, f"{split}_list.txt", origin)
+    ids, lines = read_list(path, origin)
     if split == "test":
-        _check_unique(ids, lines, path, origin)
+        check_unique(ids, lines, path, origin)
     pkl, js = os.path.join(root, "raw-captions.pkl"), os.path.join(root, "captions_msvd.json")
     if os.path.isfile(pkl):
-        path, table = pkl, _load_pickle(pkl, origin)
+        path, table = pkl, load_pickle(pkl, origin)
     elif os.path.isfile(js):
-        path, table = js, _load_json(js, origin, unique_keys=split == "test")
+        path, table = js, load_json(js, origin, unique_keys=split == "test")
     else:
         raise DataError(f"neither raw-captions.pkl nor captions_msvd.json is in --data_path {root}: the MSVD "
                         f"captions come from {origin}")
     if not isinstance(table, dict):
-        raise _bad(path, f"holds a {type(table).__name__}, expected a dict of video id -> captions", origin)
-    return ids, [(v, c) for v in ids for c in _captions_of(table, v, path, origin)], path
+        raise bad_file(path, f"holds a {type(table).__name__}, expected a dict of video id -> captions", origin)
+    return ids, [(v, c) for v in ids for c in captions_of(table, v, path, origin)], path, None
 
 
 def _read_vatex(root, split, origin):
-    path = _need(root, f"{'train' if split == 'train' else 'test'}_list.txt", origin)
-    ids, lines = _read_list(path, origin)
+    path = need_file(root, f"{'train' if split == 'train' else 'test'}_list.txt", origin)
+    ids, lines = read_list(path, origin)
     if split == "test":
-        _check_unique(ids, lines, path, origin)
-    path = _need(root, "ref_captions.json", origin)
-    table = _load_json(path, origin, unique_keys=split == "test")  # id -> list of English captions
+        check_unique(ids, lines, path, origin)
+    path = need_file(root, "ref_captions.json", origin)
+    table = load_json(path, origin, unique_keys=split == "test")  # id -> list of English captions
     if not isinstance(table, dict):
-        raise _bad(path, f"holds a {type(table).__name__}, expected an object of video id -> captions", origin)
-    return ids, [(v, c) for v in ids for c in _captions_of(table, v, path, origin)], path
+        raise bad_file(path, f"holds a {type(table).__name__}, expected an object of video id -> captions", origin)
+    return ids, [(v, c) for v in ids for c in captions_of(table, v, path, origin)], path, None
 
 
 def _read_didemo(root, split, origin):
-    path = _need(root, f"{split}_list.txt", origin)
-    ids, lines = _read_list(path, origin)
+    path = need_file(root, f"{split}_list.txt", origin)
+    ids, lines = read_list(path, origin)
     if split == "test":
-        _check_unique(ids, lines, path, origin)
-    path = _need(root, f"{split}_data.json", origin)
-    items = _load_json(path, origin)  # items {video, description, times: 5-s chunk indices per annotator}
+        check_unique(ids, lines, path, origin)
+    path = need_file(root, f"{split}_data.json", origin)
+    items = load_json(path, origin)  # items {video, description, times: 5-s chunk indices per annotator}
     if not isinstance(items, list):
-        raise _bad(path, f"holds a {type(items).__name__}, expected a list of {{video, description}} items", origin)
+        raise bad_file(path, f"holds a {type(items).__name__}, expected a list of {{video, description}} items", origin)
     sentences = defaultdict(list)
     for k, item in enumerate(items):
-        video, text = (_get(item, key, path, f"item {k}", origin) for key in ("video", "description"))
-        sentences[video].append(_text(text, path, f"item {k}['description']", origin).strip())
+        video, text = (get_key(item, key, path, f"item {k}", origin) for key in ("video", "description"))
+        sentences[video].append(caption_text(text, path, f"item {k}['description']", origin).strip())
     ids = [v for v in ids if v in sentences]  # CLIP4Clip keeps listed videos that have descriptions
-    return ids, [(v, " ".join(sentences[v])) for v in ids], path  # paragraph <-> whole video
+    return ids, [(v, " ".join(sentences[v])) for v in ids], path, None  # paragraph <-> whole video
 
 
 def _read_activitynet(root, split, origin):
-    path = _need(root, "train.json" if split == "train" else "val_1.json", origin)  # val_1: every paper's test set
-    table = _load_json(path, origin, unique_keys=split == "test")  # "v_<id>" -> {duration, timestamps, sentences}
+    path = need_file(root, "train.json" if split == "train" else "val_1.json", origin)  # val_1: every paper's test set
+    table = load_json(path, origin, unique_keys=split == "test")  # "v_<id>" -> {duration, timestamps, sentences}
     if not isinstance(table, dict):
-        raise _bad(path, f"holds a {type(table).__name__}, expected an object of video id -> annotations", origin)
+        raise bad_file(path, f"holds a {type(table).__name__}, expected an object of video id -> annotations", origin)
     ids = [k[2:] if k.startswith("v_") else k for k in table]  # the file is <id>.mp4
     if split == "test":  # 'v_x' and 'x' are one video
-        _check_unique(ids, [f"key {k!r}" for k in table], path, origin)
+        check_unique(ids, [f"key {k!r}" for k in table], path, origin)
     pairs = []
     for v, (key, d) in zip(ids, table.items()):
-        sentences = _get(d, "sentences", path, f"[{key!r}]", origin)
+        sentences = get_key(d, "sentences", path, f"[{key!r}]", origin)
         if not isinstance(sentences, list):
-            raise _bad(path, f"has [{key!r}]['sentences'] = {type(sentences).__name__}, expected a list", origin)
-        pairs.append((v, " ".join(_text(s, path, f"[{key!r}]['sentences']", origin).strip() for s in sentences)))
-    return ids, pairs, path
+            raise bad_file(path, f"has [{key!r}]['sentences'] = {type(sentences).__name__}, expected a list", origin)
+        pairs.append((v, " ".join(caption_text(s, path, f"[{key!r}]['sentences']", origin).strip() for s in sentences)))
+    return ids, pairs, path, None
 
 
 def _read_lsmdc(root, split, origin):
     name = {"train": "LSMDC16_annos_training.csv", "val": "LSMDC16_annos_val.csv",
             "test": "LSMDC16_challenge_1000_publictect.csv"}[split]
-    path, pairs, lines = _need(root, name, origin), [], []
+    path, pairs, lines = need_file(root, name, origin), [], []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):  # clip_id \t 4 timestamps \t sentence; ids repeat in training
             parts = line.rstrip("\r\n").split("\t")
             if line.strip() and len(parts) < 6:
-                raise _bad(path, f"line {n} has {len(parts)} tab-separated fields, expected 6 (clip id, 4 "
-                           "timestamps, sentence)", origin)
+                raise bad_file(path, f"line {n} has {len(parts)} tab-separated fields, expected 6 (clip id, 4 "
+                               "timestamps, sentence)", origin)
             if line.strip():
                 pairs.append((parts[0], "\t".join(parts[5:])))
                 lines.append(n)
     if not pairs:
-        raise _bad(path, "is empty", origin)
+        raise bad_file(path, "is empty", origin)
     if split == "test":  # 1,000 clips, one sentence each
-        _check_unique([v for v, _ in pairs], lines, path, origin)
-    return list(dict.fromkeys(v for v, _ in pairs)), pairs, path
+        check_unique([v for v, _ in pairs], lines, path, origin)
+    return list(dict.fromkeys(v for v, _ in pairs)), pairs, path, None
 
 
 def _read_webvid(root, split, origin):
     """WebVid-2M (SimVTP pretraining): results_2M_{train,val}.csv, columns videoid, contentUrl, duration,
     page_dir, name (the caption); videos at <video_path>/<page_dir>/<videoid>.mp4 (Frozen-in-Time's layout)."""
-    path = _need(root, "results_2M_train.csv" if split == "train" else "results_2M_val.csv", origin)
-    rows = _read_csv(path, ("videoid", "page_dir", "name"), origin)
+    path = need_file(root, "results_2M_train.csv" if split == "train" else "results_2M_val.csv", origin)
+    rows = read_csv(path, ("videoid", "page_dir", "name"), origin)
     pairs = [(f"{r['page_dir']}/{r['videoid']}.mp4", r["name"]) for _, r in rows]
     if split == "test":
-        _check_unique([v for v, _ in pairs], [n for n, _ in rows], path, origin)
-    return [v for v, _ in pairs], pairs, path
+        check_unique([v for v, _ in pairs], [n for n, _ in rows], path, origin)
+    return [v for v, _ in pairs], pairs, path, None
 
 
-READERS = dict(msrvtt=_read_msrvtt, msrvtt7k=lambda r, s, o: _read_msrvtt(r, s, o, "7k"), msvd=_read_msvd,
-               vatex=_read_vatex, didemo=_read_didemo, activitynet=_read_activitynet, lsmdc=_read_lsmdc,
-               webvid=_read_webvid)
+READERS = dict(synthetic=_read_msrvtt, msrvtt=_read_msrvtt, msrvtt7k=lambda r, s, o: _read_msrvtt(r, s, o, "7k"),
+               msvd=_read_msvd, vatex=_read_vatex, didemo=_read_didemo, activitynet=_read_activitynet,
+               lsmdc=_read_lsmdc, webvid=_read_webvid)
 
 
 VIDEO_EXTS = {"mp4", "avi", "mkv", "webm", "mov", "3gp", "mpg", "mpeg", "m4v", "wmv", "flv"}
@@ -393,15 +239,13 @@ def read_split(data, split, data_path=None, video_path=None, allow_missing=False
     if data == "folder":  # no annotations, no splits: the videos only (the query mode)
         return read_folder(video_path)
     origin = ORIGINS[data]
-    if data == "synthetic":  # MSR-VTT's layout plus a "still" split; synthetic.ensure_synthetic() makes it
+    if split not in ("train", "val", "test"):
+        raise DataError(f"split must be train, val or test, not {split!r}")
+    if data == "synthetic":  # synthetic.ensure_synthetic() makes it and returns its folder
         if not data_path:
             raise DataError("the synthetic set needs its directory: synthetic.ensure_synthetic() returns it")
         video_path = video_path or os.path.join(data_path, "videos")
-        ids, pairs, caption_file = _read_msrvtt(data_path, split, origin)
-    else:
-        if split not in ("train", "val", "test"):
-            raise DataError(f"split must be train, val or test ('still' only for synthetic), not {split!r}")
-        ids, pairs, caption_file = READERS[data](data_path, split, origin)
+    ids, pairs, caption_file, twin_of = READERS[data](data_path, split, origin)
     # an empty caption is a query without words (tokens [SOT, EOT]): dropped, and said (none in the real files)
     empty = sum(not c.strip() for _, c in pairs)
     if empty:
@@ -409,11 +253,14 @@ def read_split(data, split, data_path=None, video_path=None, allow_missing=False
         print(f"WARNING: {caption_file}: {empty} empty {split} caption{'s' if empty > 1 else ''} dropped; "
               f"{len(pairs)} left", file=sys.stderr, flush=True)
     ids = list(dict.fromkeys(ids))
+    strays = sorted(set((twin_of or {}).values()) - set(ids))
+    if strays:
+        raise bad_file(caption_file, f"names twins that are not {split} videos: {', '.join(strays[:5])}", origin)
     captioned = {v for v, _ in pairs}
     uncaptioned = [v for v in ids if v not in captioned]
     if uncaptioned:
-        raise _bad(caption_file, f"has no{' non-empty' if empty else ''} caption for {len(uncaptioned)} of the "
-                   f"{len(ids)} {split} videos, e.g. {', '.join(uncaptioned[:5])}", origin)
+        raise bad_file(caption_file, f"has no{' non-empty' if empty else ''} caption for {len(uncaptioned)} of the "
+                       f"{len(ids)} {split} videos, e.g. {', '.join(uncaptioned[:5])}", origin)
     if data == "webvid":  # ids are relative paths; 2.5M files: stat each rather than walk the tree
         if not video_path or not os.path.isdir(video_path):
             raise DataError(f"--video_path {video_path} is not a directory of videos")
@@ -438,7 +285,8 @@ def read_split(data, split, data_path=None, video_path=None, allow_missing=False
     kept = [(position[v], c) for v, c in pairs if v in position]
     # DiDeMo's annotations cover the first 30 s (longer videos were cut for annotation): CLIP4Clip reads 0-31 s
     return Split(name=f"{data}-{split}", videos=[index[v] for v in present], captions=[c for _, c in kept],
-                 caption_video=[i for i, _ in kept], max_seconds=31.0 if data == "didemo" else None)
+                 caption_video=[i for i, _ in kept], max_seconds=31.0 if data == "didemo" else None,
+                 twin=[position.get(twin_of[v]) for v in present] if twin_of else None)  # None: its twin is missing
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -533,10 +381,6 @@ def read_frames(path, frames, train, fps=None, max_seconds=None):
     raise VideoError(f"cannot decode video {path} ({len(out)} of {len(idx)} frames)")
 
 
-def cache_file(cache_dir, video):
-    return os.path.join(cache_dir, os.path.basename(video) + ".npy")
-
-
 def write_video(path, frames, fps=8):
     """BGR uint8 frames -> an mp4v file (the synthetic set, the tests' fixtures)."""
     writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), fps, frames[0].shape[1::-1])
@@ -545,82 +389,6 @@ def write_video(path, frames, fps=8):
     for frame in frames:
         writer.write(frame)
     writer.release()
-
-
-# ----------------------------------------------------------------------------------------------------
-# Start-up check of the videos: open each one as cheaply as possible (its header and first frame, or its frame
-# cache's header) so that unreadable files are all named before training, not one per crashed evaluation.
-
-def probe_video(path, frame_cache=None):
-    """None if the video (or, when there is one, its frame-cache file) would load; else what is wrong with it.
-    Cheap: a video is opened and its first frame decoded (a file whose header promises more frames than it
-    holds still loads: read_frames keeps the frames there are); a cache file's header is read (memory-mapped)."""
-    cached = cache_file(frame_cache, path) if frame_cache else None
-    if cached and os.path.isfile(cached):
-        try:
-            x = np.load(cached, mmap_mode="r")
-        except Exception as e:  # ValueError (cut off, not .npy), EOFError (empty), OSError
-            return f"has a damaged frame cache {cached} ({type(e).__name__}: {e}): delete it and build it again"
-        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1] != 3 or x.shape[0] == 0:
-            return f"has a frame cache {cached} holding {x.dtype} {list(x.shape)}, not uint8 [frames, 3, size, size]"
-        return None
-    try:
-        if os.path.getsize(path) == 0:
-            return "is empty (0 bytes)"
-    except OSError as e:
-        return f"cannot be read ({e.strerror})"
-    cap = cv2.VideoCapture(path)
-    try:
-        if not cap.isOpened():
-            return "does not open as a video (cut off, damaged, or not a video)"
-        ok, frame = cap.read()  # some containers give no frame count (read_frames counts those): not checked
-        if not ok or frame is None:
-            return "opens, but its first frame does not decode"
-    finally:
-        cap.release()
-    return None
-
-
-def _probe_job(job):
-    why = probe_video(*job)
-    return (job[0], why) if why else None
-
-
-def find_unreadable(videos, frame_cache=None, workers=0):
-    """-> [(video path, what is wrong)] for every video in `videos` that would not load (probe_video), in order;
-    workers > 0 spreads the work over that many processes."""
-    jobs = [(v, frame_cache) for v in videos]
-    if workers <= 0:
-        return [r for r in map(_probe_job, jobs) if r]
-    with mp.get_context("spawn").Pool(workers, initializer=_worker_init, initargs=(0,)) as pool:
-        return [r for r in pool.imap(_probe_job, jobs, chunksize=16) if r]
-
-
-def write_video_list(path, bad):
-    """The list of bad videos, one `path<TAB>what is wrong` a line, written atomically."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(f"{v}\t{why}\n" for v, why in bad)
-    os.replace(tmp, path)
-
-
-def check_videos(split, frame_cache=None, workers=0, report=None, show=5):
-    """Open every video of `split` cheaply (probe_video) and raise one DataError naming all unreadable ones: their
-    number, the first `show` with what is wrong, and `report`, where the full list is written (only when some
-    are bad). Run it on the test split before training: an unreadable test video fails every evaluation."""
-    bad = find_unreadable(split.videos, frame_cache, workers)
-    if not bad:
-        return
-    if report:
-        write_video_list(report, bad)
-    shown = "; ".join(f"{v} {why}" for v, why in bad[:show])
-    rest = (f" (all {len(bad)} listed in {report})" if report else
-            f" (and {len(bad) - show} more: `python data.py --check --out bad_videos.txt ...` lists them all)"
-            if len(bad) > show else "")
-    raise DataError(f"{len(bad)} of {len(split.videos)} {split.name} videos cannot be read: {shown}{rest}. "
-                    "Re-download or re-encode them, or move them out of --video_path and pass --allow_missing "
-                    "to use the others")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -635,15 +403,7 @@ class VideoTextDataset(Dataset):
         self.split, self.frames, self.words, self.size, self.train, self.mode = split, frames, words, size, train, mode
         self.frame_cache = frame_cache
         if frame_cache and mode != "texts":
-            missing = [v for v in split.videos if not os.path.isfile(cache_file(frame_cache, v))]
-            if missing:
-                msg = (f"{len(missing)} of {len(split.videos)} videos have no frame cache in {frame_cache}, e.g. "
-                       f"{cache_file(frame_cache, missing[0])}. Build it with `python data.py --cache "
-                       f"{frame_cache} --data ... --data_path ... --video_path ...`")
-                if len(missing) == len(split.videos):
-                    raise DataError(msg + ", or drop frame_cache.")
-                print(f"WARNING: {msg}; decoding those from the video files.", file=sys.stderr, flush=True)
-            check_frame_cache(frame_cache, split.videos, size, frames)
+            check_frame_cache(frame_cache, split.videos, size, frames)  # refuses one that cannot serve this run
         # shared with worker processes: one flag per video (log each bad video once) and a substitution count
         self._bad = mp.Array("b", len(split.videos))
         self._substituted = mp.Value("l", 0)
@@ -695,7 +455,7 @@ class VideoTextDataset(Dataset):
                 video, mask = self.load_video(i)
             except VideoError as e:  # a missing test video would silently change the metrics
                 raise VideoError(f"{e}. Evaluation needs every test video: re-download or re-encode it "
-                                 "(`python data.py --check ...` lists every unreadable one)") from e
+                                 "(`python frame_cache.py --check ...` lists every unreadable one)") from e
             return dict(video=video, video_mask=mask, video_index=i)
         n, j = len(self.split.captions), i
         for _ in range(n):  # training: replace an unreadable pair by the next caption whose video reads
@@ -718,9 +478,11 @@ class VideoTextDataset(Dataset):
                     video_index=v, caption_index=j)
 
 
-def _worker_init(_):
+def worker_init(_):
     cv2.setNumThreads(1)  # one decoding thread per worker: workers are the parallelism
     torch.set_num_threads(1)
+
+
 
 
 def make_loader(dataset, *, batch_size, shuffle, num_workers, distributed=False, drop_last=False, seed=0):
@@ -729,148 +491,13 @@ def make_loader(dataset, *, batch_size, shuffle, num_workers, distributed=False,
     sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last) if distributed else None
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
                       num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=num_workers > 0, drop_last=drop_last, worker_init_fn=_worker_init,
+                      persistent_workers=num_workers > 0, drop_last=drop_last, worker_init_fn=worker_init,
                       generator=torch.Generator().manual_seed(seed))
-
-
-# ----------------------------------------------------------------------------------------------------
-# Optional frame cache: decode each video once to uint8 frames at <= 3 fps, short side `size`,
-# centre-cropped (DGL's compress_video.py re-encodes to 3 fps / short side 224; the crop is the one every
-# load would do, as nothing here crops randomly). Later epochs read a memory-mapped .npy instead of decoding.
-
-def _cache_one(job):
-    video, dest, size, fps, max_seconds = job
-    if os.path.isfile(dest):
-        return None
-    try:
-        frames = clip.resize_crop(read_frames(video, 0, False, fps, max_seconds), size).numpy()  # [N, 3, S, S]
-    except VideoError as e:
-        return str(e)
-    tmp = dest + f".{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        np.save(f, frames)
-    os.replace(tmp, dest)  # atomic: an interrupted run never leaves a truncated cache file
-    return None
-
-
-MANIFEST = "manifest.json"  # in the cache folder: the settings it was made with, and frames per clip
-
-
-def read_manifest(cache_dir):
-    """-> {"size", "fps", "max_seconds", "frames": {file name: cached frames}}, or None (a cache made without one)."""
-    path = os.path.join(cache_dir, MANIFEST)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
-def build_frame_cache(videos, cache_dir, size=224, fps=3.0, workers=1, max_seconds=None):
-    """Decode every video once into cache_dir/<file name>.npy, and write cache_dir/manifest.json (the settings,
-    the frames of each clip); returns the error messages of unreadable ones. Refuses to add to a cache made
-    with other settings."""
-    settings = dict(size=size, fps=fps, max_seconds=max_seconds)
-    old = read_manifest(cache_dir) if os.path.isdir(cache_dir) else None
-    if old and {k: old.get(k) for k in settings} != settings:
-        raise DataError(f"frame cache {cache_dir} was made with {({k: old.get(k) for k in settings})}, not "
-                        f"{settings}: use another folder, or delete this one")
-    os.makedirs(cache_dir, exist_ok=True)
-    jobs = [(v, cache_file(cache_dir, v), size, fps, max_seconds) for v in videos]
-    with mp.get_context("spawn").Pool(workers, initializer=_worker_init, initargs=(0,)) as pool:
-        results = pool.imap_unordered(_cache_one, jobs, chunksize=8)
-        errors = [e for e in tqdm(results, total=len(jobs), desc="frame cache", unit="clip", dynamic_ncols=True,
-                                  disable=not sys.stderr.isatty()) if e]
-    for e in errors:
-        print("WARNING:", e, file=sys.stderr)
-    frames = dict((old or {}).get("frames", {}))
-    for v in videos:  # the .npy header holds the shape: no frame is read here
-        if os.path.isfile(cache_file(cache_dir, v)):
-            frames[os.path.basename(v)] = int(np.load(cache_file(cache_dir, v), mmap_mode="r").shape[0])
-    tmp = os.path.join(cache_dir, f"{MANIFEST}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(dict(settings, frames=frames), f)
-    os.replace(tmp, os.path.join(cache_dir, MANIFEST))
-    return errors
-
-
-_WARNED = set()  # frame-cache warnings already printed by this process (a dataset is made every evaluation)
-
-
-def check_frame_cache(cache_dir, videos, size, frames):
-    """Refuse a cache of smaller frames than the run's (they would be upscaled); warn about larger ones (every
-    load resizes), clips with fewer cached frames than the run samples (padded, where decoding would give all
-    `frames`), and a cache without a manifest (nothing can be checked)."""
-    manifest, warnings = read_manifest(cache_dir), []
-    if manifest is None:
-        warnings.append(f"frame cache {cache_dir} has no {MANIFEST} (made by an older data.py?): its frame "
-                        f"size and rate are unchecked; rebuild it with python data.py --cache to check them")
-    else:
-        if manifest["size"] < size:
-            raise DataError(f"frame cache {cache_dir} holds {manifest['size']} px frames, this run uses {size} px: "
-                            f"they would be upscaled. Build one at this size (python data.py --cache NEW_DIR "
-                            f"--size {size} ...) or pass --size {manifest['size']}")
-        if manifest["size"] > size:
-            warnings.append(f"frame cache {cache_dir} holds {manifest['size']} px frames, this run uses {size} px: "
-                            f"every load resizes them (slower); a cache made with --size {size} is read as is")
-        counts = manifest.get("frames", {})
-        short = [v for v in videos if counts.get(os.path.basename(v), frames) < frames]
-        if short:
-            warnings.append(f"{len(short)} of {len(videos)} clips in frame cache {cache_dir} hold fewer than {frames} "
-                            f"frames (made at --fps {manifest['fps']}; e.g. {os.path.basename(short[0])}: "
-                            f"{counts[os.path.basename(short[0])]}): they are padded and masked where decoding "
-                            f"would give {frames}. Rebuild with a higher --fps (0: every frame) into an empty folder")
-    for w in warnings:
-        if w not in _WARNED:
-            _WARNED.add(w)
-            print("WARNING:", w, file=sys.stderr, flush=True)
-
-
-if __name__ == "__main__":
-    import argparse
-    p = argparse.ArgumentParser(description="Build the frame cache of a data set, or (--check) find its unreadable "
-                                "videos. Exit status: 0 done, 1 --check found unreadable videos, 2 bad input.")
-    p.add_argument("--cache", help="frame cache folder: built here (pass it to train.py as --frame_cache); with "
-                   "--check, the cache files found there are checked instead of their videos, as train.py reads them")
-    p.add_argument("--check", action="store_true", help="open every video of --split (header and first frame) and "
-                   "write the unreadable ones to --out")
-    p.add_argument("--out", default="bad_videos.txt", help="--check: the list of unreadable videos, one "
-                   "'path<TAB>what is wrong' a line (written even when empty)")
-    p.add_argument("--split", default="all", choices=("train", "test", "all"))
-    p.add_argument("--data", default="synthetic", choices=DATASETS)
-    p.add_argument("--data_path")
-    p.add_argument("--video_path")
-    p.add_argument("--size", type=int, default=224)
-    p.add_argument("--fps", type=float, default=3.0, help="<= this many frames per second; 0: all frames")
-    p.add_argument("--workers", type=int, default=1, help="processes decoding or checking videos")
-    p.add_argument("--allow_missing", action="store_true")
-    a = p.parse_args()
-    if not (a.check or a.cache):
-        p.error("pass --cache DIR to build the frame cache, or --check to find unreadable videos")
-    try:
-        if a.data == "synthetic":
-            import synthetic  # imports data.py: here, once data.py is loaded
-            a.data_path = synthetic.ensure_synthetic(a.data_path)
-        names = ("train", "test") if a.split == "all" else (a.split,)
-        splits = [read_split(a.data, s, a.data_path, a.video_path, a.allow_missing) for s in names]
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    videos = sorted({v for s in splits for v in s.videos})
-    if a.check:
-        bad = find_unreadable(videos, a.cache, a.workers if a.workers > 1 else 0)
-        write_video_list(a.out, bad)
-        print(f"{len(bad)} of {len(videos)} {a.data} {'+'.join(names)} videos cannot be read"
-              + (f", e.g. {bad[0][0]} {bad[0][1]}; all are listed in {a.out}" if bad else f"; wrote {a.out} (empty)"))
-        sys.exit(1 if bad else 0)
-    errors = build_frame_cache(videos, a.cache, a.size, a.fps, a.workers, splits[0].max_seconds)
-    print(f"cached {len(videos) - len(errors)} of {len(videos)} videos in {a.cache}")
 
 
 # ----------------------------------------------------------------------------------------------------
 # The training order (train.py deviation 5): batches, frames and dropout as a function of (seed, epoch,
 # position) only, so that 1 or N ranks see the same batches and --resume is exact, mid-epoch too.
-
-from torch.utils.data import Sampler  # noqa: E402 (this block is appended as one piece)
 
 # Seeds of the training order: large primes, so that (seed, epoch, item) never collide
 EPOCH_STRIDE, SEED_STRIDE, ITEM_STRIDE, RANK_STRIDE = 100_003, 1_000_003, 100_000_007, 1024
@@ -926,5 +553,5 @@ def train_loader(split, args, world, rank, pin_memory=False):
     sampler = EpochSampler(len(ds), rank_batch, steps_per_epoch * args.accum, rank, world, args.seed)
     loader = DataLoader(SeededItems(ds, args.seed), batch_size=rank_batch, sampler=sampler,
                         num_workers=args.num_workers, pin_memory=pin_memory,
-                        persistent_workers=args.num_workers > 0, worker_init_fn=_worker_init)
+                        persistent_workers=args.num_workers > 0, worker_init_fn=worker_init)
     return ds, loader, sampler, steps_per_epoch

@@ -60,7 +60,7 @@ FLAGS = (
     ("--clip", str, "CLIP name (ViT-B/32, ...) or file (default: tiny CLIP for synthetic, else ViT-B/32)"),
     ("--data_path", str, "annotation directory (synthetic: generated there on first use)"),
     ("--video_path", str, "video directory (synthetic: <data_path>/videos)"),
-    ("--frame_cache", str, "data.py's uint8 frame cache (python data.py --cache DIR ...)"),
+    ("--frame_cache", str, "a uint8 frame cache (python frame_cache.py --cache DIR ...)"),
     ("--output_dir", str, "the run's folder: log.jsonl, checkpoint.pt (default out/<method>-<data>)"),
     ("--cache_dir", str, "tiny CLIP cache (default $XDG_CACHE_HOME/nanotvr or ~/.cache/nanotvr)"),
     ("--init", str, "load model weights from a (pretraining) checkpoint, non-strict"),

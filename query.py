@@ -26,6 +26,7 @@ import checkpoints
 import checks
 import clip
 import data
+import data_checks
 import files
 import flags
 import methods
@@ -54,7 +55,7 @@ def video_cache_keys(split, args):
     model = dict(method=args.method, kwargs=args.kwargs, backbone="tiny CLIP" if tiny else args.clip, files=sources)
     stats = [(v, os.path.getsize(v), os.path.getmtime(v)) for v in split.videos]
     videos = dict(videos=stats, frames=args.frames, size=args.size, max_seconds=split.max_seconds,
-                  frame_cache=args.frame_cache and (args.frame_cache, data.read_manifest(args.frame_cache)))
+                  frame_cache=args.frame_cache and (args.frame_cache, data_checks.read_manifest(args.frame_cache)))
     keys = [hashlib.sha256(json.dumps(x, sort_keys=True, default=str).encode()).hexdigest()[:12] for x in (model, videos)]
     prefix = f"{args.checkpoint}.videos" if args.checkpoint else os.path.join(args.output_dir, "videos")
     return prefix, *keys
@@ -140,7 +141,7 @@ def main(argv=None):
             args.data_path = synthetic.ensure_synthetic(args.data_path)
             tiny_clip_data = args.data_path if args.clip is None else None
         split = data.read_split(args.data, "test", args.data_path, args.video_path, args.allow_missing)
-        data.check_videos(split, args.frame_cache)
+        data_checks.check_videos(split, args.frame_cache)
         clip_model = methods.load_clip(args, tiny_clip_data, print) if cls.uses_clip else None
         args.size = args.size or (clip_model.visual.input_resolution if clip_model else None)
         method = methods.build(args, cls, clip_model, device, print, given if probe is None else None)

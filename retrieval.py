@@ -31,7 +31,6 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-import synthetic
 
 SIM_BLOCK_ELEMENTS = 2 ** 26  # a method's own similarity() sees [texts, videos, T, D] blocks of at most this
 
@@ -80,11 +79,16 @@ def retrieval_metrics(sim, caption_video, dsl=False):
 
 
 def temporal_pair_accuracy(sim, caption_video, twin):
-    """Share (%) of captions whose video scores above its time-reversed twin, twin[j] = the twin of video j
-    (a tie counts half): 50 for a model blind to frame order, 100 when order always decides. sim [Nt, Nv]."""
-    sim, cv = sim.double().cpu(), torch.as_tensor(caption_video)
-    own, other = sim[torch.arange(len(sim)), cv], sim[torch.arange(len(sim)), torch.as_tensor(twin)[cv]]
-    return 100 * ((own > other).double() + 0.5 * (own == other).double()).mean().item()
+    """Share (%) of captions whose video scores above its time-reversed twin, twin[j] = the index of video j's
+    twin, None when it has none here (--allow_missing): those captions are left out; a tie counts half. 50 for a
+    model blind to frame order, 100 when order always decides. sim [Nt, Nv] -> (%, captions counted)."""
+    rows = [i for i, v in enumerate(caption_video) if twin[v] is not None]
+    if not rows:
+        return None, 0
+    sim, rows = sim.double().cpu(), torch.tensor(rows)
+    cv = torch.as_tensor(caption_video)[rows]
+    own, other = sim[rows, cv], sim[rows, torch.tensor([twin[v] for v in cv.tolist()])]
+    return 100 * ((own > other).double() + 0.5 * (own == other).double()).mean().item(), len(rows)
 
 
 @torch.no_grad()
@@ -124,8 +128,9 @@ def evaluate(method, split, args, device, amp):
     method.train(was_training)
     metrics = {f"{label}{d}": m for label, dsl in (("", False), ("DSL ", True)) if dsl <= args.dsl
                for d, m in retrieval_metrics(sim, split.caption_video, dsl).items()}
-    if split.name == "synthetic-test":  # its clips come in time-reversed pairs (synthetic.twins)
-        metrics["temporal"] = {"pair_acc": temporal_pair_accuracy(sim, split.caption_video, synthetic.twins(split))}
+    acc, n = temporal_pair_accuracy(sim, split.caption_video, split.twin) if split.twin else (None, 0)
+    if n:  # a set whose test CSV names each clip's time-reversed twin (the synthetic set)
+        metrics["temporal"] = {"pair_acc": acc, "captions": n}
     return metrics, sim
 
 

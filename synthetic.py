@@ -2,7 +2,8 @@
 
 The set: coloured shapes that move, grow/shrink, appear/disappear, in one or two phases, written as real
 .mp4 files plus MSR-VTT's annotation files, so data.py reads it as it reads MSR-VTT. The test clips come in
-pairs that are each other's time reversal, so a model that ignores frame order cannot tell them apart.
+pairs that are each other's time reversal, so a model that ignores frame order cannot tell them apart; the
+test CSV's "twin" column names each clip's twin (data.py reads it into Split.twin).
 The backbone: a tiny CLIP pretrained on still frames of the set's "still" split (captions name colour and
 shape only), so that it knows objects but not motion: what a method learns on top of it is the motion.
 
@@ -26,6 +27,9 @@ from tqdm import tqdm
 
 import clip
 import data
+import files
+from data_checks import bad_file, need_file, read_csv
+from optimizer import lr_factor
 
 # ----------------------------------------------------------------------------------------------------
 # The set: coloured shapes that move, grow/shrink, appear/disappear, in one or two phases, written as
@@ -95,12 +99,17 @@ def render(rng, colour, shape, motions, n_frames, size=64):
     return frames
 
 
-def twins(split):
-    """The rule of the test split: videos 2k and 2k+1 are each other's time reversal (the test CSV's "twin"
-    column names the other one) -> twin[j] for every video j of the split."""
-    if len(split.videos) % 2:
-        raise ValueError(f"{split.name}: {len(split.videos)} videos cannot form time-reversed pairs")
-    return [j ^ 1 for j in range(len(split.videos))]
+def still_split(root):
+    """The "still" split of the set in `root`: the training clips whose object is in every frame, each captioned
+    with its colour and shape only ("a red circle"): what the tiny CLIP is pretrained on."""
+    origin = data.ORIGINS["synthetic"]
+    path = need_file(root, "synthetic_still.csv", origin)
+    rows = read_csv(path, ("video_id", "sentence"), origin)
+    videos = [os.path.abspath(os.path.join(root, "videos", r["video_id"] + ".mp4")) for _, r in rows]
+    missing = [v for v in videos if not os.path.isfile(v)]
+    if missing or not rows:
+        raise bad_file(path, f"lists {len(rows)} videos, {len(missing)} of them missing {missing[:3]}", origin)
+    return data.Split("synthetic-still", videos, [r["sentence"] for _, r in rows], list(range(len(rows))))
 
 
 def make_synthetic(root, seed=0, n_train=3000, n_test_pairs=100, size=64):
@@ -176,8 +185,7 @@ def ensure_synthetic(root=None, **kwargs):
 # embed_dim 64 (32 before): trained on object captions only, a 32-d embedding keeps little besides the object
 # (a linear probe reads a frame's x, y, size from it with R^2 0.14, 0.23, 0.73; 0.31, 0.22, 0.81 at 64-d); the
 # wider one leaves the methods more to build motion from, and zero-shot retrieval no better (t2v R@10 32 vs 42).
-TINY_CLIP = dict(embed_dim=64, image_resolution=64, vision_layers=2, vision_width=64, vision_patch_size=16,
-                 context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1, transformer_layers=2)
+TINY_CLIP = clip.CONFIGS["synthetic"]  # the name tiny_clip() reads (tests/test_learning.py swaps it), runs.py too
 TINY_PRETRAIN = dict(seed=0, steps=300, batch_size=128, lr=1e-3, weight_decay=0.1, frames=8, words=32,
                      frozen=("token_embedding.weight",))
 
@@ -191,7 +199,7 @@ def tiny_clip(cache_dir, data_path, log=print):
     if os.path.isfile(path):
         return clip.load(path)
     P, t0 = TINY_PRETRAIN, time.time()
-    split = data.read_split("synthetic", "still", data_path)
+    split = still_split(data_path)
     ds = data.VideoTextDataset(split, frames=P["frames"], words=P["words"], size=TINY_CLIP["image_resolution"],
                                train=False, mode="videos")
     videos = torch.stack([ds[i]["video"] for i in range(len(ds))])  # [N, T, 3, S, S]: the object is in every frame
@@ -207,12 +215,10 @@ def tiny_clip(cache_dir, data_path, log=print):
     decay = [p for n, p in named if p.ndim >= 2 and "embedding" not in n]  # matrices decay, the rest not
     opt = torch.optim.AdamW([dict(params=[p for n, p in named if not any(p is q for q in decay)], weight_decay=0.0),
                              dict(params=decay, weight_decay=P["weight_decay"])], lr=P["lr"])
-    warmup = int(0.1 * P["steps"])
     for step in tqdm(range(P["steps"]), desc="pretrain tiny CLIP", leave=False, dynamic_ncols=True,
                      disable=not sys.stderr.isatty()):
-        for g in opt.param_groups:  # linear warmup over 10% of the steps, then cosine to 0
-            g["lr"] = P["lr"] * ((step + 1) / warmup if step < warmup else
-                                 0.5 * (1 + math.cos(math.pi * (step - warmup) / (P["steps"] - warmup))))
+        for g in opt.param_groups:  # linear warmup over 10% of the steps, then cosine to 0: train.py's schedule
+            g["lr"] = P["lr"] * lr_factor(step, P["steps"], 0.1)
         i = torch.randint(len(label), (P["batch_size"],))
         frame = clip.normalize_pixels(videos[video_of[i], torch.randint(P["frames"], (len(i),))])  # [B, 3, S, S]
         img = F.normalize(model.encode_image(frame), dim=-1)
@@ -226,9 +232,7 @@ def tiny_clip(cache_dir, data_path, log=print):
         opt.step()
         model.logit_scale.data.clamp_(max=math.log(100))
     os.makedirs(cache_dir, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, path)  # atomic: concurrent runs never read a half-written file
+    files.atomic_write(path, lambda tmp: torch.save(model.state_dict(), tmp))  # concurrent runs read a whole file
     log(f"tiny CLIP: {P['steps']} steps on {len(ds)} still clips, {time.time() - t0:.0f} s, loss {loss.item():.3f}: {path}")
     return clip.load(path)
 

@@ -45,6 +45,7 @@ import checkpoints
 import checks
 import clip
 import data
+import data_checks
 import flags
 import methods
 import pictures
@@ -56,7 +57,6 @@ from flags import fail, parse_args
 from loss import Forward, contrastive_loss
 from optimizer import MAX_LOGIT_SCALE, param_groups, set_lr
 
-METHODS, STANDARD = methods.METHODS, tuple(flags.LOOP_DEFAULTS)  # for bench.py (to go)
 
 # ----------------------------------------------------------------------------------------------------
 # Setup: processes, precision, signals
@@ -312,7 +312,7 @@ def main(argv=None):
         read = lambda split: data.read_split(args.data, split, args.data_path, args.video_path, args.allow_missing)
         train_split, test = None if evaluating else read("train"), None if args.stage == "pretrain" else read("test")
         if test:
-            data.check_videos(test, args.frame_cache)  # 1 ms each: a bad one would fail every evaluation
+            data_checks.check_videos(test, args.frame_cache)  # 1 ms each: a bad one would fail every evaluation
         if folder:  # the data are found: the folder is the run's
             folder.claim(args.overwrite)
             log(f"run folder {folder.dir}: checkpoint {folder.ckpt}, log {folder.log_path}")

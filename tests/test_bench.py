@@ -1,4 +1,5 @@
-"""bench.py's bookkeeping (not its timings): FLOP counting on the CPU, the quality aggregation, a tiny speed run."""
+"""bench.py's bookkeeping (not its timings): FLOP counting on the CPU, the quality aggregation (quality.py, as
+`python bench.py quality` runs it), a tiny speed run."""
 import argparse
 import json
 
@@ -7,6 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import bench
+import clip
+import quality
 
 
 def test_flop_counter_counts_cpu_fused_attention_forward_and_backward():
@@ -29,13 +32,13 @@ def test_quality_reuses_finished_runs_and_reports_mean_and_population_std(tmp_pa
         final = {"event": "eval", "t2v": metrics, "v2t": metrics, "temporal": {"pair_acc": 40.0 + r1},
                  "wall_s": 6 * r1, "load": [0.5, r1 / 10]}
         (run / "final_eval.json").write_text(json.dumps(final))
-    monkeypatch.setattr(bench.subprocess, "Popen", lambda *a, **k: pytest.fail("a finished run was trained again"))
-    rows = bench.quality(argparse.Namespace(methods="full", seeds="0,1", out=str(tmp_path), jobs=2))
+    monkeypatch.setattr(quality.subprocess, "Popen", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    rows = quality.quality(argparse.Namespace(methods="full", seeds="0,1", out=str(tmp_path), jobs=2))
     stats = rows[0]["stats"]
     assert stats["t2v R@1"] == (15.0, 5.0) and stats["v2t R@10"] == (80.0, 0.0)
     assert stats["pair acc"] == (55.0, 5.0) and stats["wall min"] == (1.5, 0.5) and rows[0]["load"] == "0.5-2.0"
     assert rows[0]["command"] == "python train.py --method full --seed S"
-    table = bench.quality_table(rows)
+    table = quality.quality_table(rows)
     assert "| pair acc | wall min | load |" in table and "| 55.0 ± 5.0 | 1.5 ± 0.5 | 0.5-2.0 |" in table
 
 
@@ -44,7 +47,7 @@ def test_speed_runs_every_column_through_train_methods_and_the_frame_cache_loade
                               warmup=1, loader_steps=1, loader_clips=1, workers=1)
     result = bench.speed(args)  # a forked loader worker once hung here on OpenCV's thread pool
     unipt, zeroshot = result["rows"]
-    assert unipt["trainable"] == sum(p.numel() for p in bench.build("unipt", bench.TINY, 4, True)[0].parameters()
+    assert unipt["trainable"] == sum(p.numel() for p in bench.build("unipt", clip.CONFIGS["bench-tiny"], 4, True)[0].parameters()
                                      if p.requires_grad)
     assert unipt["flops"] > 0 and unipt["peak_mem_MB"] > 0 and 0 <= unipt["loader_wait"] < 1
     assert "step_ms" not in zeroshot and "loader_wait" not in zeroshot  # nothing trains
@@ -70,11 +73,11 @@ def test_quality_reads_the_last_eval_of_a_training_log_and_the_record_of_an_eval
 
         returncode = 0
 
-    monkeypatch.setattr(bench.subprocess, "Popen", FakeRun)
-    monkeypatch.setattr(bench.time, "sleep", lambda s: None)
+    monkeypatch.setattr(quality.subprocess, "Popen", FakeRun)
+    monkeypatch.setattr(quality.time, "sleep", lambda s: None)
     clock = iter(range(0, 6000, 60))  # a minute passes between two looks at the clock
-    monkeypatch.setattr(bench.time, "time", lambda: next(clock))
-    rows = bench.quality(argparse.Namespace(methods="zeroshot,full", seeds="0", out=str(tmp_path), jobs=1))
+    monkeypatch.setattr(quality.time, "time", lambda: next(clock))
+    rows = quality.quality(argparse.Namespace(methods="zeroshot,full", seeds="0", out=str(tmp_path), jobs=1))
     assert [r["stats"]["t2v R@1"][0] for r in rows] == [2.0, 9.0]  # full: its last evaluation, not the first
     final = json.loads((tmp_path / "quality_full_seed0" / "final_eval.json").read_text())
     assert final["wall_s"] == 60 and len(final["load"]) == 2  # the run's start to its end

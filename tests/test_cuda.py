@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import bench
+import clip
 import flags
 import loss
 import methods
@@ -54,7 +55,7 @@ def build(name):
         recipe = {**recipe, **dataset_recipes["synthetic"]}
         kwargs = {k: v for k, v in recipe.items() if k not in flags.LOOP_DEFAULTS}
         return cls(T, size=recipe["size"], **kwargs).to(DEVICE), recipe["size"], True
-    method, size = bench.build(name, bench.TINY, T, tiny=True)
+    method, size = bench.build(name, clip.CONFIGS["bench-tiny"], T, tiny=True)
     return method.to(DEVICE), size, False
 
 
@@ -73,10 +74,10 @@ def step_loss(method, data, pretrain, dtype):
     forward = loss.Forward(method, pretrain)
     with torch.autocast(DEVICE.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         if pretrain:
-            loss = forward(text, video, mask)["loss"]
+            value = forward(text, video, mask)["loss"]
         else:
-            loss = loss.contrastive_loss(method, *forward(text, video, mask), mask)
-    return loss
+            value = loss.contrastive_loss(method, *forward(text, video, mask), mask)
+    return value
 
 
 def gradient(method):  # all trainable tensors' gradients, flattened, fp64 (for an exact cosine)

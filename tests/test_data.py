@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -10,6 +11,8 @@ import torch
 
 import clip
 import data
+import data_checks
+import frame_cache
 
 
 def write_gray_video(path, n, size=(48, 32)):
@@ -55,6 +58,36 @@ def test_msrvtt_reader(msrvtt):
         data.read_split("msrvtt", "test", msrvtt[1], msrvtt[1])
     with pytest.raises(data.DataError, match="unknown data set 'msr'.*msrvtt"):
         data.read_split("msr", "train", *msrvtt)
+
+
+def test_duplicates_allowed_where_the_data_has_them(msrvtt, tmp_path):
+    """A train list may repeat (it weights that video, as CLIP4Clip reads it); MSVD's test annotators wrote
+    the same sentence for one video 3,730 times, and published numbers count every one."""
+    ann, videos = msrvtt
+    ann = Path(ann)
+    (ann / "MSRVTT_train.9k.csv").write_text("video_id\nvideo0\nvideo1\nvideo0\n")
+    assert len(data.read_split("msrvtt", "train", str(ann), videos).captions) == 6
+    (tmp_path / "test_list.txt").write_text("video2\n")
+    json.dump({"video2": ["a cat", "a cat", "a kitten"]}, open(tmp_path / "captions_msvd.json", "w"))
+    assert data.read_split("msvd", "test", str(tmp_path), videos).captions == ["a cat", "a cat", "a kitten"]
+
+
+def test_empty_captions_counted_and_dropped(msrvtt, tmp_path, capsys):
+    ann, videos = msrvtt
+    ann = Path(ann)
+    json.dump({"sentences": [{"video_id": "video0", "caption": "a man"}, {"video_id": "video0", "caption": " "},
+                             {"video_id": "video1", "caption": ""}, {"video_id": "video1", "caption": "a dog"}]},
+              open(ann / "MSRVTT_data.json", "w"))
+    split = data.read_split("msrvtt", "train", str(ann), videos)
+    assert split.captions == ["a man", "a dog"] and split.caption_video == [0, 1]
+    assert f"WARNING: {ann / 'MSRVTT_data.json'}: 2 empty train captions dropped; 2 left" in capsys.readouterr().err
+    (ann / "MSRVTT_JSFUSION_test.csv").write_text("key,vid_key,video_id,sentence\nret0,msr2,video2,a cat\n"
+                                                  "ret1,msr3,video3,\n")
+    with pytest.raises(data.DataError) as e:  # 1k-A has one caption per video: nothing would be left for video3
+        data.read_split("msrvtt", "test", str(ann), videos)
+    assert "MSRVTT_JSFUSION_test.csv has no non-empty caption for 1 of the 2 test videos" in str(e.value)
+    assert "video3" in str(e.value)
+    assert "1 empty test caption dropped; 1 left" in capsys.readouterr().err
 
 
 def test_missing_videos_clear_error_or_loud_subset(msrvtt, capsys):
@@ -130,15 +163,15 @@ def test_text_tokens_and_sanitising():
 def test_frame_cache_equals_decoding(msrvtt, tmp_path):
     train = data.read_split("msrvtt", "train", *msrvtt)
     cache = str(tmp_path / "cache")
-    with pytest.raises(data.DataError, match="python data.py --cache"):
+    with pytest.raises(data.DataError) as e:  # no cache yet: which folder, and the command that builds it
         data.VideoTextDataset(train, frames=6, words=8, size=32, train=False, frame_cache=cache)
-    os.makedirs(cache)
-    errors = [data._cache_one((v, data.cache_file(cache, v), 32, 0, None)) for v in train.videos]  # fps 0: all
-    assert errors[0] is None and "video1.mp4" in errors[1]
+    assert cache in str(e.value) and f"python frame_cache.py --cache {cache}" in str(e.value)
+    errors = frame_cache.build_frame_cache(train.videos, cache, size=32, fps=0, workers=0)  # fps 0: every frame
+    assert len(errors) == 1 and "video1.mp4" in errors[0]
     decoded = data.VideoTextDataset(train, frames=6, words=8, size=32, train=False, mode="videos")[0]
     cached = data.VideoTextDataset(train, frames=6, words=8, size=32, train=False, mode="videos",
                                    frame_cache=cache)
-    assert np.load(data.cache_file(cache, train.videos[0])).shape == (24, 3, 32, 32)
+    assert np.load(data_checks.cache_file(cache, train.videos[0])).shape == (24, 3, 32, 32)
     assert torch.equal(cached.load_video(0)[0], decoded["video"])
 
 

@@ -35,6 +35,34 @@ def test_msvd_token_list_captions_multi_caption_test(tmp_path):
     assert data.read_split("msvd", "train", str(tmp_path), str(tmp_path / "YouTubeClips")).captions == ["a man cooks"]
 
 
+
+def test_msvd_pickle_and_json_give_the_same_split(tmp_path):
+    words = {"-4wsuPCjDBc_5_15": [["a", "squirrel", "eats"], ["a", "chipmunk", "is", "eating"],
+                                  ["a", "squirrel", "eats"]],
+             "zv2RIbUsnSw_159_165": [["a", "cat", "plays"]], "vid_train": [["a", "man", "cooks"]]}
+    folders = {"pkl": tmp_path / "clip4clip", "json": tmp_path / "ump"}
+    for kind, folder in folders.items():
+        folder.mkdir()
+        (folder / "test_list.txt").write_text("-4wsuPCjDBc_5_15\nzv2RIbUsnSw_159_165\n")
+        (folder / "train_list.txt").write_text("vid_train\n")
+        if kind == "pkl":  # id -> word lists
+            pickle.dump(words, open(folder / "raw-captions.pkl", "wb"))
+        else:  # id -> the same captions as strings
+            json.dump({v: [" ".join(c) for c in caps] for v, caps in words.items()},
+                      open(folder / "captions_msvd.json", "w"))
+    touch(tmp_path / "YouTubeClips", *(f"{v}.avi" for v in words))
+    for split in ("test", "train"):
+        a, b = (data.read_split("msvd", split, str(folders[k]), str(tmp_path / "YouTubeClips"))
+                for k in ("pkl", "json"))
+        assert a == b
+    assert a.captions == ["a man cooks"] and len(b.videos) == 1
+    test = data.read_split("msvd", "test", str(folders["json"]), str(tmp_path / "YouTubeClips"))
+    assert test.captions == ["a squirrel eats", "a chipmunk is eating", "a squirrel eats", "a cat plays"]
+    assert test.caption_video == [0, 0, 0, 1]
+    # both files present: the pickle (CLIP4Clip's, the reference) is read
+    (folders["pkl"] / "captions_msvd.json").write_text('{"-4wsuPCjDBc_5_15": ["other"], "zv2RIbUsnSw_159_165": ["x"]}')
+    assert data.read_split("msvd", "test", str(folders["pkl"]), str(tmp_path / "YouTubeClips")) == test
+
 def test_vatex_ref_captions(tmp_path):
     (tmp_path / "train_list.txt").write_text("Ptf_2VRj-V0_000122_000132\n")
     (tmp_path / "test_list.txt").write_text("--07WQ2iBlw_000001_000011\n")

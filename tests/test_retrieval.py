@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-import clip
 import data
+import data_checks
+import frame_cache
 import methods
 import pictures
 import query
@@ -231,11 +232,11 @@ def test_frame_cache_manifest_refuses_and_warns(tmp_path, capsys):
         write_clip(tmp_path / f"v{k}.mp4", (50, 50, 50), n=n)
         videos.append(str(tmp_path / f"v{k}.mp4"))
     cache = str(tmp_path / "cache")
-    assert data.build_frame_cache(videos, cache, size=16, fps=0) == []
-    manifest = json.load(open(os.path.join(cache, data.MANIFEST)))
+    assert frame_cache.build_frame_cache(videos, cache, size=16, fps=0) == []
+    manifest = json.load(open(os.path.join(cache, data_checks.MANIFEST)))
     assert manifest == dict(size=16, fps=0, max_seconds=None, frames={"v0.mp4": 3, "v1.mp4": 8})
     with pytest.raises(data.DataError, match="made with"):
-        data.build_frame_cache(videos, cache, size=32, fps=0)  # never mix two settings in one folder
+        frame_cache.build_frame_cache(videos, cache, size=32, fps=0)  # never mix two settings in one folder
     split = data.Split("t", videos, ["a", "b"], [0, 1])
     with pytest.raises(data.DataError, match="16 px frames, this run uses 32 px"):
         data.VideoTextDataset(split, frames=4, words=8, size=32, train=False, frame_cache=cache)

@@ -1,5 +1,6 @@
 """synthetic.py: the set is deterministic and in MSR-VTT's layout, its test clips come in time-reversed pairs
-(the rule retrieval's temporal pair accuracy relies on), its still split names objects only; the metric itself."""
+(the test CSV's "twin" column, read into Split.twin, names each clip's twin: what retrieval's temporal pair
+accuracy relies on), its still split names objects only; the metric itself."""
 import csv
 import os
 
@@ -37,11 +38,14 @@ def test_deterministic_and_msrvtt_layout(tiny_set, tmp_path, monkeypatch):
 
 def test_test_clips_are_time_reversed_pairs(tiny_set):
     test = data.read_split("synthetic", "test", str(tiny_set))
-    twin = synthetic.twins(test)
+    twin = test.twin
+    assert twin == [j ^ 1 for j in range(6)]  # written in pairs, in order
     with open(tiny_set / "MSRVTT_JSFUSION_test.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     name = [os.path.splitext(os.path.basename(v))[0] for v in test.videos]
-    assert [r["twin"] for r in rows] == [name[twin[j]] for j in range(len(name))]  # the CSV states the rule
+    assert [r["twin"] for r in rows] == [name[twin[j]] for j in range(len(name))]  # read from the CSV
+    assert data.read_split("msrvtt", "test", str(tiny_set), str(tiny_set / "videos")).twin == twin
+    assert data.read_split("msrvtt", "train", str(tiny_set), str(tiny_set / "videos")).twin is None  # no column
     canonical = {synthetic.caption(c, s, m): (c, s, m) for c in synthetic.COLOURS for s in synthetic.SHAPES
                  for m in synthetic.MOTIONS}
     for j in range(len(name)):
@@ -54,7 +58,7 @@ def test_test_clips_are_time_reversed_pairs(tiny_set):
 
 
 def test_still_split_names_objects_only(tiny_set):
-    still = data.read_split("synthetic", "still", str(tiny_set))
+    still = synthetic.still_split(str(tiny_set))
     train = data.read_split("msrvtt", "train", str(tiny_set), str(tiny_set / "videos"))
     objects = {f"a {c} {s}" for c in synthetic.COLOURS for s in synthetic.SHAPES}
     assert still.captions and set(still.captions) <= objects  # no motion word reaches the backbone's pretraining
@@ -72,13 +76,13 @@ def test_temporal_pair_accuracy_by_hand():
                         [.0, .0, .4, .4],   # a tie with the twin: half
                         [.9, .9, .1, .2],   # .2 > .1: right, although videos 0 and 1 score higher
                         [.2, .7, .0, .0]])  # wrong
-    acc = retrieval.temporal_pair_accuracy(sim, [0, 1, 2, 3, 0], [1, 0, 3, 2])
-    assert acc == pytest.approx(100 * 2.5 / 5)
-    assert retrieval.temporal_pair_accuracy(torch.ones(4, 4), [0, 1, 2, 3], [1, 0, 3, 2]) == 50  # order-blind
+    acc, n = retrieval.temporal_pair_accuracy(sim, [0, 1, 2, 3, 0], [1, 0, 3, 2])
+    assert acc == pytest.approx(100 * 2.5 / 5) and n == 5
+    assert retrieval.temporal_pair_accuracy(torch.ones(4, 4), [0, 1, 2, 3], [1, 0, 3, 2]) == (50, 4)  # order-blind
+    # videos 2 and 3 missing (--allow_missing): the pairs come from the twin column, never from positions
+    acc, n = retrieval.temporal_pair_accuracy(sim[[0, 1, 4], :2], [0, 1, 0], [1, 0])
+    assert (acc, n) == (pytest.approx(100 / 3), 3)
+    assert retrieval.temporal_pair_accuracy(sim[:, :3], [0, 1, 2], [1, 0, None]) == (50, 2)  # 2's twin is gone
     m = {"t2v": retrieval.summarize(torch.tensor([1.0, 2.0])), "temporal": {"pair_acc": 62.5}}
     assert "temporal pair accuracy 62.5%" in retrieval.table(m)
 
-
-def test_twins_needs_pairs():
-    with pytest.raises(ValueError, match="pairs"):
-        synthetic.twins(data.Split(name="x", videos=["a", "b", "c"], captions=["a"], caption_video=[0]))

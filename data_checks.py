@@ -1,0 +1,318 @@
+"""data_checks.py: what can be wrong with a data set's files, found early and said plainly. data.py reads
+through it; nothing here knows a benchmark.
+
+DataError is the one error a user fixes: its message names the file (and its line, key or column), says what
+is wrong and where the file comes from. Annotation files (id lists, CSV, JSON, caption pickles) are loaded here
+so that a missing, empty, cut-off or malformed one raises it, and a test split that lists a video twice too.
+Video files are probed cheaply (header and first frame; a frame-cache file's header) so that check_videos()
+names every unreadable one at once, before training, rather than one per crashed evaluation. A frame cache
+(frame_cache.py builds it: CACHE/<video file name>.npy plus CACHE/manifest.json) is checked against the run
+that reads it: refused when its frames are smaller than the run's, warned about when it cannot serve as is.
+"""
+import csv
+import json
+import multiprocessing as mp
+import os
+import pickle
+import sys
+from collections import defaultdict
+
+import cv2
+import numpy as np
+
+import files
+
+
+class DataError(ValueError):
+    """A problem with the data that the user can fix (a missing, damaged or malformed file, unreadable videos);
+    the message says which file, what is wrong and how to fix it. train.py prints it as one `error:` line."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Annotation files: each loader takes `origin`, the download the file comes from, for its messages.
+
+def bad_file(path, what, origin):
+    return DataError(f"{path} {what}: this file comes from {origin}")
+
+
+def need_file(root, name, origin):
+    if not root:
+        raise DataError(f"--data_path is not set: it is the folder holding {name}, from {origin}")
+    path = os.path.join(root, name)
+    if not os.path.isfile(path):
+        raise DataError(f"{name} not found in --data_path {root}: check --data_path; the file comes from {origin}")
+    return path
+
+
+def read_list(path, origin):
+    """A list file, one video id a line -> (ids, their line numbers); blank lines are skipped."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            entries = [(n, line.strip()) for n, line in enumerate(f, 1) if line.strip()]
+    except UnicodeDecodeError as e:
+        raise bad_file(path, f"is not UTF-8 text (byte {e.start})", origin) from e
+    if not entries:
+        raise bad_file(path, "is empty (no video ids)", origin)
+    return [v for _, v in entries], [n for n, _ in entries]
+
+
+def read_csv(path, columns, origin):
+    """-> [(line number, row dict)]; every named column must exist and every row have the header's fields."""
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark is no column
+        reader = csv.DictReader(f, strict=True)  # strict: a quote left open (a file cut off) is an error
+        try:
+            header = reader.fieldnames
+            if not header:
+                raise bad_file(path, "is empty (no header line)", origin)
+            missing = [c for c in columns if c not in header]
+            if missing:
+                raise bad_file(path, f"has no {missing[0]!r} column (columns: {', '.join(header)})", origin)
+            rows = []
+            for row in reader:
+                n = len(header) + len(row.get(None, ())) - sum(v is None for v in row.values())
+                if n != len(header):
+                    raise bad_file(path, f"line {reader.line_num} has {n} fields, the header has {len(header)}" + (
+                        " (a comma in an unquoted caption?)" if n > len(header) else " (cut off?)"), origin)
+                rows.append((reader.line_num, row))
+        except csv.Error as e:
+            raise bad_file(path, f"is not valid CSV at line {reader.reader.line_num} ({e}; cut off?)", origin) from e
+        except UnicodeDecodeError as e:
+            raise bad_file(path, f"is not UTF-8 text (byte {e.start})", origin) from e
+    return rows
+
+
+class _RepeatedKey(Exception):
+    pass
+
+
+def _unique_keys(pairs):
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) < len(keys):
+        raise _RepeatedKey(sorted({k for k in keys if keys.count(k) > 1}))
+    return dict(pairs)
+
+
+def load_json(path, origin, unique_keys=False):
+    """json.load with errors that name the file; unique_keys: a key given twice is an error (json keeps the last)."""
+    if os.path.getsize(path) == 0:
+        raise bad_file(path, "is empty (0 bytes)", origin)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f, object_pairs_hook=_unique_keys if unique_keys else None)
+    except UnicodeDecodeError as e:
+        raise bad_file(path, f"is not UTF-8 text (byte {e.start})", origin) from e
+    except json.JSONDecodeError as e:
+        cut = " where the file ends (cut off?)" if e.pos >= len(e.doc.rstrip()) else ""
+        raise bad_file(path, f"is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}{cut}", origin) from e
+    except _RepeatedKey as e:
+        keys = e.args[0]
+        raise bad_file(path, f"gives the key{'s' if len(keys) > 1 else ''} {', '.join(map(repr, keys[:5]))} twice "
+                       "(a test video listed twice would count its captions twice)", origin) from None
+
+
+class _Refused(Exception):
+    """A pickle that names a callable outside _CaptionUnpickler.ALLOWED."""
+
+
+class _CaptionUnpickler(pickle.Unpickler):
+    """Containers and strings only: unpickling can run any code a file names, and a caption file needs none."""
+    ALLOWED = {("builtins", "dict"), ("builtins", "list"), ("builtins", "str"), ("builtins", "tuple"),
+               ("collections", "defaultdict"), ("collections", "OrderedDict")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise _Refused(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
+def load_pickle(path, origin):
+    if os.path.getsize(path) == 0:
+        raise bad_file(path, "is empty (0 bytes)", origin)
+    try:
+        with open(path, "rb") as f:
+            return _CaptionUnpickler(f).load()
+    except _Refused as e:
+        raise bad_file(path, f"asks to load {e} when unpickled, which a caption file does not contain (refused: "
+                       "unpickling can run code)", origin) from None
+    except Exception as e:  # EOFError, UnpicklingError, ...: whatever a damaged pickle raises
+        raise bad_file(path, f"cannot be unpickled ({type(e).__name__}: {e}; cut off or damaged?)", origin) from e
+
+
+def get_key(item, key, path, where, origin):
+    """item[key] for a JSON object, or a DataError naming the file, the item and the keys it has."""
+    if not isinstance(item, dict):
+        raise bad_file(path, f"has {where} = {type(item).__name__}, expected an object with the key {key!r}", origin)
+    if key not in item:
+        keys = ", ".join(map(str, list(item)[:8])) + (", ..." if len(item) > 8 else "")
+        raise bad_file(path, f"has no {key!r} key in {where} (keys: {keys})", origin)
+    return item[key]
+
+
+def caption_text(caption, path, where, origin):
+    """A caption: a string, or a list of words (CLIP4Clip's MSVD pickle) joined by spaces."""
+    if isinstance(caption, (list, tuple)) and all(isinstance(w, str) for w in caption):
+        return " ".join(caption)
+    if not isinstance(caption, str):
+        raise bad_file(path, f"has {where} = {type(caption).__name__}, expected a caption string", origin)
+    return caption
+
+
+def captions_of(table, v, path, origin):
+    """{video id: [captions]} -> the captions of v ([] if it has none: read_split reports that)."""
+    caps = table.get(v, [])
+    if not isinstance(caps, (list, tuple)):
+        raise bad_file(path, f"has [{v!r}] = {type(caps).__name__}, expected a list of captions", origin)
+    return [caption_text(c, path, f"[{v!r}][{k}]", origin) for k, c in enumerate(caps)]
+
+
+def check_unique(ids, lines, path, origin):
+    """Test splits list each video once: a second listing counts its captions twice and shifts the metrics."""
+    where = defaultdict(list)
+    for v, n in zip(ids, lines):
+        where[v].append(n)
+    repeated = {v: ns for v, ns in where.items() if len(ns) > 1}
+    if repeated:
+        shown = "; ".join(f"{v} at " + ", ".join(n if isinstance(n, str) else f"line {n}" for n in ns)
+                          for v, ns in list(repeated.items())[:5])
+        raise bad_file(path, f"lists {len(repeated)} test video{'s' if len(repeated) > 1 else ''} more than once "
+                       f"({shown}{'; ...' if len(repeated) > 5 else ''}): a video listed twice counts its captions "
+                       "twice and shifts the metrics; delete the repeated lines", origin)
+
+
+
+# ----------------------------------------------------------------------------------------------------
+# The frame cache as a run reads it: its layout, its manifest, whether it fits the run
+
+MANIFEST = "manifest.json"  # in the cache folder: the settings it was made with, and frames per clip
+
+
+def cache_file(cache_dir, video):
+    """Where the cached frames of `video` are: uint8 [frames, 3, size, size] in a .npy file."""
+    return os.path.join(cache_dir, os.path.basename(video) + ".npy")
+
+
+def read_manifest(cache_dir):
+    """-> {"size", "fps", "max_seconds", "frames": {file name: cached frames}}, or None (a cache made without one)."""
+    path = os.path.join(cache_dir, MANIFEST)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+_WARNED = set()  # frame-cache warnings already printed by this process (a dataset is made every evaluation)
+
+
+def check_frame_cache(cache_dir, videos, size, frames):
+    """Refuse a cache that holds none of `videos` or smaller frames than the run's (they would be upscaled);
+    warn about videos it lacks (decoded instead), larger frames (every load resizes), clips with fewer cached
+    frames than the run samples (padded, where decoding would give all `frames`), and a cache without a
+    manifest (nothing can be checked)."""
+    missing = [v for v in videos if not os.path.isfile(cache_file(cache_dir, v))]
+    if missing:
+        msg = (f"{len(missing)} of {len(videos)} videos have no frame cache in {cache_dir}, e.g. "
+               f"{cache_file(cache_dir, missing[0])}. Build it with `python frame_cache.py --cache {cache_dir} "
+               f"--data ... --data_path ... --video_path ...`")
+        if len(missing) == len(videos):
+            raise DataError(msg + ", or drop frame_cache.")
+        print(f"WARNING: {msg}; decoding those from the video files.", file=sys.stderr, flush=True)
+    manifest, warnings = read_manifest(cache_dir), []
+    if manifest is None:
+        warnings.append(f"frame cache {cache_dir} has no {MANIFEST} (made by an older data.py?): its frame "
+                        f"size and rate are unchecked; rebuild it with python frame_cache.py --cache to check them")
+    else:
+        if manifest["size"] < size:
+            raise DataError(f"frame cache {cache_dir} holds {manifest['size']} px frames, this run uses {size} px: "
+                            f"they would be upscaled. Build one at this size (python frame_cache.py --cache NEW_DIR "
+                            f"--size {size} ...) or pass --size {manifest['size']}")
+        if manifest["size"] > size:
+            warnings.append(f"frame cache {cache_dir} holds {manifest['size']} px frames, this run uses {size} px: "
+                            f"every load resizes them (slower); a cache made with --size {size} is read as is")
+        counts = manifest.get("frames", {})
+        short = [v for v in videos if counts.get(os.path.basename(v), frames) < frames]
+        if short:
+            warnings.append(f"{len(short)} of {len(videos)} clips in frame cache {cache_dir} hold fewer than {frames} "
+                            f"frames (made at --fps {manifest['fps']}; e.g. {os.path.basename(short[0])}: "
+                            f"{counts[os.path.basename(short[0])]}): they are padded and masked where decoding "
+                            f"would give {frames}. Rebuild with a higher --fps (0: every frame) into an empty folder")
+    for w in warnings:
+        if w not in _WARNED:
+            _WARNED.add(w)
+            print("WARNING:", w, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Start-up check of the videos: open each one as cheaply as possible (its header and first frame, or its frame
+# cache's header) so that unreadable files are all named before training, not one per crashed evaluation.
+
+def probe_video(path, frame_cache=None):
+    """None if the video (or, when there is one, its frame-cache file) would load; else what is wrong with it.
+    Cheap: a video is opened and its first frame decoded (a file whose header promises more frames than it
+    holds still loads: read_frames keeps the frames there are); a cache file's header is read (memory-mapped)."""
+    cached = cache_file(frame_cache, path) if frame_cache else None
+    if cached and os.path.isfile(cached):
+        try:
+            x = np.load(cached, mmap_mode="r")
+        except Exception as e:  # ValueError (cut off, not .npy), EOFError (empty), OSError
+            return f"has a damaged frame cache {cached} ({type(e).__name__}: {e}): delete it and build it again"
+        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1] != 3 or x.shape[0] == 0:
+            return f"has a frame cache {cached} holding {x.dtype} {list(x.shape)}, not uint8 [frames, 3, size, size]"
+        return None
+    try:
+        if os.path.getsize(path) == 0:
+            return "is empty (0 bytes)"
+    except OSError as e:
+        return f"cannot be read ({e.strerror})"
+    cap = cv2.VideoCapture(path)
+    try:
+        if not cap.isOpened():
+            return "does not open as a video (cut off, damaged, or not a video)"
+        ok, frame = cap.read()  # some containers give no frame count (read_frames counts those): not checked
+        if not ok or frame is None:
+            return "opens, but its first frame does not decode"
+    finally:
+        cap.release()
+    return None
+
+
+def _probe_job(job):
+    why = probe_video(*job)
+    return (job[0], why) if why else None
+
+
+def find_unreadable(videos, frame_cache=None, workers=0):
+    """-> [(video path, what is wrong)] for every video in `videos` that would not load (probe_video), in order;
+    workers > 0 spreads the work over that many processes."""
+    jobs = [(v, frame_cache) for v in videos]
+    if workers <= 0:
+        return [r for r in map(_probe_job, jobs) if r]
+    with mp.get_context("spawn").Pool(workers, initializer=cv2.setNumThreads, initargs=(1,)) as pool:
+        return [r for r in pool.imap(_probe_job, jobs, chunksize=16) if r]
+
+
+def write_video_list(path, bad):
+    """The list of bad videos, one `path<TAB>what is wrong` a line, written atomically."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(f"{v}\t{why}\n" for v, why in bad)
+    files.atomic_write(path, write)
+
+
+def check_videos(split, frame_cache=None, workers=0, report=None, show=5):
+    """Open every video of `split` cheaply (probe_video) and raise one DataError naming all unreadable ones: their
+    number, the first `show` with what is wrong, and `report`, where the full list is written (only when some
+    are bad). Run it on the test split before training: an unreadable test video fails every evaluation."""
+    bad = find_unreadable(split.videos, frame_cache, workers)
+    if not bad:
+        return
+    if report:
+        write_video_list(report, bad)
+    shown = "; ".join(f"{v} {why}" for v, why in bad[:show])
+    rest = (f" (all {len(bad)} listed in {report})" if report else
+            f" (and {len(bad) - show} more: `python frame_cache.py --check --out bad_videos.txt ...` lists them all)"
+            if len(bad) > show else "")
+    raise DataError(f"{len(bad)} of {len(split.videos)} {split.name} videos cannot be read: {shown}{rest}. "
+                    "Re-download or re-encode them, or move them out of --video_path and pass --allow_missing "
+                    "to use the others")
