@@ -87,7 +87,7 @@ class InputPrompt(meanp.MeanP):
 
 def build(name, clip_cfg, frames, tiny):
     """(method, frame size) for a benchmark name on random weights, built as train.py builds it: the class and
-    RECIPE from methods.METHODS (with DATASET_RECIPES["synthetic"] for --tiny: UMP's K_d, SimVTP's tiny ViT)."""
+    RECIPE from methods.METHODS (with the synthetic set's recipe for --tiny: UMP's K_d, SimVTP's tiny ViT)."""
     if name == "prompt":
         return InputPrompt(clip.CLIP(**clip_cfg), frames), clip_cfg["image_resolution"]
     cls, recipe, dataset_recipes = METHODS[name.split("-")[0]]

@@ -89,14 +89,7 @@ DATASET_RECIPES = dict(
     # scripts/activitynet.sh: 16 x 8 GPUs, 64 frames and words; the script says linear, the README's
     # checkpoint transformer: the script wins, --latent transformer gives the other.
     activitynet=dict(lr=1e-2, epochs=10, batch_size=128, frames=64, words=64, latent="linear"),
-    # Synthetic default (ours): the tiny CLIP (widths 64, 2 layers, 1 attention head) on 2 CPU cores in a few
-    # minutes. Backprop through the frozen towers dominates a step, so a small batch gives more updates; the
-    # prompts need a larger lr than 2e-3 to move in 562 steps (2 epochs of the set's 9,000 pairs); 8 frames
-    # cover the 16-24-frame clips (as the baselines). Twice the release's prompts, n_f 8 per frame and n_t 16:
-    # with 4 and 8 (lr 2e-2) the transformer latent stayed at t2v R@1 4.5, R@10 45.5 over 3 seeds, with 8 and
-    # 16 at lr 1e-2 it reaches 6.0 / 50.0 (linear: 6.5 / 49.9). The settings tried: docs/results-synthetic.md.
-    synthetic=dict(lr=1e-2, epochs=2, batch_size=32, frames=8, n_f=8, n_t=16),
-)
+)  # the synthetic set's recipe: synthetic.RECIPES
 
 
 # ----------------------------------------------------------------------------------------------------

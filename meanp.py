@@ -37,7 +37,7 @@ RECIPE = dict(lr=1e-4, clip_lr=1e-7, epochs=5, batch_size=128, frames=12, words=
 # Synthetic set (ours, tuned on 2 CPU cores): a tiny CLIP that knows no motion must learn it in a few hundred
 # steps, so CLIP trains at lr 1e-7 x 3000; 8 frames cover the 16-24-frame clips; 3 epochs of the 9,000 pairs
 # (843 steps; 5 epochs when the set had 4,500 pairs).
-DATASET_RECIPES = dict(synthetic=dict(clip_lr=3e-4, epochs=3, batch_size=32, frames=8))
+DATASET_RECIPES = dict()  # the synthetic set's recipe: synthetic.RECIPES
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -18,18 +18,26 @@ import synthetic
 import ump
 import unipt
 
+
+def on_sets(recipes, name):
+    """A method's per-data-set recipes, with the synthetic set's from synthetic.RECIPES[name]."""
+    return {**recipes, "synthetic": synthetic.RECIPES[name]}
+
+
 # --method -> (class, its RECIPE, its per-data-set overrides); --stage pretrain uses PRETRAINING
-METHODS = {"zeroshot": (meanp.ZeroShot, meanp.RECIPE, meanp.DATASET_RECIPES),
-           "full": (meanp.MeanP, meanp.RECIPE, meanp.DATASET_RECIPES),
-           "ump": (ump.UMP, ump.RECIPE, ump.DATASET_RECIPES),
-           "dgl": (dgl.DGL, dgl.RECIPE, dgl.DATASET_RECIPES),
-           "adapter": (adapter.CrossModalAdapter, adapter.RECIPE, adapter.DATASET_RECIPES),
-           "unipt": (unipt.UniPT, unipt.RECIPE, unipt.DATASET_RECIPES),
-           "simvtp": (simvtp.SimVTP, simvtp.RECIPE, simvtp.DATASET_RECIPES),
+METHODS = {"zeroshot": (meanp.ZeroShot, meanp.RECIPE, on_sets(meanp.DATASET_RECIPES, "full")),
+           "full": (meanp.MeanP, meanp.RECIPE, on_sets(meanp.DATASET_RECIPES, "full")),
+           "ump": (ump.UMP, ump.RECIPE, on_sets(ump.DATASET_RECIPES, "ump")),
+           "dgl": (dgl.DGL, dgl.RECIPE, on_sets(dgl.DATASET_RECIPES, "dgl")),
+           "adapter": (adapter.CrossModalAdapter, adapter.RECIPE, on_sets(adapter.DATASET_RECIPES, "adapter")),
+           "unipt": (unipt.UniPT, unipt.RECIPE, on_sets(unipt.DATASET_RECIPES, "unipt")),
+           "simvtp": (simvtp.SimVTP, simvtp.RECIPE, on_sets(simvtp.DATASET_RECIPES, "simvtp")),
            # the releases' own forward passes, for comparison (each file's "Reproducing the release" section)
-           "ump-release": (ump.UMPRelease, ump.RECIPE, ump.DATASET_RECIPES),
-           "adapter-release": (adapter.CrossModalAdapterRelease, adapter.RECIPE, adapter.DATASET_RECIPES)}
-PRETRAINING = {"simvtp": (simvtp.SimVTPPretraining, simvtp.PRETRAIN_RECIPE, simvtp.PRETRAIN_DATASET_RECIPES)}
+           "ump-release": (ump.UMPRelease, ump.RECIPE, on_sets(ump.DATASET_RECIPES, "ump")),
+           "adapter-release": (adapter.CrossModalAdapterRelease, adapter.RECIPE,
+                               on_sets(adapter.DATASET_RECIPES, "adapter"))}
+PRETRAINING = {"simvtp": (simvtp.SimVTPPretraining, simvtp.PRETRAIN_RECIPE,
+                          on_sets(simvtp.PRETRAIN_DATASET_RECIPES, "simvtp_pretrain"))}
 
 
 def construct(cls, clip_model, args):

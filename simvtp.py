@@ -76,12 +76,7 @@ PRETRAIN_RECIPE = dict(RECIPE, lr=6e-4, epochs=200, batch_size=1024, warmup=0.2,
                        decoder_width=384, decoder_depth=4, decoder_heads=6,  # pretrain_simvtp_base_patch16_224
                        video_mask_ratio=0.9, text_mask_ratio=0.75)           # hard-coded in the pretraining script
 # scripts/pretrain_webvid.sh, 8x8 V100 on WebVid-2M: base lr 1.5e-4 x 1024/256, 40 warmup epochs of 200
-TINY = dict(frames=8, size=32, patch_size=8, tubelet_size=2, width=64, depth=2, heads=2, batch_size=32,
-            warmup=0.1)  # synthetic set: minutes on 2 CPU cores
-TINY_DECODER = dict(decoder_width=32, decoder_depth=1, decoder_heads=1)
-# 5 epochs of the synthetic set's 9,000 training pairs (10 when it had 4,500): the same ~1,400 steps
-DATASET_RECIPES = dict(synthetic=dict(TINY, lr=5e-4, epochs=5))
-PRETRAIN_DATASET_RECIPES = dict(synthetic=dict(TINY, **TINY_DECODER, lr=1e-3, epochs=5))
+DATASET_RECIPES, PRETRAIN_DATASET_RECIPES = dict(), dict()  # the synthetic set's recipes: synthetic.RECIPES
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # VideoMAE's normalisation
 
 
@@ -485,8 +480,9 @@ def visualize(model, video, text, path, scale=4):
 
 
 if __name__ == "__main__":  # tiny-config check, then the official ViT-B/16 counts (meta device: no memory)
-    tiny = {k: v for k, v in TINY.items() if k not in ("frames", "batch_size", "warmup")}
-    pre, ret = SimVTPPretraining(8, **tiny, **TINY_DECODER), SimVTP(8, **tiny)
+    tiny = dict(size=32, patch_size=8, tubelet_size=2, width=64, depth=2, heads=2)  # synthetic.RECIPES' ViT
+    pre = SimVTPPretraining(8, **tiny, decoder_width=32, decoder_depth=1, decoder_heads=1)
+    ret = SimVTP(8, **tiny)
     video, text, mask = torch.randn(2, 8, 3, 32, 32), clip.tokenize(["a red circle", "a blue square grows"]), None
     print({k: round(v.item(), 3) for k, v in pre.pretraining_loss(video, mask, text).items()})
     ret.load_state_dict(ret.towers_from_pretraining(pre.state_dict()), strict=False)  # both towers from the encoder

@@ -80,15 +80,7 @@ RECIPE = dict(
     shared_upg=True,      # Fig. 3 "unified" prompts: one G and one seed set for both towers (ours: width 512)
 )
 
-DATASET_RECIPES = dict(
-    # The synthetic default (synthetic.py's tiny CLIP: widths 64, 2 layers per tower) has to train on 2 CPU cores
-    # in minutes: 8 frames cover its 16-24-frame clips (as the baselines); K_d=1 is the upper half of a
-    # 2-layer video tower (6 of 12 at ViT-B/32); d_ff=256 keeps G at 4x the width, as 2048 is at 512 (the
-    # default 2048 would make G 32x wider than the tiny CLIP); and 3e-5, tuned for ~1.4k steps on MSR-VTT,
-    # barely moves the freshly initialised generator in a few hundred steps, hence a larger lr. 1 epoch of the
-    # 9,000 pairs (281 steps): the whole job (set, tiny CLIP, training) fits in 3 minutes on 2 idle cores.
-    synthetic=dict(lr=1e-3, epochs=1, batch_size=32, frames=8, K_d=1, d_ff=256),
-)
+DATASET_RECIPES = dict()  # the release scripts MSR-VTT only; the synthetic set's recipe: synthetic.RECIPES
 
 
 # ----------------------------------------------------------------------------------------------------

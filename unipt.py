@@ -55,11 +55,7 @@ RECIPE = dict(
 
 DATASET_RECIPES = dict(
     msvd=dict(),         # train_msvd_tuning.sh uses the MSR-VTT values above
-    # The synthetic default trains a tiny side network beside a tiny frozen CLIP on 2 CPU cores in a few
-    # minutes: 8 frames (the baselines' count) and 2 epochs (562 steps of 32 of the set's 9,000 pairs), and an
-    # lr 20x the release's so that a default-initialised side network moves within those few steps.
-    synthetic=dict(lr=2e-3, epochs=2, batch_size=32, frames=8),
-)
+)  # the synthetic set's recipe: synthetic.RECIPES
 
 
 # ----------------------------------------------------------------------------------------------------
