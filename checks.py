@@ -9,6 +9,7 @@ import os
 import torch
 
 import clip
+import synthetic
 
 
 class RunError(ValueError):
@@ -76,7 +77,7 @@ def check_method(args, given, method, log):
                             ("coef_lr", not any(clip_groups), "no CLIP parameter trains"),
                             ("lr", trains and all(clip_groups), "every trainable parameter is CLIP's (--clip_lr)"),
                             ("clip", not method.uses_clip, "it has its own encoders"),
-                            ("cache_dir", not method.uses_clip or args.clip or args.data != "synthetic",
+                            ("cache_dir", not method.uses_clip or not synthetic.uses_tiny_clip(args.clip, args.data),
                              "it holds the tiny CLIP of the synthetic default only"),
                             ("dsl", args.stage == "pretrain", "pretraining has no evaluation")):
         if flag in given and idle:

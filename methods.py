@@ -55,7 +55,7 @@ def probe(args, cls, given, log, tiny=None):
     stand-in of its CLIP towers (checks.clip_stand_in) -> that method, or None when it cannot be built so (--clip
     names a file, checked once loaded). tiny: the tiny CLIP of the synthetic default (default: no --clip and
     --data synthetic)."""
-    tiny = args.clip is None and args.data == "synthetic" if tiny is None else tiny
+    tiny = synthetic.uses_tiny_clip(args.clip, args.data) if tiny is None else tiny
     stand_in = checks.clip_stand_in("synthetic" if tiny else args.clip or "ViT-B/32") if cls.uses_clip else None
     if cls.uses_clip and stand_in is None:
         return None

@@ -51,7 +51,7 @@ def video_cache_keys(split, args):
     """-> (file prefix, model key, videos key): the cache of this split's features under this model is
     <checkpoint>.videos-<model key>-<videos key>.pt (no checkpoint: <output_dir>/videos-...pt)."""
     sources = [fingerprint(p) if p and os.path.isfile(p) else p for p in (args.checkpoint, args.clip, args.init)]
-    tiny = args.clip is None and args.data == "synthetic"  # else the checkpoint's fingerprint tells the backbone
+    tiny = synthetic.uses_tiny_clip(args.clip, args.data)  # else the checkpoint's fingerprint tells the backbone
     model = dict(method=args.method, kwargs=args.kwargs, backbone="tiny CLIP" if tiny else args.clip, files=sources)
     stats = [(v, os.path.getsize(v), os.path.getmtime(v)) for v in split.videos]
     videos = dict(videos=stats, frames=args.frames, size=args.size, max_seconds=split.max_seconds,
@@ -115,7 +115,8 @@ def run_settings(args, log=print):
     size, method flags), whatever the command line says -> (those settings, the synthetic set its tiny CLIP was
     trained on, or None)."""
     run = checkpoints.read(args.checkpoint, "--checkpoint", keys=("model", "args"))["args"]
-    tiny_clip_data = synthetic.ensure_synthetic(run["data_path"]) if run["data"] == "synthetic" and run["clip"] is None else None
+    tiny = synthetic.uses_tiny_clip(run["clip"], run["data"])
+    tiny_clip_data = synthetic.ensure_synthetic(run["data_path"]) if tiny else None
     backbone = "the tiny CLIP" if tiny_clip_data else f"--clip {run['clip'] or 'ViT-B/32'}"
     log(f"--data folder: the model as {args.checkpoint}'s run built it ({run['data']}): {backbone}, --max_frames "
         f"{run['frames']} --max_words {run['words']} --size {run['size']}")
@@ -139,7 +140,7 @@ def main(argv=None):
         probe = methods.probe(args, cls, given, print, tiny=tiny_clip_data is not None if args.data == "folder" else None)
         if args.data == "synthetic":
             args.data_path = synthetic.ensure_synthetic(args.data_path)
-            tiny_clip_data = args.data_path if args.clip is None else None
+            tiny_clip_data = args.data_path if synthetic.uses_tiny_clip(args.clip, args.data) else None
         split = data.read_split(args.data, "test", args.data_path, args.video_path, args.allow_missing)
         data_checks.check_videos(split, args.frame_cache)
         clip_model = methods.load_clip(args, tiny_clip_data, print) if cls.uses_clip else None

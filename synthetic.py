@@ -220,6 +220,12 @@ TINY_PRETRAIN = dict(seed=0, steps=300, batch_size=128, lr=1e-3, weight_decay=0.
                      frozen=("token_embedding.weight",))
 
 
+def uses_tiny_clip(clip_name, data_name):
+    """The synthetic default's backbone rule: without --clip, --data synthetic runs on the tiny CLIP below,
+    pretrained on the set itself (any other set: ViT-B/32)."""
+    return clip_name is None and data_name == "synthetic"
+
+
 def tiny_clip(cache_dir, data_path, log=print):
     """The synthetic default's backbone: TINY_CLIP trained contrastively on single frames of the "still" split
     (captions name colour and shape only), so it knows objects but not motion. Cached by config hash."""

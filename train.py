@@ -318,7 +318,7 @@ def main(argv=None):
             log(f"run folder {folder.dir}: checkpoint {folder.ckpt}, log {folder.log_path}")
 
         # model
-        tiny_clip_data = args.data_path if args.clip is None and args.data == "synthetic" else None
+        tiny_clip_data = args.data_path if synthetic.uses_tiny_clip(args.clip, args.data) else None
         clip_model = methods.load_clip(args, tiny_clip_data, log) if cls.uses_clip else None
         args.size = args.size or (clip_model.visual.input_resolution if clip_model else None)
         method = methods.build(args, cls, clip_model, env.device, log, given if probe is None else None)
