@@ -126,12 +126,18 @@ def evaluate(method, split, args, device, amp):
     video, mask = encode(method, split, "videos", args, device, amp)
     sim = similarity_matrix(method, text, video, mask)
     method.train(was_training)
-    metrics = {f"{label}{d}": m for label, dsl in (("", False), ("DSL ", True)) if dsl <= args.dsl
-               for d, m in retrieval_metrics(sim, split.caption_video, dsl).items()}
+    return metrics_of(sim, split, args.dsl), sim
+
+
+def metrics_of(sim, split, dsl=False):
+    """The [Nt, Nv] similarity's numbers: the t2v and v2t rows; with dsl also "DSL t2v" and "DSL v2t" beside them
+    (never in their place: DSL is transductive); temporal pair accuracy where the split names twins."""
+    metrics = {f"{label}{d}": m for label, use_dsl in (("", False), ("DSL ", True)) if use_dsl <= dsl
+               for d, m in retrieval_metrics(sim, split.caption_video, use_dsl).items()}
     acc, n = temporal_pair_accuracy(sim, split.caption_video, split.twin) if split.twin else (None, 0)
     if n:  # a set whose test CSV names each clip's time-reversed twin (the synthetic set)
         metrics["temporal"] = {"pair_acc": acc, "captions": n}
-    return metrics, sim
+    return metrics
 
 
 def table(metrics):
