@@ -48,8 +48,9 @@ def restore(ck, path, method, opt, scaler):
     """--resume: the checkpoint into the method, the optimizer and the scaler -> the loop's position (a dict)."""
     load_trainable(method, ck, path)
     opt.load_state_dict(ck["optimizer"])
-    scaler.load_state_dict(ck["scaler"])
-    return {k: ck[k] for k in ("step", "epoch", "batch", "window", "last") if k in ck}
+    if scaler.is_enabled() and ck["scaler"]:  # fp16 on: its scale goes on; a run saved in fp32/bf16 starts a new one
+        scaler.load_state_dict(ck["scaler"])
+    return {k: ck[k] for k in ("step", "epoch", "batch", "window", "last", "skipped") if k in ck}
 
 
 def short_names(keys):  # a key list in one line: small groups in full, large ones as "decoder.* (17)"

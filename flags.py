@@ -21,11 +21,17 @@ LOOP_DEFAULTS = dict(
     coef_lr=None, epochs=None, frames=None, words=None, warmup=None, weight_decay=None, grad_clip=None,
     betas=(0.9, 0.999), eps=1e-8,  # torch's AdamW defaults, for a RECIPE that names none
     accum=1, seed=42, num_workers=2, batch_size_val=64, log_every=20, save_every="30min", max_steps=0,
-    device="cuda" if torch.cuda.is_available() else "cpu", query=None, top_k=5,
+    device="cuda" if torch.cuda.is_available() else "cpu", precision=None, query=None, top_k=5,
     allow_missing=False, resume=False, overwrite=False, eval_only=False, dsl=False)
 NONE = dict(size="the CLIP model input resolution", clip_lr="none: no CLIP weight trains")  # an unset default
 FLAG_NAMES = dict(frames="--max_frames", words="--max_words", warmup="--warmup_proportion",
                   accum="--gradient_accumulation_steps")  # settings whose flag has another name
+
+
+def amp_dtype(precision, device):
+    """--precision on `device` -> the autocast dtype, None for fp32."""
+    precision = precision or ("fp32" if device.type != "cuda" else "bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    return dict(fp32=None, bf16=torch.bfloat16, fp16=torch.float16)[precision]
 
 
 def fail(message, status=2):
@@ -86,6 +92,8 @@ FLAGS = (
     ("--save_every", save_interval, "also checkpoint every N steps, or N minutes as Nmin; 0: epoch ends only"),
     ("--max_steps", int, "checkpoint and stop after N steps in all (0: no limit)"),
     ("--device", str, "torch device"),
+    ("--precision", ("fp32", "bf16", "fp16"), "autocast of the forward and backward (fp16 with a GradScaler); logits "
+     "and the loss stay fp32 (default: bf16 on a CUDA GPU that has it, else fp16 there; fp32 on the CPU)"),
     ("--query", str, "the caption to search the test videos (or a --data folder's videos) for"),
     ("--top_k", int, "videos --query prints and draws"),
     ("--allow_missing", bool, "use the videos that exist (say so when reporting)"),

@@ -131,8 +131,8 @@ def main(argv=None):
     if not args.query:
         flags.fail('query.py needs --query "a caption" (python query.py --help)')
     device = torch.device(args.device)
-    amp_dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
-    amp = torch.autocast("cuda", dtype=amp_dtype) if device.type == "cuda" else nullcontext()
+    amp_dtype = flags.amp_dtype(args.precision, device)
+    amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
     try:
         tiny_clip_data = None  # the synthetic set the tiny CLIP is trained on (synthetic.tiny_clip)
         if args.data == "folder" and args.checkpoint:

@@ -27,7 +27,7 @@ from checks import RunError
 
 # What --resume may change: how long, how often, where, how fast. Every other flag must equal the checkpoint's.
 RESUME_MAY_CHANGE = ("epochs", "max_steps", "save_every", "log_every", "num_workers", "batch_size_val", "device",
-                     "dsl", "output_dir", "data_path", "video_path", "frame_cache", "cache_dir", "resume")
+                     "precision", "dsl", "output_dir", "data_path", "video_path", "frame_cache", "cache_dir", "resume")
 
 
 class Folder:

@@ -9,10 +9,8 @@
   python train.py --method simvtp --stage pretrain ...; python train.py --method simvtp --init CKPT ...
   python query.py --method ump --checkpoint out/ump-synthetic/checkpoint.pt --query "a red circle"  # search
 
-Flags (flags.py) follow CLIP4Clip's main_task_retrieval.py, with X-Pool/UMP's aliases; settings are one flat
-merge of LOOP_DEFAULTS, the method's RECIPE, its DATASET_RECIPES[--data] and the command line; other RECIPE keys
-are constructor arguments and flags (`--K_d 0`). A method class provides its contract (docs/design.md). Faithful
-to CLIP4Clip's loop (symmetric InfoNCE over the global batch, meanP, its tie and multi-caption metric rules).
+Flags and settings: flags.py. A method class provides its contract (docs/design.md). Faithful to CLIP4Clip's
+loop (symmetric InfoNCE over the global batch, meanP, its tie and multi-caption metric rules).
 
 A run owns its --output_dir (run_folder.py): log.jsonl, checkpoint.pt (checkpoints.py: every --save_every, at
 epoch ends before the evaluation, at --max_steps, on SIGINT/SIGTERM after the step) and a lock. Bad flags and
@@ -74,8 +72,8 @@ def setup(args):
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    amp_dtype = None if device.type != "cuda" else torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    amp = torch.autocast("cuda", dtype=amp_dtype) if amp_dtype else nullcontext()
+    amp_dtype = flags.amp_dtype(args.precision, device)
+    amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     return Env(device, world, rank, amp, amp_dtype, scaler, run_folder.Stop())
 
@@ -85,13 +83,14 @@ def setup(args):
 
 @dataclass
 class Position:
-    """Where the loop is, what checkpoint.pt keeps of it: optimizer steps done, epochs done, micro-batches done in
-    this epoch, the losses since the last log row (so that a resumed row equals an uninterrupted one), that row."""
+    """What checkpoint.pt keeps of the loop: steps, epochs and this epoch's micro-batches done, the losses since
+    the last log row (a resumed row equals an uninterrupted one), that row, the steps fp16's scaler skipped."""
     step: int = 0
     epoch: int = 0
     batch: int = 0
     window: list = field(default_factory=list)
     last: dict = None
+    skipped: int = 0
 
 
 def diverged(what, step, opt):
@@ -121,8 +120,13 @@ def optimizer_step(model, opt, pos, env, args):
     norm = torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], args.grad_clip or math.inf)
     if not env.scaler.is_enabled() and not math.isfinite(norm):  # fp16: the scaler skips such steps itself
         diverged("gradient", pos.step, opt)
+    scale = env.scaler.get_scale() if env.scaler.is_enabled() else None  # fp16 only
     env.scaler.step(opt)
     env.scaler.update()
+    if scale is not None and env.scaler.get_scale() < scale:  # an inf/NaN gradient: step skipped, scale halved
+        pos.skipped += 1
+        if env.scaler.get_scale() < 1:  # the gradient overflows fp16 even unscaled: it will not recover
+            diverged("fp16 gradient", pos.step, opt)
     opt.zero_grad(set_to_none=True)
     method = model.module.method if env.world > 1 else model.method
     if method.logit_scale.requires_grad:
@@ -160,6 +164,8 @@ def train_epoch(pos, model, loader, opt, env, args, saver, record):
             row = dict(event="train", step=pos.step, epoch=pos.epoch + pos.batch / n_micro, **pos.last,
                        lr=opt.param_groups[0]["lr"], step_time=dt * args.accum / timed, clips_per_s=seen / dt,
                        data_wait=wait / dt)
+            if env.scaler.is_enabled():
+                row["skipped_steps"] = pos.skipped  # fp16: the first few are usual
             if env.device.type == "cuda":
                 row["peak_mem_gb"] = torch.cuda.max_memory_allocated(env.device) / 2 ** 30
             record(**row)
@@ -240,8 +246,7 @@ def epoch_line(epoch, args, pos, seconds, metrics):
 
 
 def evaluate_epoch(method, test, args, env, pos, record, resume):
-    """The evaluation after an epoch's checkpoint, and its retrievals.png; a failure says that the epoch is kept
-    and how to evaluate it."""
+    """The evaluation after an epoch's checkpoint, and retrievals.png; a failure says how to evaluate it later."""
     try:
         metrics, sim = retrieval.evaluate(method, test, args, env.device, env.amp)
     except Exception as e:
@@ -276,8 +281,7 @@ def evaluate_only(method, test, args, env, log):
 
 
 def summary(args, train_ds, metrics, evaluated):
-    """What a run leaves on the console at its end: the last evaluation (never one picked on the test split)
-    and where its files are."""
+    """The run's last console lines: the last evaluation (none is picked on the test split), where its files are."""
     ckpt, log_path, picture = (os.path.join(args.output_dir, f) for f in ("checkpoint.pt", "log.jsonl", "retrievals.png"))
     lines = [f"WARNING: {train_ds.substitutions} training items replaced an unreadable video: "
              f"{train_ds.corrupt_videos[:5]}"] if train_ds.substitutions else []
