@@ -338,7 +338,7 @@ def dgl(path, videos, ann, compressed_ids):
                 ref = cv2.cvtColor(paint(out["test"][list(CLIPS)[0]]["ids"][0]), cv2.COLOR_BGR2RGB)[8:232, 48:272]
                 check = float(np.abs(pix - ref).mean())
         # the rule, on frame counts alone: segments of n // 12 frames, one random frame in each (numpy RNG)
-        counts = (8, 12, 30, 31, 33, 47, 300, 312, 450)
+        counts = (8, 12, 30, 31, 32, 33, 47, 300, 312, 450)
         rec["train_rule"] = {n: [sampling.multi_segments_sampling(FRAMES, n, random_shift=True).tolist()
                                  for _ in range(3)] for n in counts}
         rec["test_rule"] = {n: sampling.uniform_sampling(FRAMES, n).tolist() for n in counts}
