@@ -161,7 +161,8 @@ class Release:
     def __exit__(self, *exc):
         sys.path.remove(self.path)
         for name in set(sys.modules) - self.before:  # the release's own modules, not torchvision's
-            where = [getattr(sys.modules[name], "__file__", None) or ""] + list(getattr(sys.modules[name], "__path__", []))
+            mod = sys.modules[name]
+            where = [getattr(mod, "__file__", None) or ""] + list(getattr(mod, "__path__", []))
             if any(str(w).startswith(self.path) for w in where):
                 del sys.modules[name]
 
@@ -371,7 +372,8 @@ def ump(path, videos, ann, tmp):
             rec = dict(repo="zchoi/UMP_TVR", commit=commit_of(path), inputs={})
             boxes = []
             get_params = T.RandomResizedCrop.get_params
-            T.RandomResizedCrop.get_params = staticmethod(lambda *a, **k: boxes.append(get_params(*a, **k)) or boxes[-1])
+            spy = staticmethod(lambda *a, **k: boxes.append(get_params(*a, **k)) or boxes[-1])
+            T.RandomResizedCrop.get_params = spy
             try:
                 for inp, folder in videos.items():
                     sys.argv = ["train.py", "--exp_name=oracle", f"--videos_dir={folder}", "--batch_size=32",
