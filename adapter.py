@@ -64,6 +64,7 @@ RECIPE = dict(
     batch_size=128,       # README: 4 GPUs x 32, features all-gathered into one 128 x 128 score matrix
     frames=12,            # README --max_frames 12
     words=32,             # README --max_words 32
+    sampling="clip4clip", # README: 1 fps images (fps_1), 12 spread by linspace (dataloader_retrieval_images.py)
     weight_decay=0.2,     # release train.py: 0.2 on adapter weights, 0 on biases (param_groups)
     warmup=0.1,           # BertAdam warmup_cosine, warmup 0.1 of all steps
     grad_clip=1.0,        # release train.py: clip_grad_norm_(1.0) before the step

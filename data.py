@@ -9,13 +9,12 @@ optional `twin` column (the id of each clip's time-reversed twin) becomes Split.
 serves any Split:
   pairs  (training)  one item per caption: video uint8 [T,3,S,S], video_mask bool [T], text long [L]
   videos (eval)      one item per video;   texts (eval) one item per caption.
-Frames: T equal segments over the clip, the centre frame of each at eval, a random frame inside each for
-training (DGL's sampling); only those frames are decoded (OpenCV), resized and centre-cropped as CLIP does
-(clip.resize_crop), or read from a frame cache (frame_cache.py builds it). Clips with fewer than T frames keep
-all of them, zero-padded, video_mask False there.
-Deviations: (1) CLIP4Clip samples 1 frame/s then `linspace`s 12 of them; we sample segments of all frames.
-(2) Clips shorter than T are zero-padded and masked (CLIP4Clip); DGL repeats the last frame. (3) Videos
-leave the loader uint8; train.py normalises them on the GPU (the method's normalize_pixels).
+Frames: each method's RECIPE names its release's rule (`sample_frames`: which frames, train and test, and how a
+short clip is padded; tests/test_pipelines.py checks each against the release's own loader), and UMP's
+augmentation (`augment="crop_flip"`: one RandomResizedCrop and flip per clip in training). Only the chosen frames
+are decoded (OpenCV), resized and centre-cropped as CLIP does (clip.resize_crop), or read from a frame cache
+(frame_cache.py). Deviations: (1) the releases that read a 3 fps re-encode (DGL, UniPT) are given the same rule
+on the source frames; (2) videos leave the loader uint8; train.py normalises them on the GPU.
 
 Bad data raises DataError (data_checks.py loads the annotation files so that each fault names the file, its
 line, key or column and its download): listed videos without captions, missing videos (unless
@@ -30,17 +29,19 @@ import os
 import re
 import sys
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
 import torch
+import torchvision.transforms as T
+import torchvision.transforms.functional as TF
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 import clip
 from data_checks import (DataError, bad_file, caption_text, captions_of, check_unique, get_key, load_json,
                          load_pickle, need_file, read_csv, read_list)
-from data_checks import cache_file, check_frame_cache
+from data_checks import cache_file, check_frame_cache, read_manifest
 
 DATASETS = ("synthetic", "msrvtt", "msrvtt7k", "msvd", "vatex", "didemo", "activitynet", "lsmdc", "webvid", "folder")
 
@@ -320,17 +321,52 @@ class VideoError(RuntimeError):
 SEEK_GAP = 32  # frames: seek instead of grabbing when the next wanted frame is further than this
 
 
-def sample_indices(n, frames, train):
-    """T equal segments over n frames: the centre of each (eval) or a random frame inside it (training).
-    Fewer than T frames: all of them (the caller masks the rest)."""
-    if n <= frames:
-        return list(range(n))
-    edges = [k * n / frames for k in range(frames + 1)]
-    if not train:
-        return [int((edges[k] + edges[k + 1]) / 2) for k in range(frames)]
-    lo = [int(e) for e in edges[:-1]]
-    hi = [int(e) for e in edges[1:]]  # segment k is [lo_k, hi_k); n >= T makes it non-empty
-    return [a + int(torch.randint(b - a, ())) for a, b in zip(lo, hi)]
+SAMPLING = ("segments", "clip4clip", "dgl", "uniform", "window")
+AUGMENT = ("none", "crop_flip")
+
+
+def sample_frames(n, fps, frames, sampling="segments", train=False, stride=4):
+    """Which of a clip's n frames (at fps) fill the T = `frames` slots, by each release's rule -> (indices, one per
+    filled slot, in order, repeats allowed; valid: the slots video_mask keeps). Random draws use torch's generator,
+    which SeededItems seeds per (epoch, item). Slots past len(indices) are zero-padded."""
+    if sampling == "segments":  # nanoTVR's own (the synthetic set): T equal segments, centre (eval) or random
+        if n <= frames:
+            return list(range(n)), n
+        edges = [k * n / frames for k in range(frames + 1)]
+        if not train:
+            return [int((edges[k] + edges[k + 1]) / 2) for k in range(frames)], frames
+        lo, hi = [int(e) for e in edges[:-1]], [int(e) for e in edges[1:]]  # [lo_k, hi_k) is never empty
+        return [a + int(torch.randint(b - a, ())) for a, b in zip(lo, hi)], frames
+    if sampling == "clip4clip":  # RawVideoExtractorCV2 at 1 fps (int(fps): 29.97 steps by 29), slice_framepos 2
+        idx = list(range(0, n, max(int(fps), 1)))  # the same frames in training and test, every epoch
+        if len(idx) > frames:
+            idx = [idx[k] for k in np.linspace(0, len(idx) - 1, frames).astype(int)]
+        return idx, len(idx)  # a 10 s clip: 10 frames, 2 masked slots
+    if sampling == "uniform":  # X-Pool's VideoCapture 'uniform' (UMP), training and test; no mask, last repeated
+        edges = np.linspace(0, n, min(frames, n) + 1).astype(int)
+        idx = [(a + b - 1) // 2 for a, b in zip(edges[:-1], edges[1:])]
+        return idx + idx[-1:] * (frames - len(idx)), frames
+    if sampling == "dgl":  # DGL's multi_segments_sampling / uniform_sampling
+        if n < frames:  # the last frame repeated, masked
+            return list(range(n)) + [n - 1] * (frames - n), n
+        if train:  # segments of n // T frames: the last n mod T frames are never drawn, as in the release
+            avg = n // frames
+            return [k * avg + int(torch.randint(avg, ())) for k in range(frames)], frames
+        tick = n / frames
+        return [int(tick / 2.0 + tick * x) for x in range(frames)], frames  # in this order: 19.999.. -> 19
+    if sampling == "window":  # SimVTP's loadvideo_decord: T frames at `stride` from one random window
+        if train and n > frames * stride:
+            end = int(torch.randint(frames * stride, n, ()))
+            start = end - frames * stride
+            return np.clip(np.linspace(start, end, frames), start, end - 1).astype(int).tolist(), frames
+        if train:  # a short clip: linspace over it, the end repeated
+            idx = np.clip(np.linspace(0, n, n // stride).tolist() + [n] * (frames - n // stride), 0, n - 1)
+            return idx.astype(int).tolist(), frames
+        every = list(range(0, n, stride))  # test: every stride-th frame, the middle of the release's 3 windows
+        every += every[-1:] * max(frames - len(every), 0)
+        start = int((len(every) - frames) / 2)
+        return every[start:start + frames], frames
+    raise ValueError(f"sampling must be one of {', '.join(SAMPLING)}, not {sampling!r}")
 
 
 def _grab(cap, indices):
@@ -350,14 +386,29 @@ def _grab(cap, indices):
     return out, known
 
 
+def read_clip(path, frames, train, sampling="segments", max_seconds=None):
+    """Decode the frames sample_frames picks from the first max_seconds (None: all) -> (uint8 [t, H, W, 3] RGB in
+    slot order, valid slots); raises VideoError."""
+    return _decode(path, lambda n, rate: sample_frames(n, rate, frames, sampling, train), max_seconds)
+
+
 def read_frames(path, frames, train, fps=None, max_seconds=None):
-    """Decode T sampled frames (or, with fps, every frame resampled to <= fps; fps=0: every frame) of the
-    first max_seconds (None: all) -> uint8 [t, H, W, 3] RGB; raises VideoError."""
+    """Decode T frames of nanoTVR's segments (or, with fps, every frame resampled to <= fps; fps=0: every frame)
+    of the first max_seconds (None: all) -> uint8 [t, H, W, 3] RGB; raises VideoError."""
+    def every(n, rate):
+        step = max(rate / fps, 1.0) if fps else 1.0
+        idx = sorted({int(round(k * step)) for k in range(int(n / step) + 1)} - {n})
+        return idx, len(idx)
+    return _decode(path, every if fps is not None else lambda n, rate: sample_frames(n, rate, frames, "segments",
+                                                                                     train), max_seconds)[0]
+
+
+def _decode(path, choose, max_seconds):
+    """choose(n, fps) -> (frame indices in slot order, valid slots) -> (those frames, valid); raises VideoError."""
     cap = cv2.VideoCapture(path)
     if not cap.isOpened():
         raise VideoError(f"cannot open video {path}")
     n, rate = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)), cap.get(cv2.CAP_PROP_FPS) or 30.0
-    step = max(rate / fps, 1.0) if fps else 1.0
     if n <= 0:  # some containers store no frame count: count by grabbing
         n = 0
         while cap.grab():
@@ -365,20 +416,19 @@ def read_frames(path, frames, train, fps=None, max_seconds=None):
         cap.release()
         cap = cv2.VideoCapture(path)
     n = min(n, int(max_seconds * rate)) if max_seconds else n
-    out, idx = [], []
+    out, wanted = [], []
     for attempt in range(2):
-        if fps is None:
-            idx = sample_indices(n, frames, train)
-        else:
-            idx = sorted({int(round(k * step)) for k in range(int(n / step) + 1)} - {n})
-        out, known = _grab(cap, idx) if idx else ([], 0)
+        idx, valid = choose(n, rate)
+        wanted = sorted(set(idx))  # each frame decoded once, in file order
+        out, known = _grab(cap, wanted) if wanted else ([], 0)
         cap.release()
-        if out and len(out) == len(idx):
-            return np.stack(out)
+        if out and len(out) == len(wanted):
+            slot = {f: k for k, f in enumerate(wanted)}
+            return np.stack(out)[[slot[i] for i in idx]], valid
         if known == 0 or attempt:
             break
         n, cap = known, cv2.VideoCapture(path)  # the header promised more frames than the stream holds
-    raise VideoError(f"cannot decode video {path} ({len(out)} of {len(idx)} frames)")
+    raise VideoError(f"cannot decode video {path} ({len(out)} of {len(wanted)} frames)")
 
 
 def write_video(path, frames, fps=8):
@@ -394,16 +444,27 @@ def write_video(path, frames, fps=8):
 # ----------------------------------------------------------------------------------------------------
 # Dataset and loaders
 
+def crop_flip(x, size):
+    """UMP's training augmentation (X-Pool's model_transforms.py): one RandomResizedCrop (scale 0.5-1, aspect
+    3/4-4/3, bilinear, antialiased) and one horizontal flip at p 0.5, drawn once and applied to every frame of
+    the clip. uint8 [t, 3, H, W] -> [t, 3, size, size]; torch's generator (seeded per item)."""
+    top, left, h, w = T.RandomResizedCrop.get_params(x, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3))
+    x = TF.resized_crop(x, top, left, h, w, [size, size], interpolation=T.InterpolationMode.BILINEAR, antialias=True)
+    return x.flip(-1) if torch.rand(()) < 0.5 else x
+
+
 class VideoTextDataset(Dataset):
     """One Split served as training pairs, eval videos or eval texts (module docstring)."""
 
-    def __init__(self, split, *, frames, words, size, train, mode="pairs", frame_cache=None):
+    def __init__(self, split, *, frames, words, size, train, mode="pairs", frame_cache=None, sampling="segments",
+                 augment="none"):
         if mode not in ("pairs", "videos", "texts"):
             raise ValueError(f"mode must be pairs, videos or texts, not {mode!r}")
         self.split, self.frames, self.words, self.size, self.train, self.mode = split, frames, words, size, train, mode
-        self.frame_cache = frame_cache
+        self.frame_cache, self.sampling, self.augment, self.cache_fps = frame_cache, sampling, augment, 30.0
         if frame_cache and mode != "texts":
             check_frame_cache(frame_cache, split.videos, size, frames)  # refuses one that cannot serve this run
+            self.cache_fps = (read_manifest(frame_cache) or {}).get("fps") or 30.0  # the rate its frames are at
         # shared with worker processes: one flag per video (log each bad video once) and a substitution count
         self._bad = mp.Array("b", len(split.videos))
         self._substituted = mp.Value("l", 0)
@@ -429,14 +490,18 @@ class VideoTextDataset(Dataset):
                 cached = np.load(cache_file(self.frame_cache, path), mmap_mode="r")  # [N, 3, S, S]
             except (OSError, ValueError) as e:
                 raise VideoError(f"cannot read frame cache of {path}: {e}") from e
-            x = torch.from_numpy(np.ascontiguousarray(cached[sample_indices(len(cached), self.frames, self.train)]))
-            x = clip.resize_crop(x, self.size) if x.shape[-1] != self.size else x
+            idx, valid = sample_frames(len(cached), self.cache_fps, self.frames, self.sampling, self.train)
+            x = torch.from_numpy(np.ascontiguousarray(cached[idx]))  # [t, 3, S', S'], already centre-cropped
         else:
-            x = read_frames(path, self.frames, self.train, max_seconds=self.split.max_seconds)
+            x, valid = read_clip(path, self.frames, self.train, self.sampling, self.split.max_seconds)
+            x = torch.from_numpy(x).permute(0, 3, 1, 2)  # [t, 3, H, W]
+        if self.train and self.augment == "crop_flip":
+            x = crop_flip(x, self.size)
+        elif x.shape[-2:] != (self.size, self.size):
             x = clip.resize_crop(x, self.size)  # [t, 3, S, S]
         video = torch.zeros(self.frames, 3, self.size, self.size, dtype=torch.uint8)  # pad: zeros, masked
         video[:len(x)] = x
-        mask = torch.arange(self.frames) < len(x)
+        mask = torch.arange(self.frames) < valid
         return video, mask
 
     def _mark_bad(self, v, error):
@@ -542,11 +607,21 @@ def dropout_seed(seed, epoch, batch, rank):
     return ((seed * SEED_STRIDE + epoch) * ITEM_STRIDE + batch) * RANK_STRIDE + rank
 
 
+def one_caption_per_video(split):
+    """Each video once, with its first caption: SimVTP's training annotation maps every video to one caption (its
+    JSON is not shipped, so which one is unknown; simvtp.py deviation 8)."""
+    first = sorted({v: c for c, v in reversed(list(enumerate(split.caption_video)))}.values())
+    return replace(split, captions=[split.captions[c] for c in first],
+                   caption_video=[split.caption_video[c] for c in first])
+
+
 def train_loader(split, args, world, rank, pin_memory=False):
     """Global batches of args.batch_size cut from one permutation per epoch, rank r reads slice r of each in
-    args.accum micro-batches. -> (dataset, loader, sampler, optimizer steps per epoch)."""
+    args.accum micro-batches; args.pairs "video": one caption per video. -> (dataset, loader, sampler, optimizer
+    steps per epoch)."""
+    split = one_caption_per_video(split) if args.pairs == "video" else split
     ds = VideoTextDataset(split, frames=args.frames, words=args.words, size=args.size, train=True,
-                          frame_cache=args.frame_cache)
+                          frame_cache=args.frame_cache, sampling=args.sampling, augment=args.augment)
     steps_per_epoch, rank_batch = len(ds) // args.batch_size, args.batch_size // (world * args.accum)
     if steps_per_epoch == 0:
         raise DataError(f"{len(ds)} training pairs make no batch of {args.batch_size}: lower --batch_size")

@@ -70,6 +70,7 @@ RECIPE = dict(
     batch_size=512,      # msrvtt.sh batch_size=128 per GPU x 4 GPUs, embeddings all-gathered
     frames=12,           # msrvtt.sh max_frames=12
     words=32,            # msrvtt.sh max_words=32 (+ 8 prompt slots = 40 text tokens)
+    sampling="dgl",      # sampling.py: segments of n // 12 in training, uniform_sampling at test (deviation 8)
     weight_decay=0.2,    # params.py --wd 0.2 on every non-bias tensor (utils/optimization.py)
     warmup=0.1,          # params.py --warmup 0.1: linear warmup per step, then cosine to 0
     grad_clip=1.0,       # main.py clip_grad_norm_(1.0)

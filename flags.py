@@ -22,6 +22,7 @@ LOOP_DEFAULTS = dict(
     betas=(0.9, 0.999), eps=1e-8,  # torch's AdamW defaults, for a RECIPE that names none
     accum=1, seed=42, num_workers=2, batch_size_val=64, log_every=20, save_every="30min", max_steps=0,
     device="cuda" if torch.cuda.is_available() else "cpu", precision=None, query=None, top_k=5,
+    sampling="segments", augment="none", pairs="caption",
     allow_missing=False, resume=False, overwrite=False, eval_only=False, dsl=False)
 NONE = dict(size="the CLIP model input resolution", clip_lr="none: no CLIP weight trains")  # an unset default
 FLAG_NAMES = dict(frames="--max_frames", words="--max_words", warmup="--warmup_proportion",
@@ -79,6 +80,10 @@ FLAGS = (
     ("--epochs --num_epochs", int, "({epochs})"),
     ("--max_frames --num_frames", int, "frames per clip ({frames})"),
     ("--max_words", int, "text tokens with [SOT] and [EOT] ({words})"),
+    ("--sampling", data.SAMPLING, "which frames fill the slots, by the method's release: clip4clip (1 fps, then 12 "
+     "spread), uniform (X-Pool), dgl, window (SimVTP), segments (nanoTVR's) ({sampling})"),
+    ("--augment", data.AUGMENT, "training augmentation: crop_flip is UMP's RandomResizedCrop + flip ({augment})"),
+    ("--pairs", ("caption", "video"), "training pairs: one per caption, or one per video as SimVTP ({pairs})"),
     ("--warmup_proportion", float, "linear warmup, share of the steps ({warmup})"),
     ("--weight_decay", float, "AdamW's, on the method's decay groups ({weight_decay})"),
     ("--grad_clip", float, "max gradient norm, 0: none ({grad_clip})"),

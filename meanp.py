@@ -33,10 +33,8 @@ import clip
 # b2 0.98, e 1e-6; clip_grad_norm_ 1.0. ZeroShot uses frames, words and batch_size_val only.
 RECIPE = dict(lr=1e-4, clip_lr=1e-7, epochs=5, batch_size=128, frames=12, words=32, weight_decay=0.2,
               warmup=0.1, grad_clip=1.0, betas=(0.9, 0.98), eps=1e-6,
+              sampling="clip4clip",  # --feature_framerate 1 --slice_framepos 2: 1 frame/s, 12 spread, every epoch
               freeze_layer_num=0)  # CLIP4Clip's --freeze_layer_num (its README command's value): see above
-# Synthetic set (ours, tuned on 2 CPU cores): a tiny CLIP that knows no motion must learn it in a few hundred
-# steps, so CLIP trains at lr 1e-7 x 3000; 8 frames cover the 16-24-frame clips; 3 epochs of the 9,000 pairs
-# (843 steps; 5 epochs when the set had 4,500 pairs).
 DATASET_RECIPES = dict()  # the synthetic set's recipe: synthetic.RECIPES
 
 

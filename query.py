@@ -120,7 +120,8 @@ def run_settings(args, log=print):
     backbone = "the tiny CLIP" if tiny_clip_data else f"--clip {run['clip'] or 'ViT-B/32'}"
     log(f"--data folder: the model as {args.checkpoint}'s run built it ({run['data']}): {backbone}, --max_frames "
         f"{run['frames']} --max_words {run['words']} --size {run['size']}")
-    settings = dict(vars(args), **{k: run[k] for k in ("clip", "frames", "words", "size", "kwargs")})
+    settings = dict(vars(args), **{k: run[k] for k in ("clip", "frames", "words", "size", "kwargs")},
+                    sampling=run.get("sampling", "segments"))  # as the run sampled its test videos
     return argparse.Namespace(**settings), tiny_clip_data
 
 

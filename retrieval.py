@@ -97,7 +97,8 @@ def temporal_pair_accuracy(sim, caption_video, twin):
 def encode(method, split, mode, args, device, amp):
     """mode "texts": -> [Nt, D]; mode "videos": -> (what encode_video returns for every video, [Nv, D] or
     [Nv, T, D] for a method with its own similarity; video_mask [Nv, T]). The caller sets eval mode."""
-    kw = dict(frames=args.frames, words=args.words, size=args.size, train=False, frame_cache=args.frame_cache)
+    kw = dict(frames=args.frames, words=args.words, size=args.size, train=False, frame_cache=args.frame_cache,
+              sampling=args.sampling)
     ds = data.VideoTextDataset(split, mode=mode, **kw)
     loader = data.make_loader(ds, batch_size=args.batch_size_val, shuffle=False, num_workers=args.num_workers)
     out, masks = [], []

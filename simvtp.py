@@ -65,6 +65,8 @@ RECIPE = dict(  # fine-tuning, scripts/finetune_msrvtt.sh
     lr=7.5e-5, clip_lr=None,  # base 3e-4 x 64/256; no CLIP weights
     epochs=100, batch_size=64, frames=16, size=224,  # size = the release's img_size, passed to the constructor
     words=77,             # the release pads to the longest caption (trunc 512); we trim to the batch's longest
+    sampling="window",    # datasets.py loadvideo_decord: 16 frames at stride 4 from one random window (dev. 5)
+    pairs="video",        # train_9k_miech.json: one caption per video, 9,000 pairs (deviation 8)
     weight_decay=0.05, warmup=0.05, grad_clip=0.0,  # 5 of 100 epochs warmup, cosine; no clipping
     betas=(0.9, 0.999), eps=1e-8,
     patch_size=16, tubelet_size=2, width=768, depth=12, heads=12,  # ViT-B/16 (VideoMAE)

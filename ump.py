@@ -68,6 +68,8 @@ RECIPE = dict(
     batch_size=32,        # run_msrvtt.sh --batch_size=32
     frames=12,            # all_config.py num_frames 12 (hard-coded in the release's Transformer too)
     words=32,             # ours (the release tokenises to 77)
+    sampling="uniform",   # all_config.py video_sample_type 'uniform', training and test (video_capture.py)
+    augment="crop_flip",  # model_transforms.py: RandomResizedCrop(scale 0.5-1) + flip, one draw per clip
     weight_decay=0.2,     # all_config.py weight_decay 0.2 on every trainable tensor (HF AdamW)
     warmup=0.1,           # all_config.py warmup 0.1 of the steps, then per-step cosine (train.py's schedule)
     grad_clip=1.0,        # trainer: clip_grad_norm_(1.0)

@@ -45,6 +45,7 @@ RECIPE = dict(
     batch_size=128,      # --batch_size 128 (4 GPUs x 32)
     frames=12,           # --max_frames 12, --slice_framepos 2
     words=32,            # --max_words 32
+    sampling="clip4clip",  # --feature_framerate 1 --slice_framepos 2 (rawvideo_util.py), same frames each epoch
     weight_decay=0.2,    # BertAdam weight_decay 0.2 (0 on biases)
     warmup=0.1,          # --warmup_proportion 0.1, warmup_cosine
     grad_clip=1.0,       # clip_grad_norm_(1.0) in main_task_retrieval.py

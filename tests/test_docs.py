@@ -54,6 +54,8 @@ def definition_line(lines, text):
     name, code = symbol(text), text.strip().strip("`")
     tests = [lambda l: re.match(rf"\s*(def|class) {name}\b", l), lambda l: re.match(rf"\s*{name}\s*=[^=]", l),
              lambda l: code in l, lambda l: re.search(rf"\b{name}\b", l)]
+    if not re.fullmatch(r"[\w.]+(\(\))?", code):  # an expression such as `y = y + X`: the line that holds it
+        tests = tests[2:]
     for test in tests:
         for i, line in enumerate(lines):
             if test(line):
