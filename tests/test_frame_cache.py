@@ -1,7 +1,9 @@
 """frame_cache.py and data_checks' video checks: every unreadable video named at once (nothing touched), cache
-files' headers checked, the cache equal to decoding, `python frame_cache.py --check` writing the full list."""
+files' headers checked, the cache equal to decoding, `python frame_cache.py --check` writing the full list, the
+cache's manifest (one setting per folder, a warning for a cache made with other settings)."""
 import ast
 import csv
+import json
 import os
 
 import cv2
@@ -106,6 +108,30 @@ def test_check_command_writes_the_list(tmp_path, capsys):
     assert run(*flags) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: MSRVTT_JSFUSION_test.csv not found") and err.count("\n") == 1
+
+
+def test_frame_cache_manifest_refuses_and_warns(tmp_path, capsys):
+    videos = []
+    for k, n in enumerate((3, 8)):
+        data.write_video(str(tmp_path / f"v{k}.mp4"), [np.full((16, 16, 3), (50, 50, 50), np.uint8)] * n)
+        videos.append(str(tmp_path / f"v{k}.mp4"))
+    cache = str(tmp_path / "cache")
+    assert frame_cache.build_frame_cache(videos, cache, size=16, fps=0) == []
+    manifest = json.load(open(os.path.join(cache, data_checks.MANIFEST)))
+    assert manifest == dict(size=16, fps=0, max_seconds=None, frames={"v0.mp4": 3, "v1.mp4": 8})
+    with pytest.raises(data.DataError, match="made with"):
+        frame_cache.build_frame_cache(videos, cache, size=32, fps=0)  # never mix two settings in one folder
+    split = data.Split("t", videos, ["a", "b"], [0, 1])
+    with pytest.raises(data.DataError, match="16 px frames, this run uses 32 px"):
+        data.VideoTextDataset(split, frames=4, words=8, size=32, train=False, frame_cache=cache)
+    capsys.readouterr()
+    data.VideoTextDataset(split, frames=4, words=8, size=8, train=False, frame_cache=cache)
+    err = capsys.readouterr().err
+    assert "every load resizes" in err and "1 of 2 clips" in err and "fewer than 4 frames" in err
+    data.VideoTextDataset(split, frames=4, words=8, size=8, train=False, frame_cache=cache)
+    assert capsys.readouterr().err == ""  # said once per process
+    data.VideoTextDataset(split, frames=2, words=8, size=16, train=False, frame_cache=cache)
+    assert capsys.readouterr().err == ""  # the run's settings: nothing to say
 
 
 def test_data_modules_import_downwards_only():
