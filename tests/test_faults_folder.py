@@ -13,6 +13,7 @@ import retrieval
 import run_folder
 import train
 from fault_runs import error, flags, losses, rows, state
+from messages import assert_tells
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest; `setup` is conftest's too
 
@@ -21,18 +22,18 @@ def test_one_run_per_folder(setup, tmp_path, capsys):
     train.main(flags(setup, tmp_path, "--max_steps", "2"))
     kept = {f: (tmp_path / f).read_bytes() for f in ("checkpoint.pt", "log.jsonl")}
     line = error(capsys, flags(setup, tmp_path))  # a new run (an ablation, say) into the same default folder
-    assert "holds a run" in line and "pass --resume to continue it or --overwrite to replace it" in line
+    assert_tells(line, tmp_path / "checkpoint.pt", "--resume", "--overwrite")  # the run there, the two ways on
     assert {f: (tmp_path / f).read_bytes() for f in kept} == kept
     # a lock left by a live process keeps a run out; one of a dead process is taken over
     (tmp_path / "lock").write_text(f"{os.uname().nodename} {os.getpid()}")
-    assert "is in use by another run" in error(capsys, flags(setup, tmp_path, "--resume"))
+    assert_tells(error(capsys, flags(setup, tmp_path, "--resume")), f"pid {os.getpid()}", tmp_path / "lock")
     dead = subprocess.Popen(["true"])
     dead.wait()
     (tmp_path / "lock").write_text(f"{os.uname().nodename} {dead.pid}")
     (tmp_path / "checkpoint.pt.tmp12345").write_bytes(b"half a checkpoint")  # a killed checkpoint write
     train.main(flags(setup, tmp_path, "--overwrite"))
     err = capsys.readouterr().err
-    assert f"its run (pid {dead.pid}) died; taking the folder over" in err and "removed checkpoint.pt.tmp12345" in err
+    assert_tells(err, f"pid {dead.pid}", "died", "checkpoint.pt.tmp12345")
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt", "log.jsonl", "retrievals.png"]  # no lock, no tmp
     assert [r["event"] for r in rows(tmp_path, "start", "resume")] == ["start"]  # the old log was replaced
     # --eval_only writes its own record, never into the training log
@@ -46,16 +47,16 @@ def test_one_run_per_folder(setup, tmp_path, capsys):
 def test_a_checkpoint_written_between_the_checks_and_the_lock_is_not_overwritten(setup, tmp_path):
     folder = run_folder.Folder(train.parse_args(flags(setup, tmp_path))[0], {})  # checks pass: no run there yet
     torch.save({}, tmp_path / "checkpoint.pt")  # meanwhile another run writes its first checkpoint
-    with pytest.raises(checks.RunError, match="was written by another run while this one started"):
+    with pytest.raises(checks.RunError) as e:
         folder.claim(overwrite=False)
+    assert_tells(str(e.value), tmp_path / "checkpoint.pt", "again")  # the fix: run the command again
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt"]  # its lock released, the other run's file kept
 
 
 def test_resume_refuses_changed_flags_and_drops_the_rows_it_redoes(setup, tmp_path, capsys):
     train.main(flags(setup, tmp_path, "--max_steps", "4", "--log_every", "2"))
     line = error(capsys, flags(setup, tmp_path, "--resume", "--lr", "1", "--max_frames", "3"))
-    assert "--resume with flags that differ from the checkpoint's run: --max_frames 3 (checkpoint: 2), " \
-           "--lr 1.0 (checkpoint: 0.001)" in line and "may change" in line
+    assert_tells(line, "--resume", "--max_frames 3", "--lr 1.0", "0.001", "--epochs")  # what differs, what may
     assert "--batch_size" in error(capsys, flags(setup, tmp_path, "--resume", "--batch_size", "4"))
     with open(tmp_path / "log.jsonl", "a") as f:  # what a run killed after its checkpoint logged, cut mid-line
         f.write(json.dumps(dict(event="train", step=6, loss=1.0)) + "\n" + '{"event": "tra')
@@ -71,8 +72,7 @@ def test_failed_evaluation_keeps_the_epoch(setup, tmp_path, capsys, monkeypatch)
 
     monkeypatch.setattr(retrieval, "evaluate", broken)
     line = error(capsys, flags(setup, tmp_path), status=1)
-    assert "evaluation after epoch 1 failed (cannot open video /data/video7.mp4)" in line
-    assert "the epoch's training is kept" in line and "--resume` evaluates it" in line
+    assert_tells(line, "epoch 1", "/data/video7.mp4", "kept", "--resume")
     assert (state(tmp_path)["epoch"], state(tmp_path)["batch"], state(tmp_path)["step"]) == (1, 0, 9)
     monkeypatch.undo()
     metrics = train.main(flags(setup, tmp_path, "--resume"))  # evaluates the kept epoch, nothing to train
