@@ -15,6 +15,7 @@ from torch import nn
 import clip
 from conftest import TINY, make_tiny_clip
 from equivalence import FORWARD, GRADIENT, assert_close32, gradient_floor
+from messages import assert_tells
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.* is deprecated:FutureWarning")  # archives are TorchScript
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -89,7 +90,8 @@ def cache(monkeypatch, tmp_path):
     buf = io.BytesIO()
     torch.save(make_tiny_clip().state_dict(), buf)
     data = buf.getvalue()
-    monkeypatch.setitem(clip._MODELS, "tiny", ("tiny.pt", hashlib.sha256(data).hexdigest()))
+    sha = hashlib.sha256(data).hexdigest()
+    monkeypatch.setitem(clip._MODELS, "tiny", ("tiny.pt", sha))
     served = []
 
     def serve(payload):  # urlopen replacement; records every URL it is asked for
@@ -99,7 +101,7 @@ def cache(monkeypatch, tmp_path):
                 raise payload
             return io.BytesIO(payload)
         monkeypatch.setattr(urllib.request, "urlopen", urlopen)
-    return dict(dir=tmp_path / "xdg" / "clip", data=data, served=served, serve=serve)
+    return dict(dir=tmp_path / "xdg" / "clip", data=data, sha=sha, served=served, serve=serve)
 
 
 def test_download_verifies_renames_and_reuses_the_cache(cache):
@@ -107,7 +109,7 @@ def test_download_verifies_renames_and_reuses_the_cache(cache):
     cache["serve"](cache["data"])
     assert_same_model(make_tiny_clip(), clip.load("tiny"))
     assert os.listdir(cache["dir"]) == ["tiny.pt"] and len(cache["served"]) == 1
-    assert cache["served"][0].endswith(f"/{clip._MODELS['tiny'][1]}/tiny.pt")  # the hash is in OpenAI's URL
+    assert cache["served"][0].endswith(f"/{cache['sha']}/tiny.pt")  # the hash is in OpenAI's URL
     cache["serve"](urllib.error.URLError("offline"))  # a verified cached file needs no network
     clip.load("tiny")
     assert len(cache["served"]) == 1
@@ -127,7 +129,7 @@ def test_cached_file_with_wrong_hash_is_fetched_again(cache):
     (cache["dir"] / "tiny.pt").write_bytes(b"truncated download")
     cache["serve"](cache["data"])
     assert_same_model(make_tiny_clip(), clip.load("tiny"))
-    assert len(cache["served"]) == 1 and clip.sha256_of(cache["dir"] / "tiny.pt") == clip._MODELS["tiny"][1]
+    assert len(cache["served"]) == 1 and clip.sha256_of(cache["dir"] / "tiny.pt") == cache["sha"]
 
 
 @pytest.mark.parametrize("error", [urllib.error.URLError("no route to host"),
@@ -136,8 +138,8 @@ def test_offline_or_404_error_says_where_to_put_the_file(cache, error):
     cache["serve"](error)
     with pytest.raises(RuntimeError) as e:
         clip.load("ViT-B/32")
-    msg = str(e.value)
-    assert "ViT-B-32.pt" in msg and clip._MODELS["ViT-B/32"][1] in msg and str(cache["dir"] / "ViT-B-32.pt") in msg
+    sha = cache["served"][0].split("/")[-2]  # the SHA256 in the URL it asked for, as the first test checks
+    assert_tells(str(e.value), "ViT-B-32.pt", sha, cache["dir"] / "ViT-B-32.pt")  # the file, its hash, where to put it
     assert os.listdir(cache["dir"]) == []
 
 
