@@ -14,7 +14,7 @@ import methods
 import pictures
 import query
 import train
-from messages import one_error
+from messages import assert_tells, one_error
 
 COLOURS = dict(red=(0, 0, 255), green=(0, 255, 0), blue=(255, 0, 0))  # BGR
 
@@ -60,8 +60,9 @@ def test_folder_reader(colour_folder, tmp_path):
     ds = data.VideoTextDataset(split, frames=2, words=8, size=8, train=False, mode="videos")
     assert len(ds) == 3 and ds[1]["video"].shape == (2, 3, 8, 8) and ds[1]["video_mask"].all()
     (tmp_path / "empty").mkdir()
-    with pytest.raises(data.DataError, match="no video files"):
+    with pytest.raises(data.DataError) as e:
         data.read_folder(str(tmp_path / "empty"))
+    assert_tells(str(e.value), "--video_path", tmp_path / "empty", "no video files")
 
 
 def query_args(tmp_path, checkpoint, **kw):

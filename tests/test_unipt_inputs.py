@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 import unipt
 from conftest import make_tiny_clip
+from messages import assert_tells
 
 SOT, EOT = 49406, 49407
 
@@ -70,5 +71,6 @@ def test_bf16_autocast_backbone_and_bad_input(model):
         model.encode_text(text.float())
     with pytest.raises(ValueError, match="video_mask"):
         model.encode_video(video(), torch.ones(2, 4, dtype=torch.bool))
-    with pytest.raises(ValueError, match="must divide"):
+    with pytest.raises(ValueError) as e:
         unipt.ParallelSideNetwork(3, 8, 32, D=3)
+    assert_tells(str(e.value), "D=3", "32")  # the factor, the width it must divide
