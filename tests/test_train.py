@@ -1,6 +1,6 @@
 """train.py end to end on a tiny synthetic set and a tiny CLIP: a subprocess run, eval-only, a checkpoint write
 killed half-way, the method contract's flags, and the clear errors (exact resume: test_resume.py; every other
-fault: test_faults.py)."""
+fault: test_faults_*.py)."""
 import json
 import os
 import subprocess
