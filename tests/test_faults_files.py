@@ -32,7 +32,7 @@ def test_unreadable_test_video_and_clip_file_stop_the_start(setup, tmp_path, cap
     (lambda good: os.urandom(4096), ["truncated", "train.py"]),
     (lambda good: b"", ["0 bytes", "truncated"]),
     (lambda good: b"step,loss\n1,2.0\n", ["truncated"]),
-])
+], ids=["cut", "random", "empty", "csv"])
 def test_bad_checkpoint_files(setup, tmp_path, capsys, content, facts):
     ck = tmp_path / "ck.pt"
     torch.save(dict(model={"w": torch.zeros(100)}), ck)

@@ -15,7 +15,7 @@ from messages import assert_tells
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest; `setup` is conftest's too
 
 
-@pytest.mark.parametrize("extra, facts", [  # facts: the flag and value at fault, the fix's flag where there is one
+FLAG_ERRORS = [  # (flags, facts): the flag and value at fault, the fix's flag where there is one
     (["--max_frames", "0"], ["--max_frames 0"]),
     (["--batch_size", "0"], ["--batch_size 0"]),
     (["--batch_size", "6", "--gradient_accumulation_steps", "4"], ["--batch_size 6", "--gradient_accumulation_steps"]),
@@ -30,7 +30,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest; `setup` is conft
     (["--checkpoint", __file__], ["--checkpoint", "--eval_only", "--init"]),
     (["--eval_only", "--checkpoint", "/no/such.pt"], ["--checkpoint /no/such.pt", "no such file"]),
     (["--num_frame", "3"], ["--num_frame 3"]),
-])
+]
+
+
+@pytest.mark.parametrize("extra, facts", FLAG_ERRORS,
+                         ids=[" ".join(extra).replace(__file__, "FILE") for extra, _ in FLAG_ERRORS])
 def test_flag_errors(setup, tmp_path, extra, facts, capsys):
     assert_tells(error(capsys, flags(setup, tmp_path, *extra)), *facts)
     assert not tmp_path.exists() or not os.listdir(tmp_path)  # a failed start leaves no files

@@ -117,7 +117,7 @@ def test_method_contract_flags(setup, tmp_path, monkeypatch):
     (["--method", "nope"], ["--method", "'nope'", *methods.METHODS]),
     (["--method", "full", "--data", "nope"], ["--data", "'nope'", *data.DATASETS]),
     (["--method", "full", "--eval_only", "--checkpoint", "/no/such.pt"], ["--checkpoint /no/such.pt", "no such file"]),
-])
+], ids=["method", "data", "checkpoint"])
 def test_clear_errors(argv, facts, capsys):
     with pytest.raises(SystemExit) as e:
         train.parse_args(argv)
