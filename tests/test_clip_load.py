@@ -1,12 +1,8 @@
-"""clip.py loading: config inference, strict loads (plain files, TorchScript archives), OpenAI's four configs,
-ResNet refusal, downloads (SHA256, atomic rename, re-fetch, offline message, XDG_CACHE_HOME), the oracle.
-
-tests/fixtures/clip_manifests.json holds facts produced once by openai/CLIP@d05afc4's own CLIP class on the
-meta device: every state-dict key, its shape and the parameter count.
-"""
+"""clip.py loading: config inference, strict loads (plain files, TorchScript archives), downloads (SHA256, atomic
+rename, re-fetch, offline message, XDG_CACHE_HOME), the oracle. OpenAI's four configs and the ResNet refusal:
+test_clip_configs.py; bad model files: test_clip_faults.py."""
 import hashlib
 import io
-import json
 import os
 import urllib.error
 import urllib.request
@@ -19,10 +15,10 @@ from torch import nn
 import clip
 from conftest import TINY, make_tiny_clip
 from equivalence import FORWARD, GRADIENT, assert_close32, gradient_floor
+from messages import assert_tells
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.* is deprecated:FutureWarning")  # archives are TorchScript
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
-N_PARAMS = {"ViT-B/32": 151_277_313, "ViT-B/16": 149_620_737, "ViT-L/14": 427_616_513, "ViT-L/14@336px": 427_944_193}
 # a second tiny config: 2 heads per tower, 48 px / 16 px patches (3x3 grid), 32-token context, 3 text layers
 TINY2 = dict(TINY, embed_dim=16, image_resolution=48, vision_width=128, vision_patch_size=16, context_length=32,
              transformer_width=128, transformer_heads=2, transformer_layers=3)
@@ -37,6 +33,7 @@ def assert_same_model(a, b):
     with torch.no_grad():
         torch.testing.assert_close(a.encode_image(img), b.encode_image(img), rtol=0, atol=0)
         torch.testing.assert_close(a.encode_text(txt), b.encode_text(txt), rtol=0, atol=0)
+
 
 @pytest.mark.parametrize("config", [TINY, TINY2], ids=["tiny", "tiny2"])
 def test_build_model_infers_config_and_loads_strictly(config):
@@ -84,34 +81,6 @@ def test_load_torchscript_archive(tmp_path):
     assert_same_model(model, loaded)
 
 
-@pytest.mark.parametrize("name", list(N_PARAMS))
-def test_real_configs_match_openai_manifest(name):
-    with open(os.path.join(FIXTURES, "clip_manifests.json")) as f:
-        manifest = json.load(f)[name]
-    with torch.device("meta"):  # shapes only, no memory
-        model = clip.CLIP(**manifest["config"])
-        rebuilt = clip.build_model(model.state_dict())  # config inference on the real shapes
-    for m in (model, rebuilt):
-        assert {k: list(v.shape) for k, v in m.state_dict().items()} == manifest["shapes"]
-        assert sum(p.numel() for p in m.parameters()) == manifest["n_params"] == N_PARAMS[name]
-        assert m.visual.transformer.resblocks[0].attn.heads == manifest["config"]["vision_width"] // 64
-        assert m.transformer.resblocks[0].attn.heads == manifest["config"]["transformer_heads"]  # 64-dim heads
-    assert name in clip.available_models()
-
-
-def test_resnet_checkpoint_refused():
-    sd = {k: v for k, v in make_tiny_clip().state_dict().items() if not k.startswith("visual.")}
-    sd.update({"visual.conv1.weight": torch.zeros(32, 3, 3, 3),
-               "visual.layer1.0.conv1.weight": torch.zeros(64, 64, 1, 1),
-               "visual.attnpool.positional_embedding": torch.zeros(50, 2048)})  # RN50-like names
-    with pytest.raises(ValueError, match="ResNet"):
-        clip.build_model(sd)
-    with pytest.raises(ValueError, match="ViT"):
-        clip.CLIP(**dict(TINY, vision_layers=(3, 4, 6, 3)))
-
-
-
-
 # ---- downloads (urlopen monkeypatched: no network) ---------------------------------------------------
 
 @pytest.fixture
@@ -121,7 +90,8 @@ def cache(monkeypatch, tmp_path):
     buf = io.BytesIO()
     torch.save(make_tiny_clip().state_dict(), buf)
     data = buf.getvalue()
-    monkeypatch.setitem(clip._MODELS, "tiny", ("tiny.pt", hashlib.sha256(data).hexdigest()))
+    sha = hashlib.sha256(data).hexdigest()
+    monkeypatch.setitem(clip._MODELS, "tiny", ("tiny.pt", sha))
     served = []
 
     def serve(payload):  # urlopen replacement; records every URL it is asked for
@@ -131,7 +101,7 @@ def cache(monkeypatch, tmp_path):
                 raise payload
             return io.BytesIO(payload)
         monkeypatch.setattr(urllib.request, "urlopen", urlopen)
-    return dict(dir=tmp_path / "xdg" / "clip", data=data, served=served, serve=serve)
+    return dict(dir=tmp_path / "xdg" / "clip", data=data, sha=sha, served=served, serve=serve)
 
 
 def test_download_verifies_renames_and_reuses_the_cache(cache):
@@ -139,7 +109,7 @@ def test_download_verifies_renames_and_reuses_the_cache(cache):
     cache["serve"](cache["data"])
     assert_same_model(make_tiny_clip(), clip.load("tiny"))
     assert os.listdir(cache["dir"]) == ["tiny.pt"] and len(cache["served"]) == 1
-    assert cache["served"][0].endswith(f"/{clip._MODELS['tiny'][1]}/tiny.pt")  # the hash is in OpenAI's URL
+    assert cache["served"][0].endswith(f"/{cache['sha']}/tiny.pt")  # the hash is in OpenAI's URL
     cache["serve"](urllib.error.URLError("offline"))  # a verified cached file needs no network
     clip.load("tiny")
     assert len(cache["served"]) == 1
@@ -159,7 +129,7 @@ def test_cached_file_with_wrong_hash_is_fetched_again(cache):
     (cache["dir"] / "tiny.pt").write_bytes(b"truncated download")
     cache["serve"](cache["data"])
     assert_same_model(make_tiny_clip(), clip.load("tiny"))
-    assert len(cache["served"]) == 1 and clip.sha256_of(cache["dir"] / "tiny.pt") == clip._MODELS["tiny"][1]
+    assert len(cache["served"]) == 1 and clip.sha256_of(cache["dir"] / "tiny.pt") == cache["sha"]
 
 
 @pytest.mark.parametrize("error", [urllib.error.URLError("no route to host"),
@@ -168,8 +138,8 @@ def test_offline_or_404_error_says_where_to_put_the_file(cache, error):
     cache["serve"](error)
     with pytest.raises(RuntimeError) as e:
         clip.load("ViT-B/32")
-    msg = str(e.value)
-    assert "ViT-B-32.pt" in msg and clip._MODELS["ViT-B/32"][1] in msg and str(cache["dir"] / "ViT-B-32.pt") in msg
+    sha = cache["served"][0].split("/")[-2]  # the SHA256 in the URL it asked for, as the first test checks
+    assert_tells(str(e.value), "ViT-B-32.pt", sha, cache["dir"] / "ViT-B-32.pt")  # the file, its hash, where to put it
     assert os.listdir(cache["dir"]) == []
 
 

@@ -1,7 +1,9 @@
 """frame_cache.py and data_checks' video checks: every unreadable video named at once (nothing touched), cache
-files' headers checked, the cache equal to decoding, `python frame_cache.py --check` writing the full list."""
+files' headers checked, the cache equal to decoding, `python frame_cache.py --check` writing the full list, the
+cache's manifest (one setting per folder, a warning for a cache made with other settings)."""
 import ast
 import csv
+import json
 import os
 
 import cv2
@@ -11,6 +13,7 @@ import pytest
 import data
 import data_checks
 import frame_cache
+from messages import assert_tells, one_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,19 +46,16 @@ def videos(tmp_path):
 
 def test_check_videos_names_every_unreadable_video_at_once(videos, tmp_path):
     bad = data_checks.find_unreadable(videos.videos)
-    assert [(os.path.basename(v), why) for v, why in bad] == [
-        ("cut.mp4", "does not open as a video (cut off, damaged, or not a video)"),
-        ("empty.mp4", "is empty (0 bytes)"),
-        ("junk.mp4", "does not open as a video (cut off, damaged, or not a video)"),
-        ("zeroed.mp4", "opens, but its first frame does not decode")]
+    assert [os.path.basename(v) for v, _ in bad] == ["cut.mp4", "empty.mp4", "junk.mp4", "zeroed.mp4"]
+    for (_, why), fact in zip(bad, ["does not open", "0 bytes", "does not open", "first frame"]):
+        assert_tells(why, fact)  # what is wrong with each
     before = {v: open(v, "rb").read() for v in videos.videos}
     report = tmp_path / "out" / "bad_videos.txt"
     with pytest.raises(data.DataError) as e:
         data_checks.check_videos(videos, report=str(report), show=2)
     msg = str(e.value)  # how many, the first `show` files and what is wrong, where the rest are, the fixes
-    assert msg.startswith("4 of 8 fixture-test videos cannot be read") and f"{bad[0][0]} does not open" in msg
-    assert "empty.mp4 is empty (0 bytes)" in msg and "junk.mp4" not in msg and str(report) in msg
-    assert "Re-download or re-encode" in msg and "--allow_missing" in msg
+    assert_tells(msg, "4 of 8", "fixture-test", bad[0][0], "empty.mp4", "0 bytes", report, "--allow_missing")
+    assert "junk.mp4" not in msg
     assert report.read_text().splitlines() == [f"{v}\t{why}" for v, why in bad]
     assert {v: open(v, "rb").read() for v in videos.videos} == before  # nothing touched
     with pytest.raises(data.DataError) as e:
@@ -75,10 +75,12 @@ def test_check_videos_reads_frame_cache_headers(videos, tmp_path):
     whole = open(cached, "rb").read()
     open(cached, "wb").write(whole[:len(whole) // 2])  # a cache file cut off
     why = data_checks.probe_video(good, cache)
-    assert cached in why and "damaged" in why and "delete it and build it again" in why
+    assert_tells(why, cached, "damaged", "delete")  # the cache file, what is wrong, the fix
     np.save(cached, np.zeros((0, 3, 32, 32), np.uint8))
-    assert "holding uint8 [0, 3, 32, 32], not uint8 [frames, 3, size, size]" in data_checks.probe_video(good, cache)
-    assert data_checks.probe_video(videos.videos[3], cache) == "is empty (0 bytes)"  # no cache file: the video
+    assert_tells(data_checks.probe_video(good, cache), "[0, 3, 32, 32]", "[frames, 3, size, size]")  # has, should
+    why = data_checks.probe_video(videos.videos[3], cache)  # no cache file: the video itself
+    assert_tells(why, "0 bytes")
+    assert cache not in why
 
 
 def test_check_command_writes_the_list(tmp_path, capsys):
@@ -99,13 +101,41 @@ def test_check_command_writes_the_list(tmp_path, capsys):
         return e.value.code
     assert run(*flags, "--out", str(out), "--workers", "2") == 1  # 2 worker processes
     printed = capsys.readouterr().out
-    assert "2 of 3 msrvtt test videos cannot be read" in printed and str(out) in printed
+    assert_tells(printed, "2 of 3", "msrvtt", out)  # how many, and the list
     assert [line.split("\t")[0] for line in out.read_text().splitlines()] == [str(folder / "video1.mp4"),
                                                                               str(folder / "video2.mp4")]
     os.remove(ann / "MSRVTT_JSFUSION_test.csv")
     assert run(*flags) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: MSRVTT_JSFUSION_test.csv not found") and err.count("\n") == 1
+    assert err.count("\n") == 1  # one line, nothing else
+    one_error(err, "MSRVTT_JSFUSION_test.csv", "--data_path")  # the file missing, the flag to check
+
+
+def test_frame_cache_manifest_refuses_and_warns(tmp_path, capsys):
+    videos = []
+    for k, n in enumerate((3, 8)):
+        data.write_video(str(tmp_path / f"v{k}.mp4"), [np.full((16, 16, 3), (50, 50, 50), np.uint8)] * n)
+        videos.append(str(tmp_path / f"v{k}.mp4"))
+    cache = str(tmp_path / "cache")
+    assert frame_cache.build_frame_cache(videos, cache, size=16, fps=0) == []
+    manifest = json.load(open(os.path.join(cache, data_checks.MANIFEST)))
+    assert manifest == dict(size=16, fps=0, max_seconds=None, frames={"v0.mp4": 3, "v1.mp4": 8})
+    with pytest.raises(data.DataError) as e:
+        frame_cache.build_frame_cache(videos, cache, size=32, fps=0)  # never mix two settings in one folder
+    assert_tells(str(e.value), cache, "'size': 16", "'size': 32")  # the folder, its settings and these
+    split = data.Split("t", videos, ["a", "b"], [0, 1])
+    with pytest.raises(data.DataError) as e:
+        data.VideoTextDataset(split, frames=4, words=8, size=32, train=False, frame_cache=cache)
+    assert_tells(str(e.value), cache, "16 px", "32 px", "--size 32", "--size 16")  # the sizes, both fixes
+    capsys.readouterr()
+    data.VideoTextDataset(split, frames=4, words=8, size=8, train=False, frame_cache=cache)
+    err = capsys.readouterr().err
+    assert_tells(err, "16 px", "8 px", "--size 8")  # frames larger than the run's: resized, and the fix
+    assert_tells(err, "1 of 2", "v0.mp4", "--fps")  # clips with fewer frames than the run's: which, and the fix
+    data.VideoTextDataset(split, frames=4, words=8, size=8, train=False, frame_cache=cache)
+    assert capsys.readouterr().err == ""  # said once per process
+    data.VideoTextDataset(split, frames=2, words=8, size=16, train=False, frame_cache=cache)
+    assert capsys.readouterr().err == ""  # the run's settings: nothing to say
 
 
 def test_data_modules_import_downwards_only():

@@ -1,6 +1,6 @@
 """train.py end to end on a tiny synthetic set and a tiny CLIP: a subprocess run, eval-only, a checkpoint write
 killed half-way, the method contract's flags, and the clear errors (exact resume: test_resume.py; every other
-fault: test_faults.py)."""
+fault: test_faults_*.py)."""
 import json
 import os
 import subprocess
@@ -9,10 +9,12 @@ import sys
 import pytest
 import torch
 
+import data
 import meanp
 import methods
 import train
 from conftest import make_tiny_clip
+from messages import one_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -111,12 +113,13 @@ def test_method_contract_flags(setup, tmp_path, monkeypatch):
     assert set(weights(tmp_path)["model"]) == {"head.weight", "head.bias"}
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--method", "nope"], "choose from zeroshot, full, ump, dgl, adapter, unipt, simvtp, ump-release, adapter-release"),
-    (["--method", "full", "--data", "nope"], "choose from synthetic, msrvtt"),
-    (["--method", "full", "--eval_only", "--checkpoint", "/no/such.pt"], "/no/such.pt: no such file"),
-])
-def test_clear_errors(argv, message, capsys):
-    with pytest.raises(SystemExit):
+@pytest.mark.parametrize("argv, facts", [  # the flag and value at fault, and what to choose from
+    (["--method", "nope"], ["--method", "'nope'", *methods.METHODS]),
+    (["--method", "full", "--data", "nope"], ["--data", "'nope'", *data.DATASETS]),
+    (["--method", "full", "--eval_only", "--checkpoint", "/no/such.pt"], ["--checkpoint /no/such.pt", "no such file"]),
+], ids=["method", "data", "checkpoint"])
+def test_clear_errors(argv, facts, capsys):
+    with pytest.raises(SystemExit) as e:
         train.parse_args(argv)
-    assert message in capsys.readouterr().err
+    assert e.value.code == 2
+    one_error(capsys.readouterr().err, *facts)
