@@ -68,7 +68,7 @@ def test_folder_reader(colour_folder, tmp_path):
 def query_args(tmp_path, checkpoint, **kw):
     return SimpleNamespace(**{**dict(method="toy", kwargs={}, data="folder", checkpoint=str(checkpoint), clip=None,
                                       init=None, frames=2, words=16, size=8, frame_cache=None, batch_size_val=2,
-                                      num_workers=0, output_dir=str(tmp_path), top_k=5), **kw})
+                                      num_workers=0, output_dir=str(tmp_path), top_k=5, sampling="segments"), **kw})
 
 
 def test_query_finds_the_clip_and_caches_video_features(colour_folder, tmp_path, capsys):
