@@ -67,14 +67,29 @@ def test_text_embeddings_are_berts_block():
     assert_close32(e(ids), ref, FORWARD, "BERT text embeddings (token type 0)")
 
 
-def test_vtc_pools_the_visible_video_and_the_masked_caption_alone():
-    """VTC: the encoder (with its final LN) on the visible tubelets alone, mean pooled; the same for the masked
-    caption, its pads counted (pool_pads, deviation 1)."""
+def pretraining_batch():
     torch.manual_seed(0)
     m = simvtp.SimVTPPretraining(4, **TINY, decoder_width=16, decoder_depth=1, decoder_heads=2).eval()
     video = torch.randn(3, 4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     ids, attn = m.text_inputs(clip.tokenize(CAPTIONS, context_length=16))
-    tube, select = m.random_tube_mask(3), m.random_text_mask(attn)
+    return m, video, ids, attn, m.random_tube_mask(3), m.random_text_mask(attn)
+
+
+def test_mvm_and_mlm_read_the_positive_joint_pass():
+    """MVM and MLM decode [clip i's visible video ; caption i]: the VTM negatives (the other B joint rows)
+    change neither the pixel predictions nor the word logits."""
+    m, video, ids, attn, tube, select = pretraining_batch()
+    with torch.no_grad():
+        a, b = (m.pretraining_outputs(video, ids, attn, tube, select, torch.tensor(neg)) for neg in ([1, 2, 0], [2, 0, 1]))
+    assert_close32(b["pixel_pred"], a["pixel_pred"], FORWARD, "MVM: decodes the positive joint rows")
+    assert_close32(b["mlm_logits"], a["mlm_logits"], FORWARD, "MLM: reads the positive joint rows")
+    assert (b["vtm_logits"][3:] - a["vtm_logits"][3:]).abs().max() > 1e-6, "VTM: negatives do not reach the head"
+
+
+def test_vtc_pools_the_visible_video_and_the_masked_caption_alone():
+    """VTC: the encoder (with its final LN) on the visible tubelets alone, mean pooled; the same for the masked
+    caption, its pads counted (pool_pads, deviation 1)."""
+    m, video, ids, attn, tube, select = pretraining_batch()
     with torch.no_grad():
         out = m.pretraining_outputs(video, ids, attn, tube, select, torch.tensor([1, 2, 0]))
         x = (m.encoder.patch_embed(video) + m.pos_embed)[~tube].view(3, -1, 32)  # visible tokens, positions first
