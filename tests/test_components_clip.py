@@ -23,7 +23,8 @@ def test_layernorm_computes_in_fp32_and_rounds_once():
 
 def test_text_tower_init_is_openais():
     """initialize_parameters: token N(0, 0.02), positions N(0, 0.01), attention in_proj std w^-1/2, out_proj and
-    c_proj w^-1/2 (2 layers)^-1/2, c_fc (2w)^-1/2, text_projection w^-1/2; sample stds within 10 %."""
+    c_proj w^-1/2 (2 layers)^-1/2, c_fc (2w)^-1/2, text_projection w^-1/2. The smallest tensor has 4,096 draws: its
+    sample std is within 1.1 % (one sigma) of the true one; the bound, 10 %, is 9 sigma (the mutant's 0.02: 77 %)."""
     m = make_tiny_clip(transformer_width=128, transformer_layers=4, transformer_heads=2)
     w, layers = 128, 4
     proj = w ** -0.5 * (2 * layers) ** -0.5

@@ -102,7 +102,8 @@ def test_vtc_pools_the_visible_video_and_the_masked_caption_alone():
 
 
 def test_retrieval_towers_init_truncated_normal_002():
-    """modeling_finetune.py's init when nothing is loaded: Linear weights trunc_normal(std 0.02), biases 0."""
+    """modeling_finetune.py's init when nothing is loaded: Linear weights trunc_normal(std 0.02), biases 0. Over
+    its 98,304 weights the sample std is within 0.23 % (one sigma) of 0.02; the bound, 10 %, is 40 sigma."""
     m = retrieval(depth=4)
     w = torch.cat([mod.weight.flatten() for mod in m.modules() if isinstance(mod, torch.nn.Linear)])
     assert abs(w.std().item() - 0.02) < 0.002, f"retrieval init: weight std {w.std().item():.4f}, not 0.02"
