@@ -45,6 +45,8 @@ Deliberate deviations and our decisions:
       raise a clear error: slot j must exist in both towers to share its tensor.
   11. Dead flags of the release (LN before/after the adapter, non-linearity on the shared path, "Meta"
       hyper-network names) are omitted.
+  12. Frames: the release reads 1 frame/s JPEGs made by a tool it does not ship, then spreads 12 (linspace);
+      data.py decodes the same seconds from the video (`sampling="clip4clip"`, CLIP4Clip's extractor rule).
 
 Usage:
     model = CrossModalAdapter(clip.load("ViT-B/32"), num_frames=12)                  # r=8, d_s=16

@@ -35,7 +35,8 @@ Deliberate deviations:
      ~1e-6 (float summation order), which costs T times the attention FLOPs and rules out flash kernels.
      Tokens are stored frame-major, the release token-major (no positions: irrelevant).
   3. `video_mask`: padded frames are removed from the global prompts' keys. The release ignores
-     the mask (its loader repeats the last frame instead). No change when all frames are valid (MSR-VTT).
+     the mask (its loader repeats the last frame, as data.py does for `sampling="dgl"`). No change when all
+     frames are valid (MSR-VTT).
   4. Sizes come from the CLIP config and the arguments instead of the release's literals: prompt
      width = vision width (768 hard-coded there), n_g and n_f may differ, the prompt depth is the vision
      depth and the text tower uses the first `text layers` prompt sets (the release ties text depth to
@@ -46,6 +47,9 @@ Deliberate deviations:
      which params.py does not define; the values equal the defaults) are not reproduced. Its recall
      (utils/metrics.py, CLIP4Clip's compute_metrics: a k-way tie with the ground truth counts k times) is,
      by retrieval.py.
+  6. Frames: the release's rules (`sampling="dgl"`: segments of n // 12 frames in training, so the last n mod 12
+     are never drawn; int(tick/2 + tick*x) at test) applied to the clip's own frames. The release applies them to
+     a 3 fps, 224 px re-encode (compress_video.py): the frame cache built at its default 3 fps gives that input.
 The release's checkpoints load with `load_official_state_dict(model, state_dict)`, in the last section
 ("Reproducing the release").
 
@@ -70,7 +74,7 @@ RECIPE = dict(
     batch_size=512,      # msrvtt.sh batch_size=128 per GPU x 4 GPUs, embeddings all-gathered
     frames=12,           # msrvtt.sh max_frames=12
     words=32,            # msrvtt.sh max_words=32 (+ 8 prompt slots = 40 text tokens)
-    sampling="dgl",      # sampling.py: segments of n // 12 in training, uniform_sampling at test (deviation 8)
+    sampling="dgl",      # sampling.py: segments of n // 12 in training, uniform_sampling at test (deviation 6)
     weight_decay=0.2,    # params.py --wd 0.2 on every non-bias tensor (utils/optimization.py)
     warmup=0.1,          # params.py --warmup 0.1: linear warmup per step, then cosine to 0
     grad_clip=1.0,       # main.py clip_grad_norm_(1.0)

@@ -37,13 +37,19 @@ Deliberate deviations:
   4. Frames are a parameter (the release assumes 16). Padded frames (video_mask False) are ignored by retrieval
      (their tubelets key-masked and left out of the pooling); pretraining ignores video_mask.
   5. Retrieval towers carry no dead weights (the release's video tower holds an unused BERT embedding, its text
-     tower an unused patch embedding); one view per clip (the release averages 3x3 / 15x3 test views); no layer
+     tower an unused patch embedding); one view per clip (deviation 9); no layer
      decay, as in effect in the release (its layer_decay=0.75 matches no parameter name: all start with
      video_encoder./text_encoder., so every group keeps scale 1).
   6. Recipe: single-stage cosine to 0 (the release decays to min lr 4e-5 / 2.5e-7). Fine-tuning uses train.py's
      symmetric InfoNCE: it averages the two directions where NormSoftmax sums them (a factor 2 on the loss) and
      gathers negatives across GPUs where the release uses each GPU's local batch of 8.
-  7. Augmentations (multi-scale crop, RandAugment, RandomErasing) are not applied: data.py's own.
+  7. Training augmentation (RandAugment, RandomResizedCrop 0.08-1, flip, RandomErasing) is not applied: the
+     frames are centre-cropped. The frames themselves are the release's (`sampling="window"`: 16 at stride 4 from
+     one random 64-frame window, tests/test_pipelines.py).
+  8. One caption per video (`pairs="video"`, 9,000 MSR-VTT pairs, as the release's {video: caption} JSON); that
+     JSON is not shipped, so which caption is unknown: data.one_caption_per_video keeps each video's first.
+  9. Test: one view, the middle of the release's three stride-4 windows with the centre crop; the release averages
+     the embeddings of 3 windows x 3 crops (9x the evaluation cost).
 
 Usage:
     pre = SimVTPPretraining(16)                               # ViT-B/16, 16 frames, 224 px
@@ -65,7 +71,7 @@ RECIPE = dict(  # fine-tuning, scripts/finetune_msrvtt.sh
     lr=7.5e-5, clip_lr=None,  # base 3e-4 x 64/256; no CLIP weights
     epochs=100, batch_size=64, frames=16, size=224,  # size = the release's img_size, passed to the constructor
     words=77,             # the release pads to the longest caption (trunc 512); we trim to the batch's longest
-    sampling="window",    # datasets.py loadvideo_decord: 16 frames at stride 4 from one random window (dev. 5)
+    sampling="window",    # datasets.py loadvideo_decord: 16 frames at stride 4, one random window (dev. 7, 9)
     pairs="video",        # train_9k_miech.json: one caption per video, 9,000 pairs (deviation 8)
     weight_decay=0.05, warmup=0.05, grad_clip=0.0,  # 5 of 100 epochs warmup, cosine; no clipping
     betas=(0.9, 0.999), eps=1e-8,

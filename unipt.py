@@ -26,6 +26,8 @@ Deliberate deviations:
      (the release's adapters are fp32 too).
   4. Optimiser and schedule are train.py's AdamW + warmup/cosine rather than CLIP4Clip's BertAdam (no bias
      correction, per-tensor clipping); weight decay on weights only, as BertAdam's bias rule.
+  5. Frames: CLIP4Clip's rule (`sampling="clip4clip"`: 1 frame/s, 12 spread, the same every epoch) on the source
+     video; the release's script reads its 3 fps re-encode with the same rule, which picks the same seconds.
 
 Usage:
     model = UniPT(clip.load("ViT-B/32"), num_frames=12)

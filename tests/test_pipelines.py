@@ -109,3 +109,18 @@ def test_simvtp_trains_on_one_caption_per_video():
                        caption_video=[0, 1, 0, 2, 1])
     one = data.one_caption_per_video(split)
     assert one.captions == ["a1", "b1", "c1"] and one.caption_video == [0, 1, 2] and one.videos == split.videos
+
+
+@pytest.mark.parametrize("method, extra, pairs", [
+    ("simvtp", ["--width", "64", "--depth", "1", "--heads", "1", "--patch_size", "8", "--size", "32"], 24),
+    ("full", ["--clip_lr", "1e-4"], 72)])
+def test_training_pairs_on_an_msrvtt_layout(setup, tmp_path, capsys, method, extra, pairs):
+    """The synthetic set is written in MSR-VTT's layout (24 clips x 3 captions here): read as --data msrvtt, SimVTP
+    trains on one pair per video as its release, the others on one per caption."""
+    import train
+    clip_flag = [] if method == "simvtp" else ["--clip", str(setup / "clip.pt")]
+    train.main(["--method", method, "--data", "msrvtt", "--data_path", str(setup / "synthetic"),
+                "--video_path", str(setup / "synthetic" / "videos"), "--output_dir", str(tmp_path), "--num_workers",
+                "0", "--max_frames", "2", "--batch_size", "8", "--max_words", "16", "--max_steps", "1", *clip_flag,
+                *extra])
+    assert f"\n{pairs} training pairs: {pairs // 8} steps/epoch" in capsys.readouterr().out
