@@ -218,7 +218,7 @@ RECIPES = dict(
 # embed_dim 64 (32 before): trained on object captions only, a 32-d embedding keeps little besides the object
 # (a linear probe reads a frame's x, y, size from it with R^2 0.14, 0.23, 0.73; 0.31, 0.22, 0.81 at 64-d); the
 # wider one leaves the methods more to build motion from, and zero-shot retrieval no better (t2v R@10 32 vs 42).
-TINY_CLIP = clip.CONFIGS["synthetic"]  # the name tiny_clip() reads (tests/test_learning.py swaps it), runs.py too
+TINY_CLIP = clip.CONFIGS["synthetic"]  # the name tiny_clip() reads (tests/test_learning.py swaps it)
 TINY_PRETRAIN = dict(seed=0, steps=300, batch_size=128, lr=1e-3, weight_decay=0.1, frames=8, words=32,
                      frozen=("token_embedding.weight",))
 
