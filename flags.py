@@ -12,6 +12,7 @@ import torch
 
 import checks
 import data
+import frames
 from methods import METHODS, PRETRAINING
 
 
@@ -80,9 +81,9 @@ FLAGS = (
     ("--epochs --num_epochs", int, "({epochs})"),
     ("--max_frames --num_frames", int, "frames per clip ({frames})"),
     ("--max_words", int, "text tokens with [SOT] and [EOT] ({words})"),
-    ("--sampling", data.SAMPLING, "which frames fill the slots, by the method's release: clip4clip (1 fps, then 12 "
+    ("--sampling", frames.SAMPLING, "which frames fill the slots, by the method's release: clip4clip (1 fps, then 12 "
      "spread), uniform (X-Pool), dgl, window (SimVTP), segments (nanoTVR's) ({sampling})"),
-    ("--augment", data.AUGMENT, "training augmentation: crop_flip is UMP's RandomResizedCrop + flip ({augment})"),
+    ("--augment", frames.AUGMENT, "training augmentation: crop_flip is UMP's RandomResizedCrop + flip ({augment})"),
     ("--pairs", ("caption", "video"), "training pairs: one per caption, or one per video as SimVTP ({pairs})"),
     ("--warmup_proportion", float, "linear warmup, share of the steps ({warmup})"),
     ("--weight_decay", float, "AdamW's, on the method's decay groups ({weight_decay})"),

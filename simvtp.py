@@ -18,10 +18,8 @@ Two models, one per stage, built from the same encoder pieces (Block, PatchEmbed
     (video and text tower), mean pooling, a fresh LN (fc_norm), cosine, tau 0.05. `towers_from_pretraining` fills
     both from a SimVTPPretraining state dict's `encoder.*` and `text_embeddings.*`, as run_simvtp_finetuning.py does.
 
-Replacements for the release's dependencies: timm Block/Attention/Mlp/DropPath/PatchEmbed -> the ~60 lines below
-(same parameter names: `encoder.blocks.i.attn.qkv.weight`, `q_bias`, `v_bias`, `mlp.fc1`, ...; attention via
-SDPA); HF BertEmbeddings -> `TextEmbeddings` (same keys); BertTokenizerFast -> clip.tokenize; einops ->
-view/permute; decord -> data.py (OpenCV).
+Replacements: timm's ViT pieces -> the ~60 lines below (same parameter names, SDPA attention); HF BertEmbeddings ->
+`TextEmbeddings` (same keys); BertTokenizerFast -> clip.tokenize; einops -> view/permute; decord -> data.py.
 
 Deliberate deviations:
   1. Vocabulary: CLIP BPE (49408) + one mask id 49408 (vocab_size 49409), 77 text positions, SOT/EOT for
@@ -43,13 +41,10 @@ Deliberate deviations:
   6. Recipe: single-stage cosine to 0 (the release decays to min lr 4e-5 / 2.5e-7). Fine-tuning uses train.py's
      symmetric InfoNCE: it averages the two directions where NormSoftmax sums them (a factor 2 on the loss) and
      gathers negatives across GPUs where the release uses each GPU's local batch of 8.
-  7. Training augmentation (RandAugment, RandomResizedCrop 0.08-1, flip, RandomErasing) is not applied: the
-     frames are centre-cropped. The frames themselves are the release's (`sampling="window"`: 16 at stride 4 from
-     one random 64-frame window, tests/test_pipelines.py).
-  8. One caption per video (`pairs="video"`, 9,000 MSR-VTT pairs, as the release's {video: caption} JSON); that
-     JSON is not shipped, so which caption is unknown: data.one_caption_per_video keeps each video's first.
-  9. Test: one view, the middle of the release's three stride-4 windows with the centre crop; the release averages
-     the embeddings of 3 windows x 3 crops (9x the evaluation cost).
+  7. No training augmentation (the release: RandAugment, RandomResizedCrop, flip, RandomErasing): centre crops of
+     the release's frames (`sampling="window"`: 16 at stride 4 from one random 64-frame window).
+  8. One caption per video (`pairs="video"`: 9,000 MSR-VTT pairs); the release's JSON is not shipped: we keep each
+     video's first caption. 9. Test: one view (the middle stride-4 window, centre crop), not 3 windows x 3 crops.
 
 Usage:
     pre = SimVTPPretraining(16)                               # ViT-B/16, 16 frames, 224 px

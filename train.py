@@ -21,10 +21,9 @@ stops at once (exit 1). Deviations:
  3. Default decay groups exempt biases, LayerNorms, embeddings, logit_scale (CLIP4Clip: biases only).
  4. `full`: fp32 masters + autocast, CLIP at lr 1e-7. CLIP4Clip's CLIP trains in pure fp16 by accident, where
     most 1e-7 updates round away; CLIP4Clip issue #96 reports R@1 ~43 with it, ~40 without. Expect ~40.
- 5. Batches: one permutation per (seed, epoch) cut into global batches, rank r reads slice r of each; random
-    frames seeded per (epoch, item), dropout and masks per (epoch, micro-batch, rank). 1 or N ranks see the same
-    batches, and --resume is exact, mid-epoch too: nothing depends on what the global generator drew before
-    (data.py: EpochSampler, SeededItems, dropout_seed).
+ 5. Batches: one permutation per (seed, epoch) cut into global batches, rank r reads slice r of each; frames
+    and crops seeded per (epoch, item), dropout per (epoch, micro-batch, rank): 1 or N ranks see the same
+    batches, and --resume is exact, mid-epoch too (data.py: EpochSampler, SeededItems, dropout_seed).
 """
 import math
 import os
@@ -281,7 +280,7 @@ def evaluate_only(method, test, args, env, log):
 
 
 def summary(args, train_ds, metrics, evaluated):
-    """The run's last console lines: the last evaluation (none is picked on the test split), where its files are."""
+    """The run's last lines: the last evaluation (none is picked on the test split), where its files are."""
     ckpt, log_path, picture = (os.path.join(args.output_dir, f) for f in ("checkpoint.pt", "log.jsonl", "retrievals.png"))
     lines = [f"WARNING: {train_ds.substitutions} training items replaced an unreadable video: "
              f"{train_ds.corrupt_videos[:5]}"] if train_ds.substitutions else []
@@ -297,7 +296,7 @@ def summary(args, train_ds, metrics, evaluated):
 # ----------------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    """Setup, data, model, then train() or evaluate_only() -> the last evaluation's metrics (None: pretraining)."""
+    """Setup, data, model, then train() or evaluate_only() -> the last evaluation's metrics."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args, cls, given = parse_args(argv)
     if args.query:  # the query mode is query.py's

@@ -13,6 +13,7 @@ import clip
 import data
 import data_checks
 import frame_cache
+import frames
 
 
 def write_gray_video(path, n, size=(48, 32)):
@@ -100,10 +101,10 @@ def test_missing_videos_clear_error_or_loud_subset(msrvtt, capsys):
 
 
 def test_segments_sampling():  # nanoTVR's own rule (the synthetic set); the releases': tests/test_pipelines.py
-    assert data.sample_frames(24, 8, 12, "segments", train=False) == (list(range(1, 24, 2)), 12)  # segment centres
-    assert data.sample_frames(5, 8, 12, "segments", train=False) == ([0, 1, 2, 3, 4], 5)  # short: every frame
+    assert frames.sample_frames(24, 8, 12, "segments", train=False) == (list(range(1, 24, 2)), 12)  # segment centres
+    assert frames.sample_frames(5, 8, 12, "segments", train=False) == ([0, 1, 2, 3, 4], 5)  # short: every frame
     torch.manual_seed(0)
-    draws = [data.sample_frames(30, 8, 4, "segments", train=True)[0] for _ in range(200)]
+    draws = [frames.sample_frames(30, 8, 4, "segments", train=True)[0] for _ in range(200)]
     for k, (lo, hi) in enumerate([(0, 7), (7, 15), (15, 22), (22, 30)]):  # edges 0, 7.5, 15, 22.5, 30
         seen = {d[k] for d in draws}
         assert min(seen) >= lo and max(seen) < hi and len(seen) > 1

@@ -12,6 +12,7 @@ import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 
 import data
+import frames
 import methods
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "oracles"))
@@ -32,7 +33,7 @@ def test_frames_and_mask_as_the_release(release, sampling, train):
     for name, clip_ in FIX["clips"].items():
         rec = records(release, "train" if train else "test")[name]
         rec = rec[0] if isinstance(rec, list) else rec  # the random modes hold several seeded draws
-        idx, valid = data.sample_frames(clip_["frames"], clip_["fps"], 12, sampling, train)
+        idx, valid = frames.sample_frames(clip_["frames"], clip_["fps"], 12, sampling, train)
         ids = [i for i in rec["ids"] if i >= 0]  # -1: a zero-padded slot
         assert idx == ids, (release, name)
         assert valid == sum(rec.get("mask", [1] * 12)), (release, name)  # UMP has no mask: all 12 count
@@ -49,10 +50,10 @@ def test_the_recipes_choose_the_releases_rules():
 
 def test_dgl_rules():
     for n, offsets in FIX["dgl"]["test_rule"].items():  # uniform_sampling: int(tick/2 + tick*x), 19.999 -> 19
-        assert data.sample_frames(n, 3, 12, "dgl", train=False)[0] == list(offsets), n
+        assert frames.sample_frames(n, 3, 12, "dgl", train=False)[0] == list(offsets), n
     torch.manual_seed(0)
     for n, draws in FIX["dgl"]["train_rule"].items():
-        ours = [data.sample_frames(n, 3, 12, "dgl", train=True) for _ in range(50)]
+        ours = [frames.sample_frames(n, 3, 12, "dgl", train=True) for _ in range(50)]
         for idx, valid in ours + [(d, min(n, 12)) for d in draws]:  # theirs follow the same rule as ours
             if n < 12:  # the last frame repeated, n valid
                 assert idx == list(range(n)) + [n - 1] * (12 - n) and valid == n
@@ -67,14 +68,14 @@ def test_simvtp_window_rules():
     for name, clip_ in FIX["clips"].items():
         n = clip_["frames"]
         draws = [rec["ids"] for rec in FIX["simvtp"]["train"][name]]
-        ours = [data.sample_frames(n, clip_["fps"], 16, "window", train=True)[0] for _ in range(50)]
+        ours = [frames.sample_frames(n, clip_["fps"], 16, "window", train=True)[0] for _ in range(50)]
         for idx in draws + ours:
             if n > 64:  # 16 frames at stride ~4.27 from one window of 64, start in [0, n - 65]
                 assert 0 <= idx[0] <= n - 65 and idx == (idx[0] + np.linspace(0, 64, 16).clip(0, 63)).astype(int).tolist()
             else:
                 assert idx == draws[0]  # deterministic on a short clip
         middle = [r["ids"] for r in FIX["simvtp"]["test"][name] if r["chunk"] == 1][0]
-        assert data.sample_frames(n, clip_["fps"], 16, "window", train=False)[0] == middle  # deviation 5: one view
+        assert frames.sample_frames(n, clip_["fps"], 16, "window", train=False)[0] == middle  # simvtp.py deviation 9: one view
 
 
 def test_decoded_frames_are_the_chosen_ones(tmp_path):
@@ -83,9 +84,9 @@ def test_decoded_frames_are_the_chosen_ones(tmp_path):
         path = str(tmp_path / f"{name}.mp4")
         write_clip(path, CLIPS[name])
         for release, sampling in RULES:
-            frames, valid = data.read_clip(path, 12, False, sampling)
+            decoded, valid = data.read_clip(path, 12, False, sampling)
             ids = [i for i in records(release, "test")[name]["ids"] if i >= 0]
-            assert [frame_id(f) for f in frames] == ids, (name, release)
+            assert [frame_id(f) for f in decoded] == ids, (name, release)
 
 
 def test_ump_crop_and_flip_draws_equal_the_release(tmp_path):
@@ -97,10 +98,10 @@ def test_ump_crop_and_flip_draws_equal_the_release(tmp_path):
         assert list(box) == rec["box"] and bool(torch.rand(()) < 0.5) == bool(rec["flip"])
     path = str(tmp_path / "clip.mp4")
     write_clip(path, CLIPS["video9001"])
-    frames, _ = data.read_clip(path, 12, True, "uniform")
-    x = torch.from_numpy(frames).permute(0, 3, 1, 2)  # [12, 3, 240, 320]
+    decoded, _ = data.read_clip(path, 12, True, "uniform")
+    x = torch.from_numpy(decoded).permute(0, 3, 1, 2)  # [12, 3, 240, 320]
     torch.manual_seed(0)  # seed 0: the release drew box (0, 14, 222, 259) and a flip, for the whole clip
-    out = data.crop_flip(x, 32)
+    out = frames.crop_flip(x, 32)
     box = TF.resized_crop(x, 0, 14, 222, 259, [32, 32], interpolation=T.InterpolationMode.BILINEAR, antialias=True)
     assert out.dtype == torch.uint8 and torch.equal(out, box.flip(-1))
 
