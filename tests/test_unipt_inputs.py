@@ -5,29 +5,8 @@ import torch
 import torch.nn.functional as F
 
 import unipt
-from conftest import make_tiny_clip
 from messages import assert_tells
-
-SOT, EOT = 49406, 49407
-
-
-def ids(*lengths, L=10, fill=5):
-    """Captions of `lengths` words: SOT, words, EOT, zero padding -> [B, L] long."""
-    out = torch.zeros(len(lengths), L, dtype=torch.long)
-    for i, n in enumerate(lengths):
-        out[i, 0], out[i, 1:n + 1], out[i, n + 1] = SOT, torch.arange(fill, fill + n), EOT
-    return out
-
-
-@pytest.fixture
-def model():
-    torch.manual_seed(1)
-    return unipt.UniPT(make_tiny_clip(), num_frames=3)
-
-
-def video(B=2, T=3, seed=2):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(B, T, 3, 32, 32, generator=g)
+from test_unipt import ids, model, video  # noqa: F401 (model: the fixture)
 
 
 def test_text_padding_from_eot_not_id_zero(model):
