@@ -23,7 +23,7 @@ LOOP_DEFAULTS = dict(
     betas=(0.9, 0.999), eps=1e-8,  # torch's AdamW defaults, for a RECIPE that names none
     accum=1, seed=42, num_workers=2, batch_size_val=64, log_every=20, save_every="30min", max_steps=0,
     device="cuda" if torch.cuda.is_available() else "cpu", precision=None, query=None, top_k=5,
-    sampling="segments", augment="none", pairs="caption",
+    sampling="segments", augment="none", pairs="caption", dist_timeout=30.0,
     allow_missing=False, resume=False, overwrite=False, eval_only=False, dsl=False)
 NONE = dict(size="the CLIP model input resolution", clip_lr="none: no CLIP weight trains")  # an unset default
 FLAG_NAMES = dict(frames="--max_frames", words="--max_words", warmup="--warmup_proportion",
@@ -98,6 +98,8 @@ FLAGS = (
     ("--save_every", save_interval, "also checkpoint every N steps, or N minutes as Nmin; 0: epoch ends only"),
     ("--max_steps", int, "checkpoint and stop after N steps in all (0: no limit)"),
     ("--device", str, "torch device"),
+    ("--dist_timeout", float, "minutes a rank waits for the others in a training collective under torchrun "
+     "(evaluation has no limit: the other ranks wait for rank 0's in a group of their own)"),
     ("--precision", ("fp32", "bf16", "fp16"), "autocast of the forward and backward (fp16 with a GradScaler); logits "
      "and the loss stay fp32 (default: bf16 on a CUDA GPU that has it, else fp16 there; fp32 on the CPU)"),
     ("--query", str, "the caption to search the test videos (or a --data folder's videos) for"),

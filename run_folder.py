@@ -17,6 +17,7 @@ import signal
 import socket
 import sys
 import time
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -27,7 +28,7 @@ from checks import RunError
 
 # What --resume may change: how long, how often, where, how fast. Every other flag must equal the checkpoint's.
 RESUME_MAY_CHANGE = ("epochs", "max_steps", "save_every", "log_every", "num_workers", "batch_size_val", "device",
-                     "precision", "dsl", "output_dir", "data_path", "video_path", "frame_cache", "cache_dir", "resume")
+                     "precision", "dist_timeout", "dsl", "output_dir", "data_path", "video_path", "frame_cache", "cache_dir", "resume")
 
 
 class Folder:
@@ -161,10 +162,11 @@ def resume_command(argv, world, local_world=None):
 
 class Stop:
     """SIGINT/SIGTERM. Armed (training): the step finishes, a checkpoint is written, the exit status is 128 + the
-    signal (130, 143). A second signal, or one before training, exits at once; the last checkpoint stays."""
+    signal (130, 143). A second signal, or one before training, exits at once; the last checkpoint stays. Under
+    torchrun, the ranks agree on stopping (reason) and wait for rank 0's evaluation (wait_for_rank_0)."""
 
     def __init__(self):
-        self.signal, self.armed, self.pid = 0, False, os.getpid()
+        self.signal, self.armed, self.pid, self.waiting = 0, False, os.getpid(), None
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def handle(self, signum, frame):
@@ -183,6 +185,13 @@ class Stop:
         if dist.is_initialized():
             dist.all_reduce(flag, dist.ReduceOp.MAX)
         return signal.Signals(int(flag)).name if flag else "--max_steps" if step == max_steps else None
+
+    def wait_for_rank_0(self):
+        """The other ranks wait here while rank 0 evaluates, in a gloo group of their own without a practical
+        timeout: training's collectives keep --dist_timeout (NCCL's 10 minutes would end a long evaluation)."""
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            self.waiting = self.waiting or dist.new_group(backend="gloo", timeout=timedelta(days=7))
+            dist.barrier(group=self.waiting)
 
     def exit(self, why):
         if why.startswith("SIG"):

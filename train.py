@@ -1,10 +1,10 @@
 """train.py: the one training loop of nanoTVR (every method, both baselines, evaluation, checkpoints).
 
-  python train.py --method ump                       # CPU, minutes: synthetic set + tiny CLIP, train, evaluate
-  python train.py --method zeroshot                  # frozen CLIP, mean of frames: evaluation only
+  python train.py --method ump                   # CPU, minutes: synthetic set + tiny CLIP, train, evaluate
+  python train.py --method zeroshot              # frozen CLIP, mean of frames: evaluation only
   python train.py --method ump --data msrvtt --clip ViT-B/32 --data_path ANN --video_path VIDEOS   # 1 GPU
   torchrun --standalone --nproc_per_node=4 train.py --method dgl --data msrvtt ...   # 4 GPUs, global batch
-  python train.py --method ump --resume              # continue the run in out/ump-synthetic, exactly
+  python train.py --method ump --resume          # continue the run in out/ump-synthetic, exactly
   python train.py --method full --eval_only --checkpoint out/full-synthetic/checkpoint.pt
   python train.py --method simvtp --stage pretrain ...; python train.py --method simvtp --init CKPT ...
   python query.py --method ump --checkpoint out/ump-synthetic/checkpoint.pt --query "a red circle"  # search
@@ -32,6 +32,7 @@ import time
 from collections import namedtuple
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -62,14 +63,15 @@ Env = namedtuple("Env", "device world rank amp amp_dtype scaler stop")
 
 
 def setup(args):
-    """Processes, precision and signals -> Env (device, world, rank, autocast, its dtype, GradScaler, Stop)."""
+    """Processes, precision and signals -> Env."""
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     device = torch.device(args.device)
     if world > 1:  # torchrun
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=timedelta(minutes=args.dist_timeout))
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     amp_dtype = flags.amp_dtype(args.precision, device)
     amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
@@ -99,8 +101,7 @@ def diverged(what, step, opt):
 
 
 def forward_backward(model, batch, pos, env, args):
-    """One micro-batch: forward under autocast, the scaled backward (DDP reduces at the step's last one) -> the
-    losses, as floats."""
+    """One micro-batch: forward under autocast, scaled backward (DDP reduces at the step's last) -> losses."""
     method = model.module.method if env.world > 1 else model.method
     video = method.normalize_pixels(batch["video"].to(env.device, non_blocking=True))
     text, mask = (batch[k].to(env.device, non_blocking=True) for k in ("text", "video_mask"))
@@ -220,6 +221,7 @@ def train(args, method, split, test, env, folder, argv, log):
             saver.save(asdict(pos))
             if not pretrain and env.rank == 0:
                 metrics, evaluated = evaluate_epoch(method, test, args, env, pos, record, resume), pos.epoch
+            env.stop.wait_for_rank_0()
             log(epoch_line(epoch, args, pos, time.time() - t_epoch, not pretrain and metrics))
             why = env.stop.reason(pos.step, args.max_steps, env.device) if epoch + 1 < args.epochs else None
         if why:
@@ -235,7 +237,7 @@ def train(args, method, split, test, env, folder, argv, log):
 # Evaluation and the summary
 
 def epoch_line(epoch, args, pos, seconds, metrics):
-    """The line an epoch leaves on the console (its bar is gone): loss, time and, if evaluated, R@1/5/10."""
+    """An epoch's console line (its bar is gone): loss, time and, if evaluated, R@1/5/10."""
     line = f"epoch {epoch + 1}/{args.epochs}: step {pos.step}, loss {pos.last['loss']:.4f}, {seconds:.0f} s"
     for d in ("t2v", "v2t") if metrics else ():
         line += f"; {d} R@1 {metrics[d]['R@1']:.1f} R@5 {metrics[d]['R@5']:.1f} R@10 {metrics[d]['R@10']:.1f}"
@@ -245,7 +247,7 @@ def epoch_line(epoch, args, pos, seconds, metrics):
 
 
 def evaluate_epoch(method, test, args, env, pos, record, resume):
-    """The evaluation after an epoch's checkpoint, and retrievals.png; a failure says how to evaluate it later."""
+    """The evaluation after an epoch's checkpoint, and retrievals.png; a failure says how to redo it."""
     try:
         metrics, sim = retrieval.evaluate(method, test, args, env.device, env.amp)
     except Exception as e:
@@ -262,8 +264,7 @@ def evaluate_epoch(method, test, args, env, pos, record, resume):
 
 
 def evaluate_only(method, test, args, env, log):
-    """--eval_only and zeroshot: evaluate, write <output_dir>/eval-<time>.json and retrievals.png; never a
-    training log."""
+    """--eval_only and zeroshot: evaluate, write <output_dir>/eval-<time>.json and retrievals.png."""
     ck = checkpoints.read(args.checkpoint, "--checkpoint", keys=("model",)) if args.checkpoint else None
     if ck:
         checkpoints.load_trainable(method, ck, args.checkpoint)
