@@ -181,9 +181,9 @@ class UMP(nn.Module):
         if shared_upg:  # deviation 3: G, S_l [Np, Dt] for both towers; the video tower goes through 512
             self.upg = prompt_generator(Dt, d_ff)
             self.prompts = nn.Parameter(torch.randn(max(Lt, Lv), n_prompts, Dt))  # [L, Np, Dt], N(0, 1) as randn
-            self.video_out = nn.Linear(Dt, Dv)
             # video tokens into G's width, only where G reads them (an unused tensor would stall DDP's reduction)
             self.video_in = nn.Linear(Dv, Dt) if upg_condition else None
+            self.video_out = nn.Linear(Dt, Dv)
         else:  # one generator and seed set per tower, at its own width (the release's layout)
             self.upg = prompt_generator(Dt, d_ff)
             self.prompts = nn.Parameter(torch.randn(Lt, n_prompts, Dt))  # release: learnable_prompt
