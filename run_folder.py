@@ -10,6 +10,7 @@ refuses flags that differ from the checkpoint's run, except RESUME_MAY_CHANGE. S
 checkpoint after the current step; resume_command is the command printed to continue. docs/faults.md lists every
 fault, what it prints and what is kept.
 """
+import fcntl
 import json
 import os
 import shlex
@@ -36,7 +37,7 @@ class Folder:
     claim(): the folder and its lock, then open_log()."""
 
     def __init__(self, args, flag_names):  # flag_names: dest -> flag, for the settings named otherwise
-        self.dir, self.log, self.owned = args.output_dir, None, None
+        self.dir, self.log, self.owned, self.lock_fd = args.output_dir, None, None, None
         self.ckpt, self.log_path, self.lock = (os.path.join(self.dir, f) for f in ("checkpoint.pt", "log.jsonl", "lock"))
         if os.path.exists(self.ckpt) and not (args.resume or args.overwrite):
             raise RunError(f"{self.dir} holds a run ({self.ckpt}); pass --resume to continue it or --overwrite to "
@@ -70,20 +71,38 @@ class Folder:
                 os.remove(f)
 
     def take_lock(self):
+        """<dir>/lock holds "host pid" under an exclusive flock for the run's life. The flock makes taking a dead
+        run's lock over atomic (of two runs that find it stale, one wins; the kernel drops a killed run's flock);
+        a lock whose process lives on this host (or on another host) keeps a run out either way."""
         me = f"{socket.gethostname()} {os.getpid()}"
-        for attempt in range(2):
+        while True:
+            fd = os.open(self.lock, os.O_CREAT | os.O_RDWR)
             try:
-                fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-                os.write(fd, me.encode())
-                os.close(fd)
-                return me
-            except FileExistsError:
-                host, _, pid = open(self.lock).read().partition(" ")
-            if attempt == 0 and host == socket.gethostname() and not alive(pid):
-                print(f"WARNING: {self.lock}: its run (pid {pid}) died; taking the folder over", file=sys.stderr)
-                os.remove(self.lock)
-        raise RunError(f"{self.dir} is in use by another run (pid {pid} on {host}): wait for it, choose another "
-                       f"--output_dir, or delete {self.lock} if no run is active")
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                host, pid = self.refused(fd)
+                raise RunError(f"{self.dir} is in use by another run (pid {pid} on {host}): wait for it, choose "
+                               f"another --output_dir, or delete {self.lock} if no run is active")
+            if os.path.exists(self.lock) and os.stat(self.lock).st_ino == os.fstat(fd).st_ino:
+                break
+            os.close(fd)  # the file was removed (its run ended) between our open and our flock: open the new one
+        host, _, pid = os.read(fd, 200).decode(errors="replace").partition(" ")
+        if pid and (host != socket.gethostname() or alive(pid)):  # written by a run this one cannot see end
+            os.close(fd)
+            raise RunError(f"{self.dir} is in use by another run (pid {pid} on {host}): wait for it, choose "
+                           f"another --output_dir, or delete {self.lock} if no run is active")
+        if pid:
+            print(f"WARNING: {self.lock}: its run (pid {pid}) died; taking the folder over", file=sys.stderr)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, me.encode(), 0)
+        self.lock_fd = fd  # held (with its flock) until close()
+        return me
+
+    @staticmethod
+    def refused(fd):
+        host, _, pid = os.pread(fd, 200, 0).decode(errors="replace").partition(" ")
+        os.close(fd)
+        return host or "?", pid or "?"
 
     def open_log(self, step, argv):
         """-> (record(**row), whether `step` has its eval row). A new run starts log.jsonl; --resume keeps the
@@ -111,7 +130,10 @@ class Folder:
         if self.log:
             self.log.close()
         if os.path.exists(self.lock) and open(self.lock).read() == self.owned:
-            os.remove(self.lock)
+            os.remove(self.lock)  # before the flock goes, so that no run takes a lock file that is being removed
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
 
 
 def rounded(x, digits=6):

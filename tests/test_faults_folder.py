@@ -1,5 +1,6 @@
 """One run per --output_dir (docs/faults.md): a folder that holds a run, a live or dead run's lock, a checkpoint
 written by another run meanwhile, --resume with changed flags, and a failing evaluation that keeps its epoch."""
+import fcntl
 import json
 import os
 import subprocess
@@ -42,6 +43,22 @@ def test_one_run_per_folder(setup, tmp_path, capsys):
     assert (tmp_path / "log.jsonl").read_bytes() == log
     record, = [f for f in os.listdir(tmp_path) if f.startswith("eval-")]
     assert json.load(open(tmp_path / record))["t2v"] == rows(tmp_path, "eval")[-1]["t2v"] == pytest.approx(metrics["t2v"])
+
+
+def test_a_stale_lock_is_taken_over_by_one_run_only(setup, tmp_path, capsys):
+    """Two runs that both find a dead run's lock: the first to take it holds its flock, so the second is refused
+    even though the file still names the dead process (the race the old read-check-remove-create sequence lost)."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / "lock").write_text(f"{os.uname().nodename} {dead.pid}")
+    first = os.open(tmp_path / "lock", os.O_RDWR)
+    fcntl.flock(first, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the other run won the takeover, not yet rewritten
+    try:
+        assert_tells(error(capsys, flags(setup, tmp_path, "--max_steps", "1")), "in use", tmp_path / "lock")
+    finally:
+        os.close(first)
+    train.main(flags(setup, tmp_path, "--max_steps", "1"))  # once it is gone, the dead run's lock is taken over
+    assert "died" in capsys.readouterr().err and not (tmp_path / "lock").exists()
 
 
 def test_a_checkpoint_written_between_the_checks_and_the_lock_is_not_overwritten(setup, tmp_path):
