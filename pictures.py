@@ -6,6 +6,7 @@ frames (left to right in time), its score under it.
   query.png       query.py: the top --top_k videos for one caption
 """
 import os
+import sys
 import unicodedata
 
 import cv2
@@ -139,7 +140,11 @@ def write_picture(path, title, rows, videos, max_seconds=None, columns=PICTURE_T
     shown = sorted({c[1] for r in rows for c in r["cells"]})
     frames_of = {v: read_strip_frames(videos[v], max_seconds) for v in shown}
     page = draw_page(title, rows, frames_of, columns)
-    files.atomic_write(path, lambda tmp: cv2.imwrite(tmp, page, [cv2.IMWRITE_PNG_COMPRESSION, 9]), suffix=".png")
+    try:  # a picture is optional: a full disk or a read-only folder must not cost the run's results
+        files.atomic_write(path, lambda tmp: cv2.imwrite(tmp, page, [cv2.IMWRITE_PNG_COMPRESSION, 9]), suffix=".png")
+    except OSError as e:
+        print(f"WARNING: could not write {path} ({e}); the results are in the console and log.jsonl",
+              file=sys.stderr, flush=True)
     return page
 
 

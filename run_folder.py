@@ -144,10 +144,18 @@ def rounded(x, digits=6):
 
 
 def write_eval(args, metrics):
-    """--eval_only's record: <output_dir>/eval-<time>-<pid>.json, beside (never in) a training run's log."""
+    """--eval_only's record: <output_dir>/eval-<time>-<pid>.json, beside (never in) a training run's log -> its
+    path, or None after a WARNING when it cannot be written (full disk, read-only folder): the caller has printed
+    the metrics already."""
     path = os.path.join(args.output_dir, f"eval-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json")
     record = dict(event="eval", **rounded(metrics), args={k: v for k, v in vars(args).items() if k != "kwargs"})
-    files.atomic_write(path, lambda tmp: write_text(tmp, json.dumps(record, indent=1)))
+    try:
+        os.makedirs(args.output_dir, exist_ok=True)
+        files.atomic_write(path, lambda tmp: write_text(tmp, json.dumps(record, indent=1)))
+    except OSError as e:
+        print(f"WARNING: could not write the record {path} ({e}); the metrics printed above are the evaluation's",
+              file=sys.stderr, flush=True)
+        return None
     return path
 
 

@@ -270,13 +270,13 @@ def evaluate_only(method, test, args, env, log):
         checkpoints.load_trainable(method, ck, args.checkpoint)
     if env.rank > 0:
         return None
-    os.makedirs(args.output_dir, exist_ok=True)
     metrics, sim = retrieval.evaluate(method, test, args, env.device, env.amp)
+    log(f"{args.method} on {args.data} test ({len(test.captions)} captions, {len(test.videos)} videos)\n"
+        + retrieval.table(metrics))  # first: a write that fails below loses nothing
     path, picture = run_folder.write_eval(args, metrics), os.path.join(args.output_dir, "retrievals.png")
     step = f", {os.path.basename(args.checkpoint)} at step {ck['step']}" if ck and "step" in ck else ""
     pictures.write_retrievals(picture, test, sim, f"{args.method} on {test.name}{step}")
-    log(f"{args.method} on {args.data} test ({len(test.captions)} captions, {len(test.videos)} videos)\n"
-        + retrieval.table(metrics) + f"\nrecord: {path}\nretrieved clips: {picture}")
+    log(f"record: {path}\nretrieved clips: {picture}")
     return metrics
 
 

@@ -1,6 +1,8 @@
 """retrievals.png's layout, and what a training run leaves behind: the picture, rounded log.jsonl, one line per
 epoch, the table once, the pretraining checkpoint's name."""
+import errno
 import json
+import os
 
 import cv2
 import numpy as np
@@ -8,6 +10,7 @@ import pytest
 import torch
 
 import data
+import files
 import pictures
 import run_folder
 import train
@@ -114,3 +117,19 @@ def test_simvtp_pretraining_names_its_checkpoint(tiny_run, capsys):
     train.main(["--method", "simvtp", "--stage", "pretrain", "--data_path", str(tiny_run / "synthetic"),
                 "--output_dir", str(out), "--num_workers", "0", "--batch_size", "8", "--max_steps", "1"])
     assert_tells(capsys.readouterr().out, "pretraining", f"--init {out / 'checkpoint.pt'}")  # the file and its flag
+
+
+def test_a_full_disk_costs_no_result(setup, tmp_path, capsys, monkeypatch):
+    """Every write of an evaluation fails (ENOSPC): the metrics are printed first and the run ends normally,
+    each failed file named in one WARNING; nothing half-written is left."""
+    def full(path, write, suffix=""):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(files, "atomic_write", full)
+    tmp_path.joinpath("out").mkdir()
+    metrics = train.main(["--method", "zeroshot", "--data_path", str(setup / "synthetic"), "--clip",
+                          str(setup / "clip.pt"), "--output_dir", str(tmp_path / "out"), "--num_workers", "0",
+                          "--max_frames", "2", "--max_words", "16"])
+    out, err = capsys.readouterr()
+    assert metrics and "R@1" in out and "Traceback" not in err
+    assert err.count("WARNING: could not write") == 2 and "No space left" in err  # the record and the picture
+    assert os.listdir(tmp_path / "out") == []
