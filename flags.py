@@ -76,7 +76,7 @@ FLAGS = (
     ("--size", int, "frame size ({size})"),
     ("--batch_size", int, "global batch per optimizer step ({batch_size})"),
     ("--lr --noclip_lr", float, "learning rate of the new (non-CLIP) parameters ({lr})"),
-    ("--clip_lr", float, "of trainable CLIP parameters ({clip_lr})"),
+    ("--clip_lr", float, "learning rate of the trainable CLIP parameters ({clip_lr})"),
     ("--coef_lr", float, "clip_lr = lr x coef_lr (CLIP4Clip's flag; default unset)"),
     ("--epochs --num_epochs", int, "({epochs})"),
     ("--max_frames --num_frames", int, "frames per clip ({frames})"),
@@ -118,7 +118,7 @@ def flag_parser(prog, method_flags, shown=None):
         v = shown and shown[k]
         return "default: set by --method" if shown is None else f"default {NONE.get(k, 'none') if v is None else v}"
 
-    p = Parser(prog=prog, add_help=False, allow_abbrev=False, description=__doc__.split("\n")[0],
+    p = Parser(prog=prog, add_help=False, allow_abbrev=False, description=f"{prog}: nanoTVR, parameter-efficient text-video retrieval (README.md, docs/design.md)",
                epilog=None if shown else f"python {prog} --method M --help shows M's defaults and its own flags.")
     p.add_argument("-h", "--help", action="store_true", default=None, help="show this help message and exit")
     for names, kind, text in FLAGS:
@@ -136,7 +136,7 @@ def flag_parser(prog, method_flags, shown=None):
         kind = type(v[0] if seq else v)
         source = f"see RECIPE in {shown['module']}.py (default {shown[k]})" if shown else "set by --method"
         group.add_argument(f"--{k}", type=boolean if kind is bool else kind, nargs=len(v) if seq else None,
-                           help=f"constructor argument, {source}")
+                           help=f"constructor argument{' (true or false)' * (kind is bool)}, {source}")
     return p
 
 
