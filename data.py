@@ -552,7 +552,11 @@ def dropout_seed(seed, epoch, batch, rank):
 def one_caption_per_video(split):
     """Each video once, with its first caption: SimVTP's training annotation maps every video to one caption (its
     JSON is not shipped, so which one is unknown; simvtp.py deviation 8)."""
-    first = sorted({v: c for c, v in reversed(list(enumerate(split.caption_video)))}.values())
+    seen, first = set(), []
+    for c, v in enumerate(split.caption_video):
+        if v not in seen:
+            seen.add(v)
+            first.append(c)
     return replace(split, captions=[split.captions[c] for c in first],
                    caption_video=[split.caption_video[c] for c in first])
 

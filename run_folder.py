@@ -74,35 +74,32 @@ class Folder:
         """<dir>/lock holds "host pid" under an exclusive flock for the run's life. The flock makes taking a dead
         run's lock over atomic (of two runs that find it stale, one wins; the kernel drops a killed run's flock);
         a lock whose process lives on this host (or on another host) keeps a run out either way."""
-        me = f"{socket.gethostname()} {os.getpid()}"
         while True:
             fd = os.open(self.lock, os.O_CREAT | os.O_RDWR)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held = True
             except BlockingIOError:
-                host, pid = self.refused(fd)
-                raise RunError(f"{self.dir} is in use by another run (pid {pid} on {host}): wait for it, choose "
-                               f"another --output_dir, or delete {self.lock} if no run is active")
-            if os.path.exists(self.lock) and os.stat(self.lock).st_ino == os.fstat(fd).st_ino:
+                held = False
+            try:
+                current = os.stat(self.lock).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                current = False
+            if current or not held:
                 break
             os.close(fd)  # the file was removed (its run ended) between our open and our flock: open the new one
-        host, _, pid = os.read(fd, 200).decode(errors="replace").partition(" ")
-        if pid and (host != socket.gethostname() or alive(pid)):  # written by a run this one cannot see end
+        host, _, pid = os.pread(fd, 200, 0).decode(errors="replace").partition(" ")
+        if not held or pid and (host != socket.gethostname() or alive(pid)):  # a run this one cannot see end
             os.close(fd)
-            raise RunError(f"{self.dir} is in use by another run (pid {pid} on {host}): wait for it, choose "
-                           f"another --output_dir, or delete {self.lock} if no run is active")
+            raise RunError(f"{self.dir} is in use by another run (pid {pid or '?'} on {host or '?'}): wait for it, "
+                           f"choose another --output_dir, or delete {self.lock} if no run is active")
         if pid:
             print(f"WARNING: {self.lock}: its run (pid {pid}) died; taking the folder over", file=sys.stderr)
+        me = f"{socket.gethostname()} {os.getpid()}"
         os.ftruncate(fd, 0)
         os.pwrite(fd, me.encode(), 0)
         self.lock_fd = fd  # held (with its flock) until close()
         return me
-
-    @staticmethod
-    def refused(fd):
-        host, _, pid = os.pread(fd, 200, 0).decode(errors="replace").partition(" ")
-        os.close(fd)
-        return host or "?", pid or "?"
 
     def open_log(self, step, argv):
         """-> (record(**row), whether `step` has its eval row). A new run starts log.jsonl; --resume keeps the
