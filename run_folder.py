@@ -196,8 +196,8 @@ def finished(folder, args):
     last = ([f"its last evaluation (after epoch {r['epoch']}): t2v R@1 {r['t2v']['R@1']:.1f}" for r in rows
              if r.get("event") == "eval" and "t2v" in r] or ["no evaluation"])[-1]
     where = [f for f in (folder.log_path, os.path.join(folder.dir, "retrievals.png"), folder.ckpt) if os.path.exists(f)]
-    print(f"nothing to do: the run in {folder.dir} is {why} (step {ck['step']}, epoch {ck['epoch']} of "
-          f"{args.epochs}); {last}; its results: {', '.join(where)}; to train on, {more}", flush=True)
+    print(f"nothing to do: the run in {folder.dir} is {why} (step {ck['step']}, {ck['epoch']} of {args.epochs} "
+          f"epochs done); {last}; its results: {', '.join(where)}; to train on, {more}", flush=True)
     raise SystemExit(0)
 
 
