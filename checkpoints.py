@@ -42,7 +42,7 @@ def load_state(method, state, what):
     try:
         return method.load_state_dict(state, strict=False)
     except RuntimeError as e:  # torch's size-mismatch list: its last entry says enough
-        raise RunError(f"{what} does not fit this model ({str(e).splitlines()[-1].strip()}): same method "
+        raise RunError(f"{what} does not fit this model ({str(e).splitlines()[-1].strip(' .')}): same method "
                        f"flags (and nanoTVR version) as the run that wrote it?") from None
 
 

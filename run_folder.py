@@ -4,11 +4,12 @@
   <output_dir>/checkpoint.pt   checkpoints.py's dict
   <output_dir>/log.jsonl       a JSON row per event (start, resume, train, eval); a resume drops the rows after
                                its checkpoint's step, which the resumed run writes again, equal
-  <output_dir>/eval-*.json     --eval_only's record, beside (never in) a training log
-A new run refuses a folder that holds a checkpoint (--resume continues it, --overwrite replaces it); --resume
-refuses flags that differ from the checkpoint's run, except RESUME_MAY_CHANGE. Stop turns SIGINT/SIGTERM into a
-checkpoint after the current step; resume_command is the command printed to continue. docs/faults.md lists every
-fault, what it prints and what is kept.
+An evaluation-only run (--eval_only, zeroshot) owns no folder and replaces no file: eval_paths. A new training
+run refuses a folder that holds a checkpoint (--resume continues it, --overwrite replaces it); --resume refuses
+what would make it inexact: flags that differ from the checkpoint's run (except RESUME_MAY_CHANGE), other data
+(checkpoints.data_identity), a log.jsonl with damaged or missing rows (read_log); with nothing left to do it says
+so (finished). Stop turns SIGINT/SIGTERM into a checkpoint after the current step; resume_command is the command
+printed to continue. docs/faults.md lists every fault, what it prints and what is kept.
 """
 import fcntl
 import json
@@ -176,8 +177,9 @@ def read_log(path, ck, accum):
         raise RunError(f"--resume: {path} line {bad[0]} is not a JSON row (non-UTF-8 bytes, or cut short)"
                        f"{f', nor are {len(bad) - 1} more' if len(bad) > 1 else ''}; {fix}")
     if last != due:
-        raise RunError(f"--resume: {path} has training rows up to step {last}, but the checkpoint's last one is of "
-                       f"step {due}: rows are missing (the file was cut short or edited); {fix}")
+        held = f"has training rows up to step {last}" if last else "has no training row"
+        raise RunError(f"--resume: {path} {held}, but the checkpoint's last one is of step {due}: rows are missing "
+                       f"(the file was cut short or edited); {fix}")
     return rows, len(lines) - (lines[-1] == b"")
 
 
