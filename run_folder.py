@@ -210,8 +210,13 @@ def eval_paths(args, asked):
     out = args.output_dir
     if not asked and os.path.exists(os.path.join(out, "checkpoint.pt")):
         out = os.path.join(out, "eval")
-    stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    return os.path.join(out, f"eval-{stamp}.json"), os.path.join(out, f"retrievals-{stamp}.png")
+    stamp, n = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}", 1
+    while True:  # -2, -3, ...: another evaluation in the same second by the same process
+        tail = stamp + (f"-{n}" if n > 1 else "")
+        record, picture = os.path.join(out, f"eval-{tail}.json"), os.path.join(out, f"retrievals-{tail}.png")
+        if not (os.path.exists(record) or os.path.exists(picture)):
+            return record, picture
+        n += 1
 
 
 def write_eval(path, args, metrics):
