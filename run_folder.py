@@ -124,8 +124,9 @@ class Folder:
         rows = [r for r in self.rows if r.get("step", 0) <= step]
         files.atomic_write(self.log_path, lambda tmp: write_text(tmp, "".join(json.dumps(r) + "\n" for r in rows)))
         self.log = open(self.log_path, "a")
+        resumed = dict(changed=self.changed, dropped_rows=self.lines - len(rows)) if self.resumed else {}
         self.record(event="resume" if self.resumed else "start", step=step, time=time.strftime("%Y-%m-%d %H:%M:%S"),
-                    argv=argv, **(dict(changed=self.changed, dropped_rows=self.lines - len(rows)) if self.resumed else {}))
+                    argv=argv, **resumed)
         return self.record, any(r.get("event") == "eval" and r.get("step") == step for r in rows)
 
     def record(self, **row):
@@ -208,6 +209,8 @@ def eval_paths(args, asked):
     (stamp: time and pid; they never replace a file) in --output_dir when asked, else in out/<method>-<data>, or in
     its eval/ subfolder when that folder is a training run's (holds a checkpoint.pt) -> (record, picture)."""
     out = args.output_dir
+    if args.overwrite:
+        print("WARNING: --overwrite has no effect on an evaluation-only run: it replaces no file", file=sys.stderr)
     if not asked and os.path.exists(os.path.join(out, "checkpoint.pt")):
         out = os.path.join(out, "eval")
     stamp, n = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}", 1

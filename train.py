@@ -296,7 +296,8 @@ def main(argv=None):
         probe = methods.probe(args, cls, given, log)
         evaluating = args.eval_only or probe is not None and not any(p.requires_grad for p in probe.parameters())
         # a run that trains owns a folder; a --clip file's run is known to train only once built (below)
-        folder = run_folder.Folder(args, flags.FLAG_NAMES) if env.rank == 0 and probe is not None and not evaluating else None
+        trains = env.rank == 0 and probe is not None and not evaluating
+        folder = run_folder.Folder(args, flags.FLAG_NAMES) if trains else None
 
         # data: read (the synthetic set generated) and every test video opened before any CLIP is loaded
         if args.data == "synthetic":

@@ -19,13 +19,14 @@ def files_in(out):
     return {f: (out / f).read_bytes() for f in os.listdir(out) if (out / f).is_file()}
 
 
-def test_evaluation_only_runs_never_replace_a_training_run(setup, tmp_path, monkeypatch):
+def test_evaluation_only_runs_never_replace_a_training_run(setup, tmp_path, capsys, monkeypatch):
     run = tmp_path / "out" / "ump-synthetic"
     train.main(flags(setup, run, "--max_steps", "2"))
     before = files_in(run)
     # zero-shot with a --clip file (it trains nothing: known once built) into the run's folder, --overwrite too
     for extra in ([], ["--overwrite"]):
         assert train.main(flags(setup, run, *extra, method="zeroshot"))["t2v"]
+    assert_tells(capsys.readouterr().err, "WARNING: --overwrite has no effect", "replaces no file")
     after = files_in(run)
     assert {f: after[f] for f in before} == before  # checkpoint.pt, log.jsonl as they were
     new = sorted(set(after) - set(before))
@@ -79,6 +80,6 @@ def test_a_checkpoint_of_other_parameter_shapes(setup, tmp_path, capsys):
     before = files_in(tmp_path)
     line = error(capsys, flags(setup, tmp_path, "--resume"))
     assert_tells(line, tmp_path / "checkpoint.pt", "does not fit", f"size mismatch for {name}", "method flags")
-    line = error(capsys, flags(setup, tmp_path / "eval", "--eval_only", "--checkpoint", str(tmp_path / "checkpoint.pt")))
+    line = error(capsys, flags(setup, tmp_path / "ev", "--eval_only", "--checkpoint", str(tmp_path / "checkpoint.pt")))
     assert_tells(line, tmp_path / "checkpoint.pt", "does not fit", f"size mismatch for {name}")
     assert files_in(tmp_path) == before

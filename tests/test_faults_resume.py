@@ -110,8 +110,8 @@ def test_resume_with_nothing_left_to_do_says_so(setup, tmp_path, capsys):
         train.main(flags(setup, tmp_path, "--resume"))
     assert e.value.code == 0
     said = capsys.readouterr().out
-    assert_tells(said, "nothing to do", "finished", "step 9", "1 of 1 epochs done", f"t2v R@1 {evaluated['t2v']['R@1']:.1f}",
-                 tmp_path / "log.jsonl", tmp_path / "retrievals.png", "--epochs")
+    assert_tells(said, "nothing to do", "finished", "step 9", "1 of 1 epochs done", tmp_path / "log.jsonl",
+                 f"t2v R@1 {evaluated['t2v']['R@1']:.1f}", tmp_path / "retrievals.png", "--epochs")
     assert kept(tmp_path) == before  # no resume row, nothing rewritten
     train.main(flags(setup, tmp_path / "short", "--max_steps", "3"))
     with pytest.raises(SystemExit) as e:
