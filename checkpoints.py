@@ -1,8 +1,10 @@
 """checkpoints.py: train.py's checkpoint.pt, one plain dict that torch.load(weights_only=True) reads: the trainable
-tensors ("model"), the optimizer, the GradScaler, the flags ("args", a dict) and the loop's position (step, epoch,
-micro-batch, the losses since the last log row). Written whole by files.atomic_write or not at all, and never
-with a non-finite tensor; read back for --resume (exactly), --eval_only/--checkpoint, --init (the tensors whose
-names match) and query.py."""
+tensors ("model"), the optimizer, the GradScaler, the flags ("args", a dict), the data's identity ("data") and the
+loop's position (step, epoch, micro-batch, the losses since the last log row). Written whole by
+files.atomic_write or not at all (a full disk keeps the previous one), and never with a non-finite tensor; read
+back for --resume (exactly), --eval_only/--checkpoint, --init (the tensors whose names match) and query.py."""
+import hashlib
+import json
 import os
 import time
 import warnings
@@ -35,13 +37,22 @@ def trainable_state(method):
     return {n: p.detach().cpu().clone() for n, p in method.named_parameters() if p.requires_grad}
 
 
+def load_state(method, state, what):
+    """method.load_state_dict(state, strict=False) -> (missing, unexpected); a tensor of another shape: RunError."""
+    try:
+        return method.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # torch's size-mismatch list: its last entry says enough
+        raise RunError(f"{what} does not fit this model ({str(e).splitlines()[-1].strip(' .')}): same method "
+                       f"flags (and nanoTVR version) as the run that wrote it?") from None
+
+
 def load_trainable(method, ck, path):
     """Strict on the trainable set: the checkpoint must hold exactly the tensors that train here."""
     names, have = set(trainable_state(method)), set(ck["model"])
     if have != names:
         raise RunError(f"{path} does not hold this model's trainable tensors (missing {sorted(names - have)[:4]}, "
                        f"unexpected {sorted(have - names)[:4]}): same --method and method flags as its run?")
-    method.load_state_dict(ck["model"], strict=False)
+    load_state(method, ck["model"], path)
 
 
 def restore(ck, path, method, opt, scaler):
@@ -64,12 +75,8 @@ def load_init(method, path, log):
     """--init: the tensors whose names match (of a checkpoint or a state dict); says which are left out and why."""
     ck = read(path, "--init", keys=())
     state = ck.get("model", ck)
-    try:
-        towers = getattr(method, "towers_from_pretraining", None)  # SimVTP: the pretrained encoder into both towers
-        missing, unexpected = method.load_state_dict(towers(state) if towers else state, strict=False)
-    except RuntimeError as e:  # a tensor of another shape
-        raise RunError(f"--init {path} does not fit this model ({str(e).splitlines()[-1].strip()}): same method "
-                       f"flags as the run that wrote it?") from None
+    towers = getattr(method, "towers_from_pretraining", None)  # SimVTP: the pretrained encoder into both towers
+    missing, unexpected = load_state(method, towers(state) if towers else state, f"--init {path}")
     if len(unexpected) == len(state):
         raise RunError(f"--init {path}: none of its {len(state)} tensors ({short_names(state)}) is one of this model")
     stage = ck.get("args", {}).get("stage") if "model" in ck else None
@@ -78,11 +85,24 @@ def load_init(method, path, log):
         f"{short_names(unexpected)}; {len(missing)} keep their initialisation (not in the file): {short_names(missing)}")
 
 
-class Checkpoints:
-    """checkpoint.pt, written by rank 0: at epoch ends, stops and every --save_every (steps, or minutes)."""
+def data_identity(*splits):
+    """What a resumed run must read as its run did: per split, a digest of its captions and their videos (the
+    annotation files' content) and of its video file names (--data_path and --video_path may move), with counts."""
+    digest = lambda x: hashlib.sha256(json.dumps(x).encode()).hexdigest()[:16]
+    out = {}
+    for s in filter(None, splits):
+        out[f"{s.name} captions"] = [digest([s.captions, s.caption_video]), len(s.captions)]
+        out[f"{s.name} videos"] = [digest([os.path.basename(v) for v in s.videos]), len(s.videos)]
+    return out
 
-    def __init__(self, path, method, opt, scaler, args):
+
+class Checkpoints:
+    """checkpoint.pt, written by rank 0: at epoch ends, stops and every --save_every (steps, or minutes). resume:
+    the command that continues the run; data: data_identity()."""
+
+    def __init__(self, path, method, opt, scaler, args, resume="--resume", data=None):
         self.path, self.method, self.opt, self.scaler, self.args, self.saved = path, method, opt, scaler, args, time.time()
+        self.resume, self.data = resume, data
 
     def save(self, position):
         """position: the loop's step, epoch, micro-batch, window and last log row (a dict)."""
@@ -93,8 +113,15 @@ class Checkpoints:
                 raise RunError(f"not writing {self.path}: {len(bad)} trainable tensors are not finite ({bad[:3]}); "
                                f"the last checkpoint is kept", status=1)
             ck = dict(model=model, optimizer=self.opt.state_dict(), scaler=self.scaler.state_dict(),
-                      args=vars(self.args), **position)
-            files.atomic_write(self.path, lambda tmp: torch.save(ck, tmp))
+                      args=vars(self.args), data=self.data, **position)
+            kept = os.path.exists(self.path)
+            try:
+                files.atomic_write(self.path, lambda tmp: save_to(ck, tmp))
+            except OSError as e:
+                then = (f"the previous checkpoint {self.path} is kept: free space, then continue with `{self.resume}`"
+                        if kept else "no checkpoint was written before: free space, then run again")
+                raise RunError(f"could not write {self.path} at step {position['step']} ({e.strerror or e}); {then}",
+                               status=1) from None
         self.saved = time.time()
 
     def due(self, step):  # --save_every N (steps) or Nmin
@@ -102,3 +129,15 @@ class Checkpoints:
         if every.endswith("min"):
             return float(every[:-3]) > 0 and time.time() - self.saved >= 60 * float(every[:-3])
         return int(every) > 0 and step % int(every) == 0
+
+
+def save_to(ck, path):
+    """torch.save, whose C++ writer reports a failed write (a full disk) as `enforce fail at inline_container.cc`
+    only: the write is tried again through a Python file, whose OSError says why."""
+    try:
+        torch.save(ck, path)
+    except RuntimeError as e:
+        if "inline_container" not in str(e):
+            raise
+        with open(path, "wb") as f:
+            torch.save(ck, f)

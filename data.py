@@ -464,11 +464,12 @@ class VideoTextDataset(Dataset):
                 raise VideoError(f"{e}. Evaluation needs every test video: re-download or re-encode it "
                                  "(`python frame_cache.py --check ...` lists every unreadable one)") from e
             return dict(video=video, video_mask=mask, video_index=i)
-        n, j = len(self.split.captions), i
+        n, j, rng = len(self.split.captions), i, torch.get_rng_state()
         for _ in range(n):  # training: replace an unreadable pair by the next caption whose video reads
             v = self.split.caption_video[j]
             if not self._bad[v]:
-                try:
+                try:  # each try draws as the first: the same frames whether a bad video was tried (and drew) or
+                    torch.set_rng_state(rng)  # skipped as known bad (by this worker or another, before a resume)
                     video, mask = self.load_video(v)
                     break
                 except VideoError as e:

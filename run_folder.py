@@ -4,11 +4,12 @@
   <output_dir>/checkpoint.pt   checkpoints.py's dict
   <output_dir>/log.jsonl       a JSON row per event (start, resume, train, eval); a resume drops the rows after
                                its checkpoint's step, which the resumed run writes again, equal
-  <output_dir>/eval-*.json     --eval_only's record, beside (never in) a training log
-A new run refuses a folder that holds a checkpoint (--resume continues it, --overwrite replaces it); --resume
-refuses flags that differ from the checkpoint's run, except RESUME_MAY_CHANGE. Stop turns SIGINT/SIGTERM into a
-checkpoint after the current step; resume_command is the command printed to continue. docs/faults.md lists every
-fault, what it prints and what is kept.
+An evaluation-only run (--eval_only, zeroshot) owns no folder and replaces no file: eval_paths. A new training
+run refuses a folder that holds a checkpoint (--resume continues it, --overwrite replaces it); --resume refuses
+what would make it inexact: flags that differ from the checkpoint's run (except RESUME_MAY_CHANGE), other data
+(checkpoints.data_identity), a log.jsonl with damaged or missing rows (read_log); with nothing left to do it says
+so (finished). Stop turns SIGINT/SIGTERM into a checkpoint after the current step; resume_command is the command
+printed to continue. docs/faults.md lists every fault, what it prints and what is kept.
 """
 import fcntl
 import json
@@ -25,6 +26,7 @@ import torch.distributed as dist
 
 import checkpoints
 import files
+import retrieval
 from checks import RunError
 
 # What --resume may change: how long, how often, where, how fast. Every other flag must equal the checkpoint's.
@@ -54,9 +56,23 @@ class Folder:
         if refused:
             raise RunError(f"--resume with flags that differ from the checkpoint's run: {', '.join(refused)}; pass "
                            f"the run's values (only --{', --'.join(RESUME_MAY_CHANGE[:-1])} may change)")
+        self.rows, self.lines = read_log(self.log_path, self.resumed, args.accum) if args.resume else ([], 0)
+        if args.resume:
+            finished(self, args)
 
-    def claim(self, overwrite):
-        """Once the data are found: the folder, its lock; a killed checkpoint write removed, --overwrite's run too."""
+    def check_data(self, data):
+        """--resume: the data must be the run's (checkpoints.data_identity), else it would not be exact."""
+        self.data, saved = data, (self.resumed or {}).get("data") or data or {}  # older checkpoints: none
+        changed = [f"the {k} differ ({data.get(k, [0, 0])[1]} now, {n} in the run)" for k, (h, n) in saved.items()
+                   if data and data.get(k, [0])[0] != h]
+        if changed:
+            raise RunError(f"--resume on other data than the run's: {'; '.join(changed)}; pass the run's --data_path "
+                           f"and --video_path (or restore their files), or train anew in another --output_dir")
+
+    def claim(self, overwrite, data=None, log=print):
+        """Once the data are found (data: checkpoints.data_identity, which --resume checks): the folder, its lock; a
+        killed checkpoint write removed, --overwrite's run too."""
+        self.check_data(data)
         os.makedirs(self.dir, exist_ok=True)
         self.owned = self.take_lock()
         if (os.path.exists(self.ckpt) and os.stat(self.ckpt).st_mtime_ns) != self.stamp:
@@ -69,6 +85,7 @@ class Folder:
         for f in (self.ckpt, self.log_path) if overwrite else ():
             if os.path.exists(f):
                 os.remove(f)
+        log(f"run folder {self.dir}: checkpoint {self.ckpt}, log {self.log_path}")
 
     def take_lock(self):
         """<dir>/lock holds "host pid" under an exclusive flock for the run's life. The flock makes taking a dead
@@ -104,19 +121,12 @@ class Folder:
     def open_log(self, step, argv):
         """-> (record(**row), whether `step` has its eval row). A new run starts log.jsonl; --resume keeps the
         rows up to the checkpoint's step (the rest is redone, exactly) and adds a `resume` row."""
-        lines = open(self.log_path).readlines() if self.resumed and os.path.exists(self.log_path) else []
-        rows = []
-        for line in lines:
-            try:
-                row = json.loads(line)
-            except ValueError:  # a line cut short by a killed run
-                continue
-            if row.get("step", 0) <= step:
-                rows.append(row)
+        rows = [r for r in self.rows if r.get("step", 0) <= step]
         files.atomic_write(self.log_path, lambda tmp: write_text(tmp, "".join(json.dumps(r) + "\n" for r in rows)))
         self.log = open(self.log_path, "a")
+        resumed = dict(changed=self.changed, dropped_rows=self.lines - len(rows)) if self.resumed else {}
         self.record(event="resume" if self.resumed else "start", step=step, time=time.strftime("%Y-%m-%d %H:%M:%S"),
-                    argv=argv, **(dict(changed=self.changed, dropped_rows=len(lines) - len(rows)) if self.resumed else {}))
+                    argv=argv, **resumed)
         return self.record, any(r.get("event") == "eval" and r.get("step") == step for r in rows)
 
     def record(self, **row):
@@ -140,20 +150,104 @@ def rounded(x, digits=6):
     return float(f"{x:.{digits}g}") if isinstance(x, float) else x
 
 
-def write_eval(args, metrics):
-    """--eval_only's record: <output_dir>/eval-<time>-<pid>.json, beside (never in) a training run's log -> its
-    path, or None after a WARNING when it cannot be written (full disk, read-only folder): the caller has printed
-    the metrics already."""
-    path = os.path.join(args.output_dir, f"eval-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json")
+def read_log(path, ck, accum):
+    """--resume: log.jsonl -> (its rows, its lines), refused where the rows that the checkpoint covers are damaged
+    or missing, which the resumed log would hide. A last line without its newline is the row a killed run was
+    writing: dropped, as the rows after the checkpoint's step are (they are redone, equal)."""
+    if not os.path.exists(path):
+        print(f"WARNING: --resume: no {path}; a new log starts at step {ck['step']} without the rows before it",
+              file=sys.stderr, flush=True)
+        return [], 0
+    lines, rows, bad, covered = open(path, "rb").read().split(b"\n"), [], [], 0
+    for n, line in enumerate(lines[:-1], 1):
+        try:
+            row = json.loads(line)  # bytes: non-UTF-8 ones are a ValueError too
+        except ValueError:
+            row = None
+        if not isinstance(row, dict):
+            bad.append(n)
+            continue
+        rows.append(row)
+        if row.get("step", 0) <= ck["step"]:
+            covered = n  # the last line of a row that the resumed log keeps
+    last = max([r["step"] for r in rows if r.get("event") == "train" and r.get("step", 0) <= ck["step"]] or [0])
+    due = ck["step"] - len(ck["window"]) // accum if "window" in ck else last  # the step of the checkpoint's last row
+    fix = f"restore it, or move it aside (mv {path} {path}.damaged) to start a new log at step {ck['step']}; " \
+          f"the checkpoint is fine"
+    if [n for n in bad if n < covered]:
+        raise RunError(f"--resume: {path} line {bad[0]} is not a JSON row (non-UTF-8 bytes, or cut short)"
+                       f"{f', nor are {len(bad) - 1} more' if len(bad) > 1 else ''}; {fix}")
+    if last != due:
+        held = f"has training rows up to step {last}" if last else "has no training row"
+        raise RunError(f"--resume: {path} {held}, but the checkpoint's last one is of step {due}: rows are missing "
+                       f"(the file was cut short or edited); {fix}")
+    return rows, len(lines) - (lines[-1] == b"")
+
+
+def finished(folder, args):
+    """--resume with nothing left to do (its epochs and their evaluations done, or --max_steps reached): say so,
+    where the results are and how to train on, and exit 0 before anything is read or written."""
+    ck, rows = folder.resumed, folder.rows
+    evaluated = ck["args"].get("stage") == "pretrain" or any(r.get("event") == "eval" and r.get("step") == ck["step"]
+                                                             for r in rows)
+    if ck["epoch"] >= args.epochs and (ck["batch"] or evaluated):
+        why, more = "finished", f"pass --epochs above {args.epochs}"
+    elif args.max_steps and ck["step"] >= args.max_steps:
+        why, more = f"at --max_steps {args.max_steps}", "leave out --max_steps or raise it"
+    else:
+        return
+    last = ([f"its last evaluation (after epoch {r['epoch']}): t2v R@1 {r['t2v']['R@1']:.1f}" for r in rows
+             if r.get("event") == "eval" and "t2v" in r] or ["no evaluation"])[-1]
+    where = [f for f in (folder.log_path, os.path.join(folder.dir, "retrievals.png"), folder.ckpt) if os.path.exists(f)]
+    print(f"nothing to do: the run in {folder.dir} is {why} (step {ck['step']}, {ck['epoch']} of {args.epochs} "
+          f"epochs done); {last}; its results: {', '.join(where)}; to train on, {more}", flush=True)
+    raise SystemExit(0)
+
+
+def eval_paths(args, asked):
+    """Where an evaluation-only run (--eval_only, zeroshot) writes: eval-<stamp>.json and retrievals-<stamp>.png
+    (stamp: time and pid; they never replace a file) in --output_dir when asked, else in out/<method>-<data>, or in
+    its eval/ subfolder when that folder is a training run's (holds a checkpoint.pt) -> (record, picture)."""
+    out = args.output_dir
+    if args.overwrite:
+        print("WARNING: --overwrite has no effect on an evaluation-only run: it replaces no file", file=sys.stderr)
+    if not asked and os.path.exists(os.path.join(out, "checkpoint.pt")):
+        out = os.path.join(out, "eval")
+    stamp, n = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}", 1
+    while True:  # -2, -3, ...: another evaluation in the same second by the same process
+        tail = stamp + (f"-{n}" if n > 1 else "")
+        record, picture = os.path.join(out, f"eval-{tail}.json"), os.path.join(out, f"retrievals-{tail}.png")
+        if not (os.path.exists(record) or os.path.exists(picture)):
+            return record, picture
+        n += 1
+
+
+def write_eval(path, args, metrics):
+    """An evaluation-only run's record (eval_paths) -> its path, or None after a WARNING when it cannot be written
+    (full disk, read-only folder): the caller has printed the metrics already."""
     record = dict(event="eval", **rounded(metrics), args={k: v for k, v in vars(args).items() if k != "kwargs"})
     try:
-        os.makedirs(args.output_dir, exist_ok=True)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         files.atomic_write(path, lambda tmp: write_text(tmp, json.dumps(record, indent=1)))
     except OSError as e:
         print(f"WARNING: could not write the record {path} ({e}); the metrics printed above are the evaluation's",
               file=sys.stderr, flush=True)
         return None
     return path
+
+
+def summary(args, train_ds, metrics, evaluated):
+    """A run's last lines: the last evaluation (none is picked on the test split), where its files are."""
+    ckpt, log_path, picture = (os.path.join(args.output_dir, f) for f in ("checkpoint.pt", "log.jsonl", "retrievals.png"))
+    lines = [f"WARNING: {train_ds.substitutions} training items replaced an unreadable video: "
+             f"{train_ds.corrupt_videos[:5]}"] if train_ds.substitutions else []
+    if metrics:
+        lines += [f"final: {args.method} on {args.data} test after epoch {evaluated} of {args.epochs} (the last "
+                  f"evaluated; nothing is selected on the test split)", retrieval.table(metrics),
+                  f"retrieved clips: {picture}"]
+    if args.stage == "pretrain":
+        lines.append(f"{args.method} pretraining checkpoint: {ckpt}; fine-tune from it with --init {ckpt}")
+    return "\n".join(lines + [f"run folder {args.output_dir}: checkpoint {ckpt}, log {log_path}"])
 
 
 def write_text(path, text):

@@ -205,8 +205,8 @@ def train(args, method, split, test, env, folder, argv, log):
     record, has_eval = folder.open_log(pos.step, argv) if folder else (lambda **row: None, True)
     log(f"{len(train_ds)} training pairs: {steps_per_epoch} steps/epoch x {args.epochs} epochs of {args.batch_size} "
         f"({args.batch_size // (env.world * args.accum)} per rank x {env.world} ranks x {args.accum} accumulation)")
-    saver = checkpoints.Checkpoints(ckpt, method, opt, env.scaler, args)
     resume = run_folder.resume_command(argv, env.world)
+    saver = checkpoints.Checkpoints(ckpt, method, opt, env.scaler, args, resume, folder and folder.data)
     metrics, evaluated = None, None
     if pos.epoch and not (pos.batch or has_eval or pretrain):  # an epoch whose evaluation failed
         metrics, evaluated = evaluate_epoch(method, test, args, env, pos, record, resume), pos.epoch
@@ -229,7 +229,7 @@ def train(args, method, split, test, env, folder, argv, log):
                 f"checkpoint {ckpt}; continue with\n  {resume}")
             env.stop.exit(why)  # a signal: exit 128 + its number
             break
-    log(summary(args, train_ds, metrics, evaluated))
+    log(run_folder.summary(args, train_ds, metrics, evaluated))
     return metrics
 
 
@@ -263,8 +263,8 @@ def evaluate_epoch(method, test, args, env, pos, record, resume):
     return metrics
 
 
-def evaluate_only(method, test, args, env, log):
-    """--eval_only and zeroshot: evaluate, write <output_dir>/eval-<time>.json and retrievals.png."""
+def evaluate_only(method, test, args, env, log, asked):
+    """--eval_only and zeroshot: evaluate, write a record and a picture where run_folder.eval_paths says."""
     ck = checkpoints.read(args.checkpoint, "--checkpoint", keys=("model",)) if args.checkpoint else None
     if ck:
         checkpoints.load_trainable(method, ck, args.checkpoint)
@@ -273,25 +273,12 @@ def evaluate_only(method, test, args, env, log):
     metrics, sim = retrieval.evaluate(method, test, args, env.device, env.amp)
     log(f"{args.method} on {args.data} test ({len(test.captions)} captions, {len(test.videos)} videos)\n"
         + retrieval.table(metrics))  # first: a write that fails below loses nothing
-    path, picture = run_folder.write_eval(args, metrics), os.path.join(args.output_dir, "retrievals.png")
+    path, picture = run_folder.eval_paths(args, asked)
+    path = run_folder.write_eval(path, args, metrics)
     step = f", {os.path.basename(args.checkpoint)} at step {ck['step']}" if ck and "step" in ck else ""
     pictures.write_retrievals(picture, test, sim, f"{args.method} on {test.name}{step}")
     log(f"record: {path}\nretrieved clips: {picture}")
     return metrics
-
-
-def summary(args, train_ds, metrics, evaluated):
-    """The run's last lines: the last evaluation (none is picked on the test split), where its files are."""
-    ckpt, log_path, picture = (os.path.join(args.output_dir, f) for f in ("checkpoint.pt", "log.jsonl", "retrievals.png"))
-    lines = [f"WARNING: {train_ds.substitutions} training items replaced an unreadable video: "
-             f"{train_ds.corrupt_videos[:5]}"] if train_ds.substitutions else []
-    if metrics:
-        lines += [f"final: {args.method} on {args.data} test after epoch {evaluated} of {args.epochs} (the last "
-                  f"evaluated; nothing is selected on the test split)", retrieval.table(metrics),
-                  f"retrieved clips: {picture}"]
-    if args.stage == "pretrain":
-        lines.append(f"{args.method} pretraining checkpoint: {ckpt}; fine-tune from it with --init {ckpt}")
-    return "\n".join(lines + [f"run folder {args.output_dir}: checkpoint {ckpt}, log {log_path}"])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -308,7 +295,9 @@ def main(argv=None):
         # the checks before anything slow: the method on a meta-device stand-in of the CLIP towers
         probe = methods.probe(args, cls, given, log)
         evaluating = args.eval_only or probe is not None and not any(p.requires_grad for p in probe.parameters())
-        folder = run_folder.Folder(args, flags.FLAG_NAMES) if env.rank == 0 and not evaluating else None
+        # a run that trains owns a folder; a --clip file's run is known to train only once built (below)
+        trains = env.rank == 0 and probe is not None and not evaluating
+        folder = run_folder.Folder(args, flags.FLAG_NAMES) if trains else None
 
         # data: read (the synthetic set generated) and every test video opened before any CLIP is loaded
         if args.data == "synthetic":
@@ -317,9 +306,9 @@ def main(argv=None):
         train_split, test = None if evaluating else read("train"), None if args.stage == "pretrain" else read("test")
         if test:
             data_checks.check_videos(test, args.frame_cache)  # 1 ms each: a bad one would fail every evaluation
+        data_id = checkpoints.data_identity(train_split, test)
         if folder:  # the data are found: the folder is the run's
-            folder.claim(args.overwrite)
-            log(f"run folder {folder.dir}: checkpoint {folder.ckpt}, log {folder.log_path}")
+            folder.claim(args.overwrite, data_id, log)
 
         # model
         tiny_clip_data = args.data_path if synthetic.uses_tiny_clip(args.clip, args.data) else None
@@ -331,7 +320,10 @@ def main(argv=None):
             f"{env.device} x {env.world}, autocast {env.amp_dtype}, {args.frames} frames of {args.size} px, "
             f"{args.words} words")
         if evaluating or n_train == 0:  # zeroshot: nothing trains
-            return evaluate_only(method, test, args, env, log)
+            return evaluate_only(method, test, args, env, log, "output_dir" in given)
+        if env.rank == 0 and not folder:
+            folder = run_folder.Folder(args, flags.FLAG_NAMES)
+            folder.claim(args.overwrite, data_id, log)
         return train(args, method, train_split, test, env, folder, argv, log)
     except (checks.RunError, data.DataError, clip.ModelFileError) as e:  # the message says the user's fix
         fail(e, getattr(e, "status", 2))
