@@ -75,12 +75,24 @@ def test_a_stopped_build_keeps_its_clips_refuses_other_settings_and_resumes(tmp_
     one_error(capsys.readouterr().err, cache, "--size 16 --fps 0", "--size 32 --fps 3", "another folder")
     assert entries(cache) == kept and data_checks.read_manifest(cache) == manifest
 
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a decoding process killed while writing leaves its temporary file (files.atomic_write)
+    open(os.path.join(cache, f"video5.mp4.0123.npy.tmp{dead.pid}.npy"), "wb").close()
     calls = stop_after(monkeypatch, 99)
     frame_cache.main(argv + ["--size", "16", "--fps", "0"])  # the same command resumes
     assert_tells(capsys.readouterr().out, "cached 6 of 6")
     assert len(calls) == 4 and set(kept) < set(entries(cache))  # the 2 clips kept as they were, 4 decoded
     manifest = data_checks.read_manifest(cache)
     assert not manifest["building"] and len(manifest["clips"]) == 6
+
+
+def test_clips_of_other_settings_are_never_read_even_without_the_manifest(tmp_path, monkeypatch):
+    videos, cache = make_videos(tmp_path / "videos", n=2), str(tmp_path / "cache")
+    frame_cache.build_frame_cache(videos, cache, size=16, fps=0, workers=0)
+    os.remove(os.path.join(cache, data_checks.MANIFEST))  # deleted by hand: the folder's settings unknown
+    calls = stop_after(monkeypatch, 99)
+    frame_cache.build_frame_cache(videos, cache, size=32, fps=0, workers=0)
+    assert len(calls) == 2 and np.load(data_checks.cache_file(cache, videos[0])).shape == (4, 3, 32, 32)
 
 
 WRAPPER = """import sys, time
@@ -100,29 +112,44 @@ if __name__ == "__main__":
 """
 
 
-def test_ctrl_c_during_the_build_says_what_is_kept_and_how_to_resume(tmp_path, capsys):
+def stop_build(argv, wrapper, cache, n, sig):
+    """Run the slow build in a subprocess, send `sig` to its process group (as Ctrl-C does: decoding processes
+    included) once n clips are in the cache -> (exit status, stderr)."""
+    run = subprocess.Popen([sys.executable, str(wrapper), *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, start_new_session=True)
+    try:
+        while not (cache.is_dir() and sum(n.endswith(".npy") and ".tmp" not in n for n in os.listdir(cache)) >= n):
+            assert run.poll() is None, run.communicate()
+            time.sleep(0.05)
+        os.killpg(run.pid, sig)
+        return run.wait(timeout=60), run.communicate()[1]
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+
+
+def test_kill_9_then_ctrl_c_during_the_build_keep_every_clip_and_say_how_to_resume(tmp_path, capsys):
     make_videos(tmp_path / "videos")
     cache, wrapper = tmp_path / "cache", tmp_path / "frame_cache_slow.py"
     wrapper.write_text(WRAPPER.format(root=ROOT))
     argv = ["--data", "folder", "--video_path", str(tmp_path / "videos"), "--cache", str(cache), "--size", "16",
             "--fps", "0", "--workers", "1"]
-    run = subprocess.Popen([sys.executable, str(wrapper), *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True, start_new_session=True)
-    try:
-        while not (cache.is_dir() and sum(n.endswith(".npy") and ".tmp" not in n for n in os.listdir(cache)) >= 2):
-            assert run.poll() is None, run.communicate()
-            time.sleep(0.05)
-        os.killpg(run.pid, signal.SIGINT)  # as Ctrl-C does: the whole foreground group, decoding process included
-        out, err = run.communicate(timeout=60)
-    finally:
-        if run.poll() is None:
-            os.killpg(run.pid, signal.SIGKILL)
-    assert run.returncode == 130 and "Traceback" not in err, err
-    assert len(err.strip().splitlines()) == 1, err  # one line: what is kept, the command that resumes
-    assert_tells(err, "SIGINT", "2 of 6", "kept", cache, "frame_cache.py " + " ".join(argv))
+    assert stop_build(argv, wrapper, cache, 2, signal.SIGKILL)[0] == -signal.SIGKILL
     kept = entries(cache)
-    assert len(kept) == 2 and len(json.load(open(cache / data_checks.MANIFEST))["clips"]) == 2
+    assert len(kept) == 2 and data_checks.read_manifest(cache)["building"]  # settings written before any clip
+    with pytest.raises(SystemExit) as e:
+        frame_cache.main(argv[:-5] + ["32", "--fps", "0"])  # the bug this replaced: two settings, one manifest
+    assert e.value.code == 2 and entries(cache) == kept
+    one_error(capsys.readouterr().err, "--size 16 --fps 0", "--size 32 --fps 0")
 
-    frame_cache.main(argv[:-1] + ["0"])  # the printed command (decoding in this process): the other 4 clips
+    status, err = stop_build(argv, wrapper, cache, 4, signal.SIGINT)  # the same command: 2 more clips, Ctrl-C
+    assert status == 130 and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err  # one line: what is kept, the command that resumes
+    assert_tells(err, "SIGINT", "4 of 6", "kept", cache, "frame_cache.py " + " ".join(argv))
+    assert len(json.load(open(cache / data_checks.MANIFEST))["clips"]) == 4
+    assert all(entries(cache)[n] == kept[n] for n in kept)
+    kept = entries(cache)
+
+    frame_cache.main(argv[:-1] + ["0"])  # the printed command (decoding in this process): the other 2 clips
     assert_tells(capsys.readouterr().out, "cached 6 of 6")
-    assert set(kept) < set(entries(cache)) and all(entries(cache)[n] == kept[n] for n in kept)
+    assert len(entries(cache)) == 6 and all(entries(cache)[n] == kept[n] for n in kept)
