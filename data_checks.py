@@ -6,8 +6,9 @@ is wrong and where the file comes from. Annotation files (id lists, CSV, JSON, c
 so that a missing, empty, cut-off or malformed one raises it, and a test split that lists a video twice too.
 Video files are probed cheaply (header and first frame; a frame-cache file's header) so that check_videos()
 names every unreadable one at once, before training, rather than one per crashed evaluation. A frame cache
-(frame_cache.py builds it: CACHE/<video file name>.npy plus CACHE/manifest.json) is checked against the run
-that reads it: refused when its frames are smaller than the run's, warned about when it cannot serve as is.
+(frame_cache.py builds it: CACHE/<video file name>.<key>.npy plus CACHE/manifest.json) is checked against the
+run that reads it: refused when its manifest is missing or damaged, its entries stale or its frames smaller
+than the run's, warned about when it cannot serve as is.
 """
 import csv
 import hashlib
@@ -325,6 +326,8 @@ def probe_video(path, cached=None):
     if cached:
         try:
             x = np.load(cached, mmap_mode="r")
+        except FileNotFoundError:
+            return f"has lost its frame cache file {cached}: run the frame_cache.py --cache command again"
         except Exception as e:  # ValueError (cut off, not .npy), EOFError (empty), OSError
             return (f"has a damaged frame cache {cached} ({type(e).__name__}: {e}): delete it and build it again "
                     f"(the same frame_cache.py --cache command)")

@@ -116,8 +116,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Build the frame cache of a data set, or (--check) find its unreadable "
                                 "videos. Exit status: 0 done, 1 --check found unreadable videos, 2 bad input.")
     p.add_argument("--cache", help="frame cache folder: built here (pass it to train.py as --frame_cache); with "
-                   "--check, the cache files found there are checked instead of their videos, as train.py reads them, and "
-                   "clips whose video changed since they were cached are listed")
+                   "--check, the cache files found there are checked instead of their videos, as train.py reads "
+                   "them, and videos changed since they were cached are listed")
     p.add_argument("--check", action="store_true", help="open every video of --split (header and first frame) and "
                    "write the unreadable ones to --out")
     p.add_argument("--out", default="bad_videos.txt", help="--check: the list of unreadable videos, one "
@@ -148,6 +148,10 @@ def main(argv=None):
         errors = build_frame_cache(videos, a.cache, a.size, a.fps, a.workers, splits[0].max_seconds)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # a read-only or full disk, --cache naming a file
+        print(f"error: cannot write {e.filename or a.cache} ({e.strerror}): free space or choose a writable folder; "
+              f"a build keeps the clips it cached, and the same command goes on from them", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         if a.check or not os.path.isdir(a.cache):
