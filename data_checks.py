@@ -214,7 +214,8 @@ def cache_entry(video, settings):
 
 def lookup(cache_dir, manifest, video):
     """-> (the cache file of `video` or None, whether its entry was made from an earlier version of the file)."""
-    key, entry = cache_entry(video, manifest), manifest["clips"].get(os.path.realpath(video))
+    key = cache_entry(video, manifest)
+    entry = manifest["clips"].get(key[0] if key else os.path.realpath(video))
     if entry and key and entry["file"] == key[1]:
         return os.path.join(cache_dir, key[1]), False
     return None, entry is not None
@@ -329,8 +330,8 @@ def probe_video(path, cached=None):
         except FileNotFoundError:
             return f"has lost its frame cache file {cached}: run the frame_cache.py --cache command again"
         except Exception as e:  # ValueError (cut off, not .npy), EOFError (empty), OSError
-            return (f"has a damaged frame cache {cached} ({type(e).__name__}: {e}): delete it and build it again "
-                    f"(the same frame_cache.py --cache command)")
+            return (f"has a damaged frame cache {cached} ({type(e).__name__}: {e}): delete it, or run the "
+                    f"frame_cache.py --cache command again, which replaces it")
         if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1] != 3 or x.shape[0] == 0:
             return f"has a frame cache {cached} holding {x.dtype} {list(x.shape)}, not uint8 [frames, 3, size, size]"
         return None

@@ -36,7 +36,7 @@ def _cache_one(job):
     """Decode one video into its cache file (atomic: an interrupted run never leaves a cut-off one) -> None, or
     the error message of an unreadable video."""
     video, dest, size, fps, max_seconds = job
-    if os.path.isfile(dest):
+    if _frames(dest) is not None:
         return None
     try:
         frames = clip.resize_crop(data.read_frames(video, 0, False, fps, max_seconds), size).numpy()  # [N, 3, S, S]
@@ -44,6 +44,14 @@ def _cache_one(job):
         return str(e)
     files.atomic_write(dest, lambda tmp: np.save(tmp, frames), suffix=".npy")  # np.save adds .npy to other names
     return None
+
+
+def _frames(path):
+    """-> the number of frames in a cache file (its .npy header), or None if it is missing or damaged."""
+    try:
+        return int(np.load(path, mmap_mode="r").shape[0])
+    except (OSError, ValueError, EOFError, IndexError):
+        return None
 
 
 def _worker_init():
@@ -98,15 +106,16 @@ def build_frame_cache(videos, cache_dir, size=224, fps=3.0, workers=1, max_secon
         done = True
     finally:  # record the clips done, even when stopped; the .npy header holds the shape: no frame is read here
         for path, name in filter(None, keys.values()):
-            if os.path.isfile(os.path.join(cache_dir, name)):
+            frames = _frames(os.path.join(cache_dir, name))
+            if frames is not None:
                 if path in clips and clips[path]["file"] != name:
                     superseded.append(clips[path]["file"])  # the frames of an earlier version of the video
-                frames = np.load(os.path.join(cache_dir, name), mmap_mode="r").shape[0]
-                clips[path] = dict(file=name, frames=int(frames))
+                clips[path] = dict(file=name, frames=frames)
         _write_manifest(cache_dir, settings, clips, building=not done)
         _remove_dead_temporaries(cache_dir)
     for name in superseded:  # now that the manifest no longer names them
-        os.remove(os.path.join(cache_dir, name))
+        if os.path.isfile(os.path.join(cache_dir, name)):
+            os.remove(os.path.join(cache_dir, name))
     for e in errors:
         print("WARNING:", e, file=sys.stderr)
     return errors

@@ -76,6 +76,8 @@ def test_check_videos_reads_frame_cache_headers(videos, tmp_path):
     open(cached, "wb").write(whole[:len(whole) // 2])  # a cache file cut off
     [(_, why)] = data_checks.find_unreadable([good], cache)
     assert_tells(why, cached, "damaged", "delete")  # the cache file, what is wrong, the fix
+    frame_cache.build_frame_cache([good], cache, size=32, fps=0, workers=0)  # the same build replaces it
+    assert data_checks.find_unreadable([good], cache) == []
     np.save(cached, np.zeros((0, 3, 32, 32), np.uint8))
     assert_tells(data_checks.probe_video(good, cached), "[0, 3, 32, 32]", "[frames, 3, size, size]")  # has, should
     why = data_checks.find_unreadable([videos.videos[3], good], cache)[0][1]  # not cached: the video itself
