@@ -40,7 +40,7 @@ import clip
 from frames import crop_flip, sample_frames
 from data_checks import (DataError, bad_file, caption_text, captions_of, check_unique, get_key, load_json,
                          load_pickle, need_file, read_csv, read_list)
-from data_checks import cache_file, check_frame_cache, read_manifest
+from data_checks import check_frame_cache
 
 DATASETS = ("synthetic", "msrvtt", "msrvtt7k", "msvd", "vatex", "didemo", "activitynet", "lsmdc", "webvid", "folder")
 
@@ -403,10 +403,9 @@ class VideoTextDataset(Dataset):
         if mode not in ("pairs", "videos", "texts"):
             raise ValueError(f"mode must be pairs, videos or texts, not {mode!r}")
         self.split, self.frames, self.words, self.size, self.train, self.mode = split, frames, words, size, train, mode
-        self.frame_cache, self.sampling, self.augment, self.cache_fps = frame_cache, sampling, augment, 30.0
-        if frame_cache and mode != "texts":
-            check_frame_cache(frame_cache, split.videos, size, frames)  # refuses one that cannot serve this run
-            self.cache_fps = (read_manifest(frame_cache) or {}).get("fps") or 30.0  # the rate its frames are at
+        self.sampling, self.augment, self.cached, self.cache_fps = sampling, augment, [None] * len(split.videos), 30.0
+        if frame_cache and mode != "texts":  # each video's cache file (or None), the rate its frames are at
+            self.cached, self.cache_fps = check_frame_cache(frame_cache, split.videos, size, frames)
         # shared with worker processes: one flag per video (log each bad video once) and a substitution count
         self._bad = mp.Array("b", len(split.videos))
         self._substituted = mp.Value("l", 0)
@@ -427,9 +426,9 @@ class VideoTextDataset(Dataset):
     def load_video(self, v):
         """-> uint8 [T, 3, size, size], bool [T]; raises VideoError."""
         path = self.split.videos[v]
-        if self.frame_cache and os.path.isfile(cache_file(self.frame_cache, path)):
+        if self.cached[v]:
             try:
-                cached = np.load(cache_file(self.frame_cache, path), mmap_mode="r")  # [N, 3, S, S]
+                cached = np.load(self.cached[v], mmap_mode="r")  # [N, 3, S, S]
             except (OSError, ValueError) as e:
                 raise VideoError(f"cannot read frame cache of {path}: {e}") from e
             idx, valid = sample_frames(len(cached), self.cache_fps, self.frames, self.sampling, self.train)

@@ -6,10 +6,12 @@ is wrong and where the file comes from. Annotation files (id lists, CSV, JSON, c
 so that a missing, empty, cut-off or malformed one raises it, and a test split that lists a video twice too.
 Video files are probed cheaply (header and first frame; a frame-cache file's header) so that check_videos()
 names every unreadable one at once, before training, rather than one per crashed evaluation. A frame cache
-(frame_cache.py builds it: CACHE/<video file name>.npy plus CACHE/manifest.json) is checked against the run
-that reads it: refused when its frames are smaller than the run's, warned about when it cannot serve as is.
+(frame_cache.py builds it: CACHE/<video file name>.<key>.npy plus CACHE/manifest.json) is checked against the
+run that reads it: refused when its manifest is missing or damaged, its entries stale or its frames smaller
+than the run's, warned about when it cannot serve as is.
 """
 import csv
+import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -181,80 +183,155 @@ def check_unique(ids, lines, path, origin):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The frame cache as a run reads it: its layout, its manifest, whether it fits the run
+# The frame cache as a run reads it: its layout, its manifest, whether it fits the run. An entry's file name
+# holds a key of its video's identity (real path, size, modification time) and of the settings its frames were
+# made at, so that two data sets' video0.mp4, a re-downloaded video and another --size never share one.
 
-MANIFEST = "manifest.json"  # in the cache folder: the settings it was made with, and frames per clip
+MANIFEST = "manifest.json"  # in the cache folder: its settings, whether a build is unfinished, and its clips
+SETTINGS = ("size", "fps", "max_seconds")  # what changes the stored frames
 
 
-def cache_file(cache_dir, video):
-    """Where the cached frames of `video` are: uint8 [frames, 3, size, size] in a .npy file."""
-    return os.path.join(cache_dir, os.path.basename(video) + ".npy")
+def cache_settings(size, fps, max_seconds):
+    return dict(size=int(size), fps=float(fps), max_seconds=None if max_seconds is None else float(max_seconds))
+
+
+def describe(settings):
+    """The settings as frame_cache.py's flags: '--size 64 --fps 0' (+ the data set's time limit)."""
+    s = f"--size {settings['size']} --fps {settings['fps']:g}"
+    return s + (f" (first {settings['max_seconds']:g} s)" if settings["max_seconds"] is not None else "")
+
+
+def cache_entry(video, settings):
+    """-> (the video's real path, the file name of its frames at `settings`), or None if it cannot be stat'ed."""
+    try:
+        path = os.path.realpath(video)
+        st = os.stat(path)
+    except OSError:
+        return None
+    key = json.dumps([path, st.st_size, st.st_mtime_ns, cache_settings(*(settings[k] for k in SETTINGS))])
+    return path, f"{os.path.basename(path)}.{hashlib.sha256(key.encode()).hexdigest()[:16]}.npy"
+
+
+def lookup(cache_dir, manifest, video):
+    """-> (the cache file of `video` or None, whether its entry was made from an earlier version of the file)."""
+    key = cache_entry(video, manifest)
+    entry = manifest["clips"].get(key[0] if key else os.path.realpath(video))
+    if entry and key and entry["file"] == key[1]:
+        return os.path.join(cache_dir, key[1]), False
+    return None, entry is not None
 
 
 def read_manifest(cache_dir):
-    """-> {"size", "fps", "max_seconds", "frames": {file name: cached frames}}, or None (a cache made without one)."""
+    """-> {"size", "fps", "max_seconds", "building": a build has not finished, "clips": {video real path: {"file",
+    "frames"}}}, or None if there is none; DataError if it is damaged or from the format keyed by name only."""
     path = os.path.join(cache_dir, MANIFEST)
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    fix = f"delete {cache_dir} and build it again (python frame_cache.py --cache {cache_dir} ...) or use another one"
+    try:
+        with open(path, encoding="utf-8") as f:
+            m = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise DataError(f"frame cache manifest {path} is damaged ({type(e).__name__}: {e}): {fix}") from e
+    if isinstance(m, dict) and "frames" in m and "clips" not in m:
+        raise DataError(f"frame cache {cache_dir} was made by a frame_cache.py that keyed clips by file name only "
+                        f"(two data sets or a changed video could share one): {fix}")
+    ok = (isinstance(m, dict) and type(m.get("size")) is int and isinstance(m.get("fps"), (int, float))
+          and isinstance(m.get("max_seconds"), (int, float, type(None))) and isinstance(m.get("building"), bool)
+          and isinstance(m.get("clips"), dict) and all(isinstance(c, dict) and isinstance(c.get("file"), str)
+                                                       and type(c.get("frames")) is int for c in m["clips"].values()))
+    if not ok:
+        raise DataError(f"frame cache manifest {path} is damaged (not the settings and clips frame_cache.py "
+                        f"writes): {fix}")
+    return m
+
+
+def cache_files(cache_dir, videos):
+    """-> (manifest, the cache file of each video or None, the videos whose entry was made from an earlier
+    version of their file). Refuses a folder without a manifest and one that holds none of `videos`; warns
+    about the videos it lacks (decoded instead)."""
+    manifest = read_manifest(cache_dir)
+    build = f"python frame_cache.py --cache {cache_dir} {{}}--data ... --data_path ... --video_path ..."
+    if manifest is None:
+        raise DataError(f"{os.path.join(cache_dir, MANIFEST)} not found: {cache_dir} is not a frame cache "
+                        f"frame_cache.py built. Build it with `{build.format('')}`, or drop --frame_cache")
+    found = [lookup(cache_dir, manifest, v) for v in videos]
+    files, stale = [f for f, _ in found], [v for v, (_, old) in zip(videos, found) if old]
+    missing = [v for v, (f, old) in zip(videos, found) if f is None and not old]
+    if missing:
+        why = " (its last build did not finish)" if manifest["building"] else ""
+        msg = (f"{len(missing)} of {len(videos)} videos are not in frame cache {cache_dir}{why}, e.g. {missing[0]}. "
+               f"Build or finish it with `{build.format(describe(manifest) + ' ')}`")
+        if len(missing) == len(videos):
+            raise DataError(msg + ", or drop --frame_cache")
+        _warn(f"{msg}; decoding those from the video files.")
+    return manifest, files, stale
+
+
+def stale_problem(cache_dir, manifest):
+    """What is wrong with a video changed since it was cached, and the fix."""
+    return (f"changed (size or time) since frame cache {cache_dir} was built from it: update the cache with "
+            f"`python frame_cache.py --cache {cache_dir} {describe(manifest)} --data ...` (it decodes the changed "
+            f"videos only)")
 
 
 _WARNED = set()  # frame-cache warnings already printed by this process (a dataset is made every evaluation)
 
 
+def _warn(w):
+    if w not in _WARNED:
+        _WARNED.add(w)
+        print("WARNING:", w, file=sys.stderr, flush=True)
+
+
 def check_frame_cache(cache_dir, videos, size, frames):
-    """Refuse a cache that holds none of `videos` or smaller frames than the run's (they would be upscaled);
-    warn about videos it lacks (decoded instead), larger frames (every load resizes), clips with fewer cached
-    frames than the run samples (padded, where decoding would give all `frames`), and a cache without a
-    manifest (nothing can be checked)."""
-    missing = [v for v in videos if not os.path.isfile(cache_file(cache_dir, v))]
-    if missing:
-        msg = (f"{len(missing)} of {len(videos)} videos have no frame cache in {cache_dir}, e.g. "
-               f"{cache_file(cache_dir, missing[0])}. Build it with `python frame_cache.py --cache {cache_dir} "
-               f"--data ... --data_path ... --video_path ...`")
-        if len(missing) == len(videos):
-            raise DataError(msg + ", or drop frame_cache.")
-        print(f"WARNING: {msg}; decoding those from the video files.", file=sys.stderr, flush=True)
-    manifest, warnings = read_manifest(cache_dir), []
-    if manifest is None:
-        warnings.append(f"frame cache {cache_dir} has no {MANIFEST} (made by an older data.py?): its frame "
-                        f"size and rate are unchecked; rebuild it with python frame_cache.py --cache to check them")
-    else:
-        if manifest["size"] < size:
-            raise DataError(f"frame cache {cache_dir} holds {manifest['size']} px frames, this run uses {size} px: "
-                            f"they would be upscaled. Build one at this size (python frame_cache.py --cache NEW_DIR "
-                            f"--size {size} ...) or pass --size {manifest['size']}")
-        if manifest["size"] > size:
-            warnings.append(f"frame cache {cache_dir} holds {manifest['size']} px frames, this run uses {size} px: "
-                            f"every load resizes them (slower); a cache made with --size {size} is read as is")
-        counts = manifest.get("frames", {})
-        short = [v for v in videos if counts.get(os.path.basename(v), frames) < frames]
-        if short:
-            warnings.append(f"{len(short)} of {len(videos)} clips in frame cache {cache_dir} hold fewer than {frames} "
-                            f"frames (made at --fps {manifest['fps']}; e.g. {os.path.basename(short[0])}: "
-                            f"{counts[os.path.basename(short[0])]}): they are padded and masked where decoding "
-                            f"would give {frames}. Rebuild with a higher --fps (0: every frame) into an empty folder")
-    for w in warnings:
-        if w not in _WARNED:
-            _WARNED.add(w)
-            print("WARNING:", w, file=sys.stderr, flush=True)
+    """-> (the cache file of each video or None, the frame rate of the cached frames). Refuse a cache without a
+    manifest or with a damaged one, one that holds none of `videos`, stale entries (the video changed since),
+    and smaller frames than the run's (they would be upscaled); warn about videos it lacks (decoded instead),
+    larger frames (every load resizes), and clips with fewer cached frames than the run samples (padded, where
+    decoding would give all `frames`)."""
+    manifest, files, stale = cache_files(cache_dir, videos)
+    if stale:
+        raise DataError(f"{len(stale)} of {len(videos)} videos, e.g. {stale[0]}, {stale_problem(cache_dir, manifest)}")
+    if manifest["size"] < size:
+        raise DataError(f"frame cache {cache_dir} holds {manifest['size']} px frames, this run uses {size} px: "
+                        f"they would be upscaled. Build one at this size (python frame_cache.py --cache NEW_DIR "
+                        f"--size {size} ...) or pass --size {manifest['size']}")
+    if manifest["size"] > size:
+        _warn(f"frame cache {cache_dir} holds {manifest['size']} px frames, this run uses {size} px: "
+              f"every load resizes them (slower); a cache made with --size {size} is read as is")
+    counts = {os.path.join(cache_dir, c["file"]): c["frames"] for c in manifest["clips"].values()}
+    short = [(v, counts[f]) for v, f in zip(videos, files) if f and counts[f] < frames]
+    if short:
+        _warn(f"{len(short)} of {len(videos)} clips in frame cache {cache_dir} hold fewer than {frames} frames (made "
+              f"at --fps {manifest['fps']:g}; e.g. {os.path.basename(short[0][0])}: {short[0][1]}): they are "
+              f"padded and masked where decoding would give {frames}. Rebuild with a higher --fps (0: every frame) "
+              f"into another folder")
+    return files, manifest["fps"] or 30.0
+
+
+def cache_file(cache_dir, video):
+    """The file holding `video`'s frames in cache_dir (uint8 [frames, 3, size, size] .npy), or None."""
+    manifest = read_manifest(cache_dir)
+    return manifest and lookup(cache_dir, manifest, video)[0]
 
 
 # ----------------------------------------------------------------------------------------------------
 # Start-up check of the videos: open each one as cheaply as possible (its header and first frame, or its frame
 # cache's header) so that unreadable files are all named before training, not one per crashed evaluation.
 
-def probe_video(path, frame_cache=None):
-    """None if the video (or, when there is one, its frame-cache file) would load; else what is wrong with it.
-    Cheap: a video is opened and its first frame decoded (a file whose header promises more frames than it
-    holds still loads: read_frames keeps the frames there are); a cache file's header is read (memory-mapped)."""
-    cached = cache_file(frame_cache, path) if frame_cache else None
-    if cached and os.path.isfile(cached):
+def probe_video(path, cached=None):
+    """None if the video (or `cached`, its frame-cache file, when there is one) would load; else what is wrong
+    with it. Cheap: a video is opened and its first frame decoded (a file whose header promises more frames than
+    it holds still loads: read_frames keeps the frames there are); a cache file's header is read (memory-mapped)."""
+    if cached:
         try:
             x = np.load(cached, mmap_mode="r")
+        except FileNotFoundError:
+            return f"has lost its frame cache file {cached}: run the frame_cache.py --cache command again"
         except Exception as e:  # ValueError (cut off, not .npy), EOFError (empty), OSError
-            return f"has a damaged frame cache {cached} ({type(e).__name__}: {e}): delete it and build it again"
+            return (f"has a damaged frame cache {cached} ({type(e).__name__}: {e}): delete it, or run the "
+                    f"frame_cache.py --cache command again, which replaces it")
         if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1] != 3 or x.shape[0] == 0:
             return f"has a frame cache {cached} holding {x.dtype} {list(x.shape)}, not uint8 [frames, 3, size, size]"
         return None
@@ -281,13 +358,20 @@ def _probe_job(job):
 
 
 def find_unreadable(videos, frame_cache=None, workers=0):
-    """-> [(video path, what is wrong)] for every video in `videos` that would not load (probe_video), in order;
-    workers > 0 spreads the work over that many processes."""
-    jobs = [(v, frame_cache) for v in videos]
+    """-> [(video path, what is wrong)] for every video in `videos` that would not load (probe_video; from the
+    frame cache when one holds it, where a stale entry is wrong too), in order; workers > 0 spreads the work over
+    that many processes. Raises DataError for a frame cache that cannot serve (cache_files)."""
+    manifest, cached, stale = cache_files(frame_cache, videos) if frame_cache else (None, [None] * len(videos), [])
+    stale = set(stale)
+    jobs = [(v, f) for v, f in zip(videos, cached) if v not in stale]
     if workers <= 0:
-        return [r for r in map(_probe_job, jobs) if r]
-    with mp.get_context("spawn").Pool(workers, initializer=cv2.setNumThreads, initargs=(1,)) as pool:
-        return [r for r in pool.imap(_probe_job, jobs, chunksize=16) if r]
+        bad = [r for r in map(_probe_job, jobs) if r]
+    else:
+        with mp.get_context("spawn").Pool(workers, initializer=cv2.setNumThreads, initargs=(1,)) as pool:
+            bad = [r for r in pool.imap(_probe_job, jobs, chunksize=16) if r]
+    bad += [(v, stale_problem(frame_cache, manifest)) for v in stale]
+    order = {v: i for i, v in enumerate(videos)}
+    return sorted(bad, key=lambda r: order[r[0]])
 
 
 def write_video_list(path, bad):

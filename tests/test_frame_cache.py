@@ -71,14 +71,16 @@ def test_check_videos_reads_frame_cache_headers(videos, tmp_path):
     cache, good = str(tmp_path / "cache"), videos.videos[0]
     assert frame_cache.build_frame_cache([good], cache, size=32, fps=0, workers=0) == []
     cached = data_checks.cache_file(cache, good)
-    assert data_checks.probe_video(good, cache) is None
+    assert data_checks.find_unreadable([good], cache) == []
     whole = open(cached, "rb").read()
     open(cached, "wb").write(whole[:len(whole) // 2])  # a cache file cut off
-    why = data_checks.probe_video(good, cache)
+    [(_, why)] = data_checks.find_unreadable([good], cache)
     assert_tells(why, cached, "damaged", "delete")  # the cache file, what is wrong, the fix
+    frame_cache.build_frame_cache([good], cache, size=32, fps=0, workers=0)  # the same build replaces it
+    assert data_checks.find_unreadable([good], cache) == []
     np.save(cached, np.zeros((0, 3, 32, 32), np.uint8))
-    assert_tells(data_checks.probe_video(good, cache), "[0, 3, 32, 32]", "[frames, 3, size, size]")  # has, should
-    why = data_checks.probe_video(videos.videos[3], cache)  # no cache file: the video itself
+    assert_tells(data_checks.probe_video(good, cached), "[0, 3, 32, 32]", "[frames, 3, size, size]")  # has, should
+    why = data_checks.find_unreadable([videos.videos[3], good], cache)[0][1]  # not cached: the video itself
     assert_tells(why, "0 bytes")
     assert cache not in why
 
@@ -119,10 +121,12 @@ def test_frame_cache_manifest_refuses_and_warns(tmp_path, capsys):
     cache = str(tmp_path / "cache")
     assert frame_cache.build_frame_cache(videos, cache, size=16, fps=0) == []
     manifest = json.load(open(os.path.join(cache, data_checks.MANIFEST)))
-    assert manifest == dict(size=16, fps=0, max_seconds=None, frames={"v0.mp4": 3, "v1.mp4": 8})
+    assert {k: manifest[k] for k in ("size", "fps", "max_seconds", "building")} == dict(
+        size=16, fps=0, max_seconds=None, building=False)
+    assert {os.path.basename(v): c["frames"] for v, c in manifest["clips"].items()} == {"v0.mp4": 3, "v1.mp4": 8}
     with pytest.raises(data.DataError) as e:
         frame_cache.build_frame_cache(videos, cache, size=32, fps=0)  # never mix two settings in one folder
-    assert_tells(str(e.value), cache, "'size': 16", "'size': 32")  # the folder, its settings and these
+    assert_tells(str(e.value), cache, "--size 16", "--size 32")  # the folder, its settings and these
     split = data.Split("t", videos, ["a", "b"], [0, 1])
     with pytest.raises(data.DataError) as e:
         data.VideoTextDataset(split, frames=4, words=8, size=32, train=False, frame_cache=cache)
