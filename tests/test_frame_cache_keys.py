@@ -90,3 +90,18 @@ def test_a_damaged_manifest_stops_training_and_check_at_start_up(setup, tmp_path
                           "test", "--out", str(tmp_path / "bad.txt")])
     assert e.value.code == 2 and not (tmp_path / "bad.txt").exists()
     one_error(capsys.readouterr().err, fact, "frame_cache.py --cache")
+
+
+def test_a_changed_training_video_stops_training_before_its_folder_is_made(setup, tmp_path, capsys):
+    cache, out = tmp_path / "cache", tmp_path / "run"
+    train, test = (data.read_split("synthetic", s, str(setup / "synthetic")) for s in ("train", "test"))
+    frame_cache.build_frame_cache(sorted(set(train.videos + test.videos)), str(cache), size=32, fps=0, workers=0)
+    changed = next(v for v in train.videos if v not in test.videos)
+    st = os.stat(changed)
+    os.utime(changed, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+    try:
+        line = error(capsys, flags(setup, out, "--frame_cache", str(cache)))
+    finally:
+        os.utime(changed, ns=(st.st_atime_ns, st.st_mtime_ns))  # the session's set, as it was
+    assert_tells(line, changed, "changed", str(cache))
+    assert not out.exists()  # refused before the run folder (and any CLIP) was made
