@@ -91,8 +91,8 @@ def check_method(args, given, method, log):
 # What autograd keeps per clip (and its caption), MiB, without and with --grad_checkpointing: ViT-B/32 (SimVTP: its
 # ViT-B/16), 224 px, the recipe's frames (12; SimVTP 16) and words, bf16 autocast, random weights; `python bench.py
 # memory` on a CPU, 2026-12-06 (docs/speed.md). fp32 keeps at most twice as much.
-ACTIVATION_MIB = {"full": (0, 0), "ump": (0, 0), "dgl": (0, 0), "adapter": (0, 0), "unipt": (0, 0),
-                  "simvtp": (0, 0), "simvtp-pretrain": (0, 0)}
+ACTIVATION_MIB = {"full": (240.8, 11.4), "ump": (311.0, 12.9), "dgl": (227.2, 12.4), "adapter": (192.3, 11.4),
+                  "unipt": (41.2, 41.2), "simvtp": (514.5, 61.3), "simvtp-pretrain": (303.3, 61.2)}
 MEASURED_AT = 12 * 50 * 768 * 12  # frames x tokens per frame x width x layers of ViT-B/32's image tower
 SIMVTP_TOKENS = 1568  # SimVTP's video tokens per clip as measured: 16 frames in 2-frame tubelets of 14 x 14 patches
 
@@ -136,11 +136,11 @@ def check_memory(args, method, env):
     gib = lambda b: f"{b / 2**30:.1f} GiB"
     ckpt, w = estimate(True), parts["weights"]
     raise RunError(
-        f"a training step of --method {args.method} needs about {gib(need)} more on {device} (activations "
-        f"{gib(parts['activations'])}: {clips} clips per GPU x {parts['activations'] / clips / 2**20:.0f} MiB; "
-        f"gradients and AdamW {gib(parts['optimizer'])}; autocast's weight copies {gib(parts['weight_copies'])}; "
-        f"margin {gib(parts['margin'])}; weights on it already {gib(parts['weights'])}), but it has {gib(free)} "
-        f"free. Ways out: "
+        f"a training step of --method {args.method} needs about {gib(need)} of {device} besides the weights "
+        f"(estimate: activations {gib(parts['activations'])} = {clips} clips per GPU x "
+        f"{parts['activations'] / clips / 2**20:.0f} MiB; gradients and AdamW {gib(parts['optimizer'])}; autocast's "
+        f"weight copies {gib(parts['weight_copies'])}; margin {gib(parts['margin'])}), and {gib(free)} are free. "
+        f"Ways out: "
         + ("" if args.grad_checkpointing else f"--grad_checkpointing (needs about {gib(sum(ckpt.values()) - w)}); ")
         + f"more GPUs (torchrun --nproc_per_node=N train.py ...: the global batch of {args.batch_size} is split over "
         f"them, the loss still contrasts all {args.batch_size}); a smaller --batch_size (fewer negatives). "
