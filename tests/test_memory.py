@@ -67,8 +67,8 @@ def test_the_estimate_scales_with_clips_frames_and_precision():
     assert checks.step_memory(method, "full", 12, 64, False, False, 1)["activations"] == 2 * one  # fp32
     assert checks.step_memory(method, "full", 12, 64, True, True, 1)["activations"] < one / 4
     grads = clip.count_trainable(method) * 4  # fp32 gradients; AdamW's two moments; DDP's buckets one more
-    assert [checks.step_memory(method, "full", 12, 64, False, True, w)["optimizer"] for w in (1, 4)] == [3 * grads,
-                                                                                                  4 * grads]
+    optimizer = [checks.step_memory(method, "full", 12, 64, False, True, world)["optimizer"] for world in (1, 4)]
+    assert optimizer == [3 * grads, 4 * grads]
 
 
 def test_not_on_the_cpu_and_not_for_an_unmeasured_method(monkeypatch):
