@@ -115,11 +115,14 @@ def adapter(h, down_w, down_b, up_w, up_b, share_w, share_b, dropout=0.0, traini
 def adapted_blocks(x, blocks, adapt, is_causal=False):
     """Frozen pre-LN blocks, x [n, N, d] -> [n, N, d]: x + (h + adapt(h, j)) after each sublayer, where h is the
     sublayer's output and slot j = 2i after the attention, 2i + 1 after the MLP of block i."""
-    for i, block in enumerate(blocks):
+    def layer(x, block, i):  # one block and its two adapters: what --grad_checkpointing reruns in backward
         h = block.attention(x, is_causal=is_causal)  # attn(ln_1(x)), [n, N, d]
         x = x + (h + adapt(h, 2 * i))  # the adapter's own skip, then the block residual
         h = block.feed_forward(x)  # mlp(ln_2(x))
-        x = x + (h + adapt(h, 2 * i + 1))
+        return x + (h + adapt(h, 2 * i + 1))
+
+    for i, block in enumerate(blocks):
+        x = clip.checkpointed(blocks, layer, x, block, i)
     return x
 
 

@@ -3,7 +3,7 @@
     python bench.py                     # speed: every method at ViT-B/32, 12 frames, 224 px (bf16 on a GPU)
     python bench.py --tiny              # the same on a tiny CLIP: CPU, seconds per method
     python bench.py --methods full,adapter --batch 32
-    python bench.py memory              # one training step's memory per method, each in a fresh process
+    python bench.py memory              # activations per clip, with and without --grad_checkpointing
     python bench.py data                # checking, decoding and cache-reading a clip, one worker
     python bench.py clip                # clip.py's image tower vs nn.MultiheadAttention, same weights
     python bench.py quality             # train every method on the synthetic set, 3 seeds: mean ± std
@@ -39,6 +39,7 @@ import torch.nn.functional as F
 import torch.utils.flop_counter
 from torch import nn
 
+import checks
 import clip
 import data
 import data_checks
@@ -48,7 +49,7 @@ import quality
 import synthetic
 from flags import LOOP_DEFAULTS  # the loop's own keys; every other RECIPE key is a constructor argument
 from loss import contrastive_loss
-from methods import METHODS  # the benchmark times what train.py trains
+from methods import METHODS, PRETRAINING  # the benchmark times what train.py trains
 
 ALL = ["zeroshot", "full", "prompt", "ump", "dgl", "dgl-linear", "adapter", "unipt", "simvtp"]
 TINY = clip.CONFIGS["bench-tiny"]  # --tiny's CLIP (tests/test_cuda.py builds it by this name); else ViT-B/32's
@@ -90,7 +91,7 @@ def build(name, clip_cfg, frames, tiny):
     RECIPE from methods.METHODS (with the synthetic set's recipe for --tiny: UMP's K_d, SimVTP's tiny ViT)."""
     if name == "prompt":
         return InputPrompt(clip.CLIP(**clip_cfg), frames), clip_cfg["image_resolution"]
-    cls, recipe, dataset_recipes = METHODS[name.split("-")[0]]
+    cls, recipe, dataset_recipes = PRETRAINING["simvtp"] if name == "simvtp-pretrain" else METHODS[name.split("-")[0]]
     recipe = {**recipe, **(dataset_recipes.get("synthetic", {}) if tiny else {})}
     if name == "dgl-linear":
         recipe["latent"] = "linear"
@@ -159,11 +160,12 @@ def hardware(device):
     return f"CPU {cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, torch {torch.__version__}"
 
 
-class SavedBytes:
+class SavedBytes(torch.autograd.graph.saved_tensors_hooks):
     """Counts the storages autograd saves for backward (each once), skipping the model's parameters."""
 
     def __init__(self, skip):
         self.skip, self.seen, self.bytes = {p.data_ptr() for p in skip}, set(), 0
+        super().__init__(self.pack, lambda t: t)
 
     def pack(self, t):
         s = t.untyped_storage()
@@ -173,12 +175,8 @@ class SavedBytes:
         return t
 
     def __enter__(self):
-        self.ctx = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
-        self.ctx.__enter__()
+        super().__enter__()
         return self
-
-    def __exit__(self, *exc):
-        self.ctx.__exit__(*exc)
 
 
 def flop_counter():
@@ -336,56 +334,61 @@ def speed_table(result):
 
 
 # ----------------------------------------------------------------------------------------------------
-# memory: one step per method, each in its own process (so one method's allocations never count for another)
+# memory: activations per clip with and without --grad_checkpointing, the step's estimate, the CUDA peak; one
+# process per method, so that one's allocations never count for another
+
+def saved_bytes(model, clips, args, checkpointing):
+    """Bytes autograd keeps over a forward + loss of `clips` clips (checkpointed: the blocks' inputs and the rest)."""
+    clip.set_grad_checkpointing(model.train(), checkpointing)
+    torch.manual_seed(0)
+    video, mask, text = make_batch(clips, args.frames, args.size, args.words, torch.device(args.device))
+    with SavedBytes(model.parameters()) as counter, torch.autocast(video.device.type, torch.bfloat16, args.amp):
+        if args.one == "simvtp-pretrain":
+            model.pretraining_loss(video, mask, text)
+        else:
+            contrastive_loss(model, model.encode_text(text), model.encode_video(video, mask), mask)
+    return counter.bytes
+
 
 def memory_one(args):
-    """One method in this process -> dict: saved_MiB (bytes autograd saves for backward, parameters excluded),
-    state_MiB (trainable parameters + gradients + AdamW's two moments, fp32), rss_MiB (CPU: peak resident-set
-    growth over the first step, allocator noise included), cuda_MiB (max_memory_allocated over a step after a
-    warm-up step, weights included)."""
-    dev = torch.device(args.device)
-    model, opt, batch, _ = setup(args.one, args, dev, lr=1e-4)
-    dtype = torch.bfloat16 if args.amp else torch.float32
+    """One method in this process -> dict: act_MiB (kept per clip: 2 -> 4 clips), fixed_MiB (the rest), est_GiB
+    (checks.step_memory), cuda_MiB (a step's peak, after a warm-up step); *_ckpt_*: --grad_checkpointing; state_MiB."""
+    dev, dtype = torch.device(args.device), torch.bfloat16 if args.amp else torch.float32
+    recipe = (PRETRAINING if args.one == "simvtp-pretrain" else METHODS)[args.one.split("-")[0]][1]
+    args.frames, args.words = args.frames or recipe["frames"], args.words or recipe.get("words", 32)
+    model, opt, batch, args.size = setup(args.one, args, dev, lr=1e-4)
     out = dict(method=args.one, trainable=clip.count_trainable(model), state_MiB=state_bytes(model) / 2**20)
-    if dev.type == "cuda":
-        train_step(model, opt, batch, dtype)  # warm-up: AdamW state and kernels allocated
-        sync(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        train_step(model, opt, batch, dtype)
-        sync(dev)
-        out["cuda_MiB"] = torch.cuda.max_memory_allocated(dev) / 2**20
-    with open("/proc/self/statm") as f:
-        before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    with SavedBytes(model.parameters()) as counter:
-        train_step(model, opt, batch, dtype)
-    out["saved_MiB"] = counter.bytes / 2**20
-    if dev.type == "cpu":  # the first step on the CPU: the growth includes AdamW's moments
-        out["rss_MiB"] = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before) / 2**20
+    for on, ck in ((False, ""), (True, "_ckpt")):
+        two, four = (saved_bytes(model, n, args, on) for n in (2, 4))  # SimVTP's pretraining needs 2 clips
+        out[f"act{ck}_MiB"], out[f"fixed{ck}_MiB"] = (four - two) / 2 / 2**20, (2 * two - four) / 2**20
+        est = args.one in checks.ACTIVATION_MIB and checks.step_memory(
+            model, args.one, args.frames, recipe["batch_size"] // args.gpus, on, args.amp, args.gpus)
+        out.update({f"est{ck}_GiB": sum(est.values()) / 2**30} if est else {})
+        for _ in range(2) if dev.type == "cuda" else ():  # a warm-up step (AdamW state, kernels), then measured
+            torch.cuda.reset_peak_memory_stats(dev)
+            train_step(model, opt, batch, dtype)  # checkpointed as the last saved_bytes left it
+            out[f"cuda{ck}_MiB"] = torch.cuda.max_memory_allocated(dev) / 2**20
     return out
 
 
 def memory(args):
     if args.one:
-        print(json.dumps(memory_one(args)))
-        return
-    rows = []
+        return print(json.dumps(memory_one(args)))
+    rows, given = [], [f"--{k}={getattr(args, k)}" for k in ("frames", "words") if getattr(args, k)]
     for name in args.methods.split(","):
         cmd = [sys.executable, os.path.abspath(__file__), "memory", "--one", name, "--batch", str(args.batch),
-               "--frames", str(args.frames), "--words", str(args.words), "--device", args.device]
-        r = subprocess.run(cmd + ["--tiny"] * args.tiny + ["--amp"] * args.amp, capture_output=True, text=True)
+               "--device", args.device, "--gpus", str(args.gpus), *given] + ["--tiny"] * args.tiny
+        r = subprocess.run(cmd + ["--no_amp"] * (not args.amp), capture_output=True, text=True)
         if r.returncode:
             sys.exit(f"{name} failed:\n{r.stderr[-2000:]}")
         rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
-    cols = [c for c in ("saved_MiB", "state_MiB", "rss_MiB", "cuda_MiB") if any(c in r for r in rows)]
-    full = next((r for r in rows if r["method"] == "full"), None)
-    print(f"{hardware(torch.device(args.device))}; {'tiny CLIP' if args.tiny else 'ViT-B/32'}, batch {args.batch}, "
-          f"{args.frames} frames, {args.words} words, {'bf16 autocast' if args.amp else 'fp32'}")
-    print("| method | trainable | " + " | ".join(cols) + " | saved + state vs full |")
-    print("|---|" + "---:|" * (len(cols) + 2))
+    cols = [c for c in rows[0] if c.endswith(("MiB", "GiB"))]  # state, then act, fixed, est, cuda; *_ckpt_*
+    print(f"{hardware(torch.device(args.device))}; {'tiny CLIP' if args.tiny else 'ViT-B/32'}, recipe frames, words;"
+          f" {'bf16 autocast' if args.amp else 'fp32'}; act per clip; cuda at --batch {args.batch}; est: recipe batch, "
+          f"{args.gpus} GPU(s)\n| method | trainable | {' | '.join(cols)} |\n|---|---:|{'---:|' * len(cols)}")
     for r in rows:
-        ratio = (r["saved_MiB"] + r["state_MiB"]) / (full["saved_MiB"] + full["state_MiB"]) if full else float("nan")
-        cells = " | ".join(f"{r[c]:.1f}" if c in r else "–" for c in cols)
-        print(f"| {r['method']} | {r['trainable']:,} | {cells} | {ratio:.3f}x |")
+        cells = [f"{r[c]:,.1f}" if c in r else "–" for c in cols]
+        print(f"| {r['method']} | {r['trainable']:,} | {' | '.join(cells)} |")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -534,8 +537,8 @@ def parse_args(argv):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if command in ("speed", "memory"):
         p.add_argument("--tiny", action="store_true", help="a tiny CLIP and each method's synthetic settings")
-        p.add_argument("--frames", type=int, default=12)
-        p.add_argument("--words", type=int, default=32)
+        p.add_argument("--frames", type=int, default=None if command == "memory" else 12, help="memory: the recipe's")
+        p.add_argument("--words", type=int, default=None if command == "memory" else 32)
         p.add_argument("--device", default=device)
     if command == "speed":
         p.add_argument("--methods", default=",".join(ALL))
@@ -547,9 +550,10 @@ def parse_args(argv):
         p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="loader workers")
         p.add_argument("--out", default="bench_results", help="speed.json goes here")
     if command == "memory":
-        p.add_argument("--methods", default=",".join(m for m in ALL if m != "zeroshot"))
-        p.add_argument("--batch", type=int, default=2)
-        p.add_argument("--amp", action="store_true", help="bf16 autocast (as train.py on a GPU)")
+        p.add_argument("--methods", default="full,ump,dgl,adapter,unipt,simvtp,simvtp-pretrain")
+        p.add_argument("--batch", type=int, default=2, help="clips per CUDA step")
+        p.add_argument("--gpus", type=int, default=1, help="GPUs the recipe's global batch is split over")
+        p.add_argument("--no_amp", dest="amp", action="store_false", help="fp32 (default: bf16 autocast, as train.py)")
         p.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one method in this process
     if command == "data":
         p.add_argument("--clips", type=int, default=4)

@@ -83,3 +83,66 @@ def check_method(args, given, method, log):
         if flag in given and idle:
             stage = " --stage pretrain" * (args.stage == "pretrain")
             log(f"WARNING: --{flag} has no effect for --method {args.method}{stage}: {why}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Memory: the training step's estimate, checked against the GPU's free memory before step 1
+
+# What autograd keeps per clip (and its caption), MiB, without and with --grad_checkpointing: ViT-B/32 (SimVTP: its
+# ViT-B/16), 224 px, the recipe's frames (12; SimVTP 16) and words, bf16 autocast, random weights; `python bench.py
+# memory` on a CPU, 2026-12-06 (docs/speed.md). fp32 keeps at most twice as much.
+ACTIVATION_MIB = {"full": (240.8, 11.4), "ump": (311.0, 12.9), "dgl": (227.2, 12.4), "adapter": (192.3, 11.4),
+                  "unipt": (41.2, 41.2), "simvtp": (514.5, 61.3), "simvtp-pretrain": (303.3, 61.2)}
+MEASURED_AT = 12 * 50 * 768 * 12  # frames x tokens per frame x width x layers of ViT-B/32's image tower
+SIMVTP_TOKENS = 1568  # SimVTP's video tokens per clip as measured: 16 frames in 2-frame tubelets of 14 x 14 patches
+
+
+def step_memory(method, name, frames, clips, checkpointing, amp, world):
+    """A training step's bytes on one GPU, estimated -> {weights, weight_copies (autocast's bf16 casts), optimizer
+    (fp32 gradients and AdamW's two moments; DDP's gradient buckets), activations, margin (10% + 1 GiB: the
+    allocator, cuBLAS workspaces, the backward's transient gradients)}. The measured activations scale with the
+    video tower's frames x tokens x width x layers; checkpointed, backward reruns one block at a time, which adds
+    a block's share (1/12) of the plain figure."""
+    plain, kept = ACTIVATION_MIB[name.replace("-release", "")]
+    if method.uses_clip:
+        v = method.clip.visual
+        scale = frames * ((v.input_resolution // v.patch_size) ** 2 + 1) * v.transformer.width * v.transformer.layers
+        scale /= MEASURED_AT
+    else:
+        scale = method.num_tokens / SIMVTP_TOKENS
+    per_clip = (kept + (plain - kept) / 12 if checkpointing else plain) * 2**20 * scale * (1 if amp else 2)
+    weights = sum(p.numel() * p.element_size() for p in method.parameters())
+    trainable = sum(p.numel() * 4 for p in method.parameters() if p.requires_grad)
+    parts = dict(weights=weights, weight_copies=weights // 2 if amp else 0,
+                 optimizer=trainable * (3 + (world > 1)), activations=per_clip * clips)
+    return dict(parts, margin=0.1 * sum(parts.values()) + 2**30)
+
+
+def check_memory(args, method, env):
+    """--grad_checkpointing on `method`; then on CUDA, the step's estimate (step_memory) against the GPU's free
+    memory (the weights are on it already): one error line with the ways out instead of an out-of-memory error
+    at step 1."""
+    clip.set_grad_checkpointing(method, args.grad_checkpointing)
+    device, world = env.device, env.world
+    name = args.method.replace("-release", "") + "-pretrain" * (args.stage == "pretrain")
+    if device.type != "cuda" or name not in ACTIVATION_MIB:
+        return
+    clips = args.batch_size // (world * args.accum)
+    estimate = lambda ckpt: step_memory(method, name, args.frames, clips, ckpt, args.precision != "fp32", world)
+    parts, free = estimate(args.grad_checkpointing), torch.cuda.mem_get_info(device)[0]
+    need = sum(parts.values()) - parts["weights"]
+    if need <= free:
+        return
+    gib = lambda b: f"{b / 2**30:.1f} GiB"
+    ckpt, w = estimate(True), parts["weights"]
+    raise RunError(
+        f"a training step of --method {args.method} needs about {gib(need)} of {device} besides the weights "
+        f"(estimate: activations {gib(parts['activations'])} = {clips} clips per GPU x "
+        f"{parts['activations'] / clips / 2**20:.0f} MiB; gradients and AdamW {gib(parts['optimizer'])}; autocast's "
+        f"weight copies {gib(parts['weight_copies'])}; margin {gib(parts['margin'])}), and {gib(free)} are free. "
+        f"Ways out: "
+        + ("" if args.grad_checkpointing else f"--grad_checkpointing (needs about {gib(sum(ckpt.values()) - w)}); ")
+        + f"more GPUs (torchrun --nproc_per_node=N train.py ...: the global batch of {args.batch_size} is split over "
+        f"them, the loss still contrasts all {args.batch_size}); a smaller --batch_size (fewer negatives). "
+        f"--gradient_accumulation_steps K also fits, but each micro-batch's loss then contrasts only "
+        f"{args.batch_size} / K clips: fewer negatives, another objective (docs/speed.md)")

@@ -38,6 +38,7 @@ from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -121,6 +122,24 @@ class ResidualAttentionBlock(nn.Module):
         return x + self.feed_forward(x)
 
 
+def checkpointed(blocks, fn, *args):
+    """fn(*args), one residual block of the loop over `blocks`. Under set_grad_checkpointing(model) while
+    `blocks` trains and autograd records, activation checkpointing: only fn's inputs are kept, and backward runs
+    fn again (one block's activations alive at a time) with the RNG state restored, so dropout draws the same
+    masks and the result and gradients equal the plain call (tests/test_checkpointing.py). Pass what changes
+    from block to block as arguments: a closure over the loop variable would rerun the last block."""
+    if getattr(blocks, "grad_checkpointing", False) and blocks.training and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True)
+    return fn(*args)
+
+
+def set_grad_checkpointing(model, on=True):
+    """train.py --grad_checkpointing: every block loop in `model` (clip.py's and the methods') checkpoints."""
+    for m in model.modules():
+        m.grad_checkpointing = on
+    return model
+
+
 class Transformer(nn.Module):
     def __init__(self, width, layers, heads):
         super().__init__()
@@ -129,7 +148,7 @@ class Transformer(nn.Module):
 
     def forward(self, x, mask=None, is_causal=False):
         for block in self.resblocks:
-            x = block(x, mask, is_causal)
+            x = checkpointed(self.resblocks, block, x, mask, is_causal)
         return x
 
 

@@ -237,11 +237,16 @@ class DGL(nn.Module):
         P_t = P_t.to(x.dtype)
         x = torch.cat([x[:, :1], P_t[0, None, :pre].expand(B, -1, -1), x[:, 1:],
                        P_t[0, None, pre:].expand(B, -1, -1)], dim=1)  # [B, 1+pre+(L-1)+post, Wt]
-        for l, block in enumerate(self.clip.transformer.resblocks):
+        blocks = self.clip.transformer.resblocks
+
+        def layer(x, block, l):  # one block and its prompts: what --grad_checkpointing reruns in backward
             if l > 0:  # step 3: overwrite the prompt slots with layer-l prompts (VPT-deep)
                 x = torch.cat([x[:, :1], P_t[l, None, :pre].expand(B, -1, -1), x[:, 1 + pre:L + pre],
                                P_t[l, None, pre:].expand(B, -1, -1)], dim=1)  # [B, L + n_t, Wt]
-            x = block(x, is_causal=True)  # the postfix slots follow every EOT: they never reach it
+            return block(x, is_causal=True)  # the postfix slots follow every EOT: they never reach it
+
+        for l, block in enumerate(blocks):
+            x = clip.checkpointed(blocks, layer, x, block, l)
         eot = text.argmax(dim=-1) + pre  # EOT has the largest id (first max); shifted by the prefix
         return self.clip.text_head(x[torch.arange(B, device=x.device), eot])  # [B, E]
 
@@ -266,13 +271,18 @@ class DGL(nn.Module):
         g = self.global_prompts.to(x.dtype).expand(B, n_g, W)  # [B, n_g, Wv]
         x = torch.cat([g, x.reshape(B, T * S, W)], dim=1)  # [B, n_g + T*S, Wv]
         keep = global_key_mask(video_mask, n_g, S)  # None when every frame is real
-        for l, block in enumerate(self.clip.visual.transformer.resblocks):
+        blocks = self.clip.visual.transformer.resblocks
+
+        def layer(x, block, l):  # one block and its prompts: what --grad_checkpointing reruns in backward
             if l > 0:  # step 4: new local prompts every layer; G and CLS/patches are carried
                 g, f = x[:, :n_g], x[:, n_g:].view(B, T, S, W)  # [B, n_g, Wv], [B, T, S, Wv]
                 f = torch.cat([f[:, :, :1], P_f[l].expand(B, T, n_f, W), f[:, :, 1 + n_f:]], dim=2)
                 x = torch.cat([g, f.view(B, T * S, W)], dim=1)  # [B, n_g + T*S, Wv]
             x = x + global_local_attention(block.attn, block.ln_1(x), n_g, T, keep)  # step 3
-            x = x + block.feed_forward(x)
+            return x + block.feed_forward(x)
+
+        for l, block in enumerate(blocks):
+            x = clip.checkpointed(blocks, layer, x, block, l)
         return self.clip.visual.head(x[:, 0])  # step 5: ln_post(global prompt 0) @ proj -> [B, E]
 
     def param_groups(self, weight_decay):

@@ -289,8 +289,8 @@ class SimVTPPretraining(SimVTPBase):
 
     # ------------------------------------------------------------------ the four heads and their loss
     def _encode(self, x, key_bias=None):  # the unified encoder with its final LN
-        for blk in self.encoder.blocks:
-            x = blk(x, key_bias)
+        for blk in self.encoder.blocks:  # clip.checkpointed: each block rerun in backward under --grad_checkpointing
+            x = clip.checkpointed(self.encoder.blocks, blk, x, key_bias)
         return self.encoder.norm(x)
 
     def pretraining_outputs(self, video, ids, attn, tube_mask, text_select, negatives):
@@ -311,7 +311,7 @@ class SimVTPPretraining(SimVTPBase):
         y = torch.cat([y + pos[~tube_mask].view(B, N_vis, -1),
                        self.mask_token + pos[tube_mask].view(B, self.num_tokens - N_vis, -1)], 1)  # [B, N, Wd]
         for blk in self.decoder.blocks:
-            y = blk(y)
+            y = clip.checkpointed(self.decoder.blocks, blk, y)
         pixel_pred = self.decoder.head(self.decoder.norm(y[:, N_vis:]))  # [B, N_mask, 3*t*p*p]
         # MLM: one Linear on the joint encoder's text rows, scored only where a word was masked (CE ignores
         # the rest; skipping them saves most of the V = 49409-wide head)
@@ -375,7 +375,7 @@ class SimVTP(SimVTPBase):
         x = self.video_encoder.patch_embed(video) + self.pos_embed  # [B, N, W]
         key_bias = (~valid).float() * -10000.0 if not valid.all() else None
         for blk in self.video_encoder.blocks:
-            x = blk(x, key_bias)
+            x = clip.checkpointed(self.video_encoder.blocks, blk, x, key_bias)
         x = (x * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp(min=1)  # = mean when no padding
         return self.video_encoder.fc_norm(x)
 
@@ -384,7 +384,7 @@ class SimVTP(SimVTPBase):
         ids, attn = self.text_inputs(text)
         x = self.text_encoder.text_embeddings(ids)
         for blk in self.text_encoder.blocks:
-            x = blk(x, (~attn).float() * -10000.0)
+            x = clip.checkpointed(self.text_encoder.blocks, blk, x, (~attn).float() * -10000.0)
         return self.text_encoder.fc_norm(self._pool(x, attn))
 
     def towers_from_pretraining(self, state_dict):

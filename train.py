@@ -9,8 +9,8 @@
   python train.py --method simvtp --stage pretrain ...; python train.py --method simvtp --init CKPT ...
   python query.py --method ump --checkpoint out/ump-synthetic/checkpoint.pt --query "a red circle"  # search
 
-Flags and settings: flags.py. A method class provides its contract (docs/design.md). Faithful to CLIP4Clip's
-loop (symmetric InfoNCE over the global batch, meanP, its tie and multi-caption metric rules).
+Flags: flags.py; a method's contract: docs/design.md. Faithful to CLIP4Clip's loop (symmetric InfoNCE over the
+global batch, meanP, tie and multi-caption metric rules).
 
 A run owns its --output_dir (run_folder.py): log.jsonl, checkpoint.pt (checkpoints.py: every --save_every, at
 epoch ends before the evaluation, at --max_steps, on SIGINT/SIGTERM after the step) and a lock. Bad flags and
@@ -292,7 +292,7 @@ def main(argv=None):
     env, folder = setup(args), None
     log = (lambda *a: print(*a, flush=True)) if env.rank == 0 else (lambda *a: None)
     try:
-        # the checks before anything slow: the method on a meta-device stand-in of the CLIP towers
+        # the checks before anything slow, on the method over meta-device CLIP towers
         probe = methods.probe(args, cls, given, log)
         evaluating = args.eval_only or probe is not None and not any(p.requires_grad for p in probe.parameters())
         # a run that trains owns a folder; a --clip file's run is known to train only once built (below)
@@ -323,6 +323,7 @@ def main(argv=None):
             f"{args.words} words")
         if evaluating or n_train == 0:  # zeroshot: nothing trains
             return evaluate_only(method, test, args, env, log, "output_dir" in given)
+        checks.check_memory(args, method, env)
         if env.rank == 0 and not folder:
             folder = run_folder.Folder(args, flags.FLAG_NAMES)
             folder.claim(args.overwrite, data_id, log)

@@ -220,8 +220,10 @@ class UMP(nn.Module):
         eot = text.argmax(dim=-1)  # EOT has the largest id; argmax returns the first one
         pad = torch.arange(L, device=text.device)[None] > eot[:, None]  # [N, L], True after EOT
         w = self.clip.embed_text(text)  # [N, L, Dt]: words with positions 0..L-1
-        for l, block in enumerate(self.clip.transformer.resblocks):
-            w = self.text_layer(block, w, self.text_prompts(w, block, l, pad))
+        blocks = self.clip.transformer.resblocks
+        layer = lambda w, block, l: self.text_layer(block, w, self.text_prompts(w, block, l, pad))
+        for l, block in enumerate(blocks):  # each block and its prompts checkpointed under --grad_checkpointing
+            w = clip.checkpointed(blocks, layer, w, block, l)
         return self.clip.text_head(w[torch.arange(N, device=text.device), eot])  # = ln_final(x)[eot + Np] @ proj
 
     # ------------------------------------------------------------------------------------------------
@@ -242,7 +244,8 @@ class UMP(nn.Module):
         x = self.clip.visual.embed(video.flatten(0, 1))  # [BT, n, Dv], n = 1 + g*g (CLS first)
         n = x.shape[1]
         blocks = self.clip.visual.transformer.resblocks
-        for l, block in enumerate(blocks):
+
+        def layer(x, block, l):  # one block and its prompts: what --grad_checkpointing reruns in backward
             z = torch.cat([x, self.video_prompts(x, block, l)], dim=1)  # [BT, n+Np, Dv], prompts at n..n+Np-1
             if l >= len(blocks) - self.K_d and T > 1:  # deviation 6: residual STS, the attention reads shifted tokens
                 zs = spatial_temporal_shift(z.view(B, T, n + self.n_prompts, -1), video_mask, n)
@@ -250,7 +253,10 @@ class UMP(nn.Module):
             else:
                 z = z + block.attention(z)
             z = z + block.feed_forward(z)
-            x = z[:, :n]  # [BT, n, Dv]: the prompt outputs are dropped (release)
+            return z[:, :n]  # [BT, n, Dv]: the prompt outputs are dropped (release)
+
+        for l, block in enumerate(blocks):
+            x = clip.checkpointed(blocks, layer, x, block, l)
         return self.clip.visual.head(x[:, 0]).view(B, T, -1)  # [B, T, E]
 
     def encode_video(self, video, video_mask):
