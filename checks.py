@@ -20,13 +20,45 @@ class RunError(ValueError):
         self.status = status
 
 
+def device_problem(name):
+    """--device -> what is wrong with it on this machine (a name torch does not know, a GPU it lacks), or None."""
+    gpus, mps = torch.cuda.device_count(), torch.backends.mps.is_available()
+    here = ", ".join(["cpu"] + [f"cuda (cuda:0 to cuda:{gpus - 1})"] * (gpus > 0) + ["mps"] * mps)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        return f"--device {name} is not a device; this machine has {here}"
+    if device.type == "cpu" or device.type == "cuda" and (device.index or 0) < gpus or device.type == "mps" and mps:
+        return None
+    return f"--device {name}: not on this machine, which has {here}"
+
+
+def output_problem(path):
+    """--output_dir -> why a run could not write there (a file, a read-only folder), or None; nothing is made."""
+    if not path.strip():
+        return "--output_dir is empty: name the run's folder"
+    if os.path.exists(path) and not os.path.isdir(path):
+        return f"--output_dir {path} is a file, not a folder: choose another --output_dir"
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):  # the folder the run would be made in
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        why = "is a file" if not os.path.isdir(existing) else "is not writable (a read-only mount or folder?)"
+        return f"--output_dir {path}: {existing} {why}; choose another --output_dir"
+    return None
+
+
 def flag_problems(args, uses_clip):
     """Ranges and combinations of train.py's flags -> what is wrong with them, each saying how to fix it."""
     rate = lambda x: x is not None and 0 < x < math.inf
     world = int(os.environ.get("WORLD_SIZE", 1))
+    tiny = synthetic.uses_tiny_clip(args.clip, args.data)
+    context = clip.CONFIGS.get("synthetic" if tiny else args.clip or "ViT-B/32", clip.CONFIGS["ViT-B/32"])["context_length"]
     return [message for ok, message in (
             (args.frames >= 1, f"--max_frames {args.frames}: a clip needs at least 1 frame"),
             (args.words >= 3, f"--max_words {args.words}: [SOT] and [EOT] take 2 tokens, so >= 3 keep a word"),
+            (not uses_clip or args.words <= context, f"--max_words {args.words}: CLIP's text context is {context} "
+             f"tokens; pass --max_words {context} or less"),
             (args.batch_size >= 1 and args.accum >= 1 and args.batch_size % (world * args.accum) == 0,
              f"--batch_size {args.batch_size}: >= 1, divisible by ranks x --gradient_accumulation_steps "
              f"({world} x {args.accum})"),
@@ -46,7 +78,8 @@ def flag_problems(args, uses_clip):
              "--eval_only: not with --resume or --stage pretrain"),
             (args.checkpoint is None or args.eval_only, "--checkpoint is what --eval_only evaluates; to continue a run "
              "pass --resume, to start from weights --init"),
-            (not args.device.startswith("cuda") or torch.cuda.is_available(), f"--device {args.device}: no CUDA here"),
+            (device_problem(args.device) is None, device_problem(args.device)),
+            (output_problem(args.output_dir) is None, output_problem(args.output_dir)),
             (args.data != "folder" or args.query, "--data folder is for --query only: a folder of videos has no "
              "captions to train or evaluate on"),
             (not args.query or args.checkpoint or args.method == "zeroshot", f"--query with --method {args.method} "
