@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 import clip
 from frames import crop_flip, sample_frames
 from data_checks import (DataError, bad_file, caption_text, captions_of, check_unique, get_key, load_json,
-                         load_pickle, need_file, read_csv, read_list)
+                         load_pickle, need_file, not_text, read_csv, read_list, text_encoding)
 from data_checks import cache_file, check_frame_cache, read_manifest
 
 DATASETS = ("synthetic", "msrvtt", "msrvtt7k", "msvd", "vatex", "didemo", "activitynet", "lsmdc", "webvid", "folder")
@@ -168,15 +168,18 @@ def _read_lsmdc(root, split, origin):
     name = {"train": "LSMDC16_annos_training.csv", "val": "LSMDC16_annos_val.csv",
             "test": "LSMDC16_challenge_1000_publictect.csv"}[split]
     path, pairs, lines = need_file(root, name, origin), [], []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):  # clip_id \t 4 timestamps \t sentence; ids repeat in training
-            parts = line.rstrip("\r\n").split("\t")
-            if line.strip() and len(parts) < 6:
-                raise bad_file(path, f"line {n} has {len(parts)} tab-separated fields, expected 6 (clip id, 4 "
-                               "timestamps, sentence)", origin)
-            if line.strip():
-                pairs.append((parts[0], "\t".join(parts[5:])))
-                lines.append(n)
+    try:
+        with open(path, encoding=text_encoding(path)) as f:
+            for n, line in enumerate(f, 1):  # clip_id \t 4 timestamps \t sentence; ids repeat in training
+                parts = line.rstrip("\r\n").split("\t")
+                if line.strip() and len(parts) < 6:
+                    raise bad_file(path, f"line {n} has {len(parts)} tab-separated fields, expected 6 (clip id, 4 "
+                                   "timestamps, sentence)", origin)
+                if line.strip():
+                    pairs.append((parts[0], "\t".join(parts[5:])))
+                    lines.append(n)
+    except UnicodeError:
+        raise not_text(path, origin) from None
     if not pairs:
         raise bad_file(path, "is empty", origin)
     if split == "test":  # 1,000 clips, one sentence each

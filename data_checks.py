@@ -9,6 +9,7 @@ names every unreadable one at once, before training, rather than one per crashed
 (frame_cache.py builds it: CACHE/<video file name>.npy plus CACHE/manifest.json) is checked against the run
 that reads it: refused when its frames are smaller than the run's, warned about when it cannot serve as is.
 """
+import codecs
 import csv
 import json
 import multiprocessing as mp
@@ -44,13 +45,38 @@ def need_file(root, name, origin):
     return path
 
 
+def text_encoding(path):
+    """How an annotation file is decoded: UTF-8, or what its byte-order mark says (a spreadsheet's UTF-8 mark is
+    dropped, Windows' UTF-16 is read as such). Windows line ends are read as line ends by every reader."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return "utf-16" if head in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE) else "utf-8-sig"
+
+
+def not_text(path, origin):
+    """The DataError of a file that does not decode (text_encoding): where its first bad byte is, and the fix."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    encoding = text_encoding(path)
+    try:
+        raw.decode(encoding)
+        return bad_file(path, "changed while it was read", origin)
+    except UnicodeDecodeError as e:
+        bad = raw[e.start:e.end]
+        line = raw.count(b"\n", 0, e.start) + 1
+        guess = f", {bad.decode('cp1252', 'replace')!r} in Latin-1/cp1252" if encoding != "utf-16" else ""
+        return bad_file(path, f"is not {'UTF-16' if encoding == 'utf-16' else 'UTF-8'} text: line {line}, byte offset {e.start} is "
+                        f"{bad[:4].hex(' ')}{guess}. Re-save it as UTF-8 (e.g. iconv -f cp1252 -t utf-8 FILE > "
+                        f"FILE.utf8, then use FILE.utf8 under the original name)", origin)
+
+
 def read_list(path, origin):
     """A list file, one video id a line -> (ids, their line numbers); blank lines are skipped."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding=text_encoding(path)) as f:
             entries = [(n, line.strip()) for n, line in enumerate(f, 1) if line.strip()]
-    except UnicodeDecodeError as e:
-        raise bad_file(path, f"is not UTF-8 text (byte {e.start})", origin) from e
+    except UnicodeError:
+        raise not_text(path, origin) from None
     if not entries:
         raise bad_file(path, "is empty (no video ids)", origin)
     return [v for _, v in entries], [n for n, _ in entries]
@@ -58,7 +84,7 @@ def read_list(path, origin):
 
 def read_csv(path, columns, origin):
     """-> [(line number, row dict)]; every named column must exist and every row have the header's fields."""
-    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark is no column
+    with open(path, newline="", encoding=text_encoding(path)) as f:  # a byte-order mark is no column
         reader = csv.DictReader(f, strict=True)  # strict: a quote left open (a file cut off) is an error
         try:
             header = reader.fieldnames
@@ -76,8 +102,8 @@ def read_csv(path, columns, origin):
                 rows.append((reader.line_num, row))
         except csv.Error as e:
             raise bad_file(path, f"is not valid CSV at line {reader.reader.line_num} ({e}; cut off?)", origin) from e
-        except UnicodeDecodeError as e:
-            raise bad_file(path, f"is not UTF-8 text (byte {e.start})", origin) from e
+        except UnicodeError:
+            raise not_text(path, origin) from None
     return rows
 
 
@@ -97,10 +123,10 @@ def load_json(path, origin, unique_keys=False):
     if os.path.getsize(path) == 0:
         raise bad_file(path, "is empty (0 bytes)", origin)
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding=text_encoding(path)) as f:
             return json.load(f, object_pairs_hook=_unique_keys if unique_keys else None)
-    except UnicodeDecodeError as e:
-        raise bad_file(path, f"is not UTF-8 text (byte {e.start})", origin) from e
+    except UnicodeError:
+        raise not_text(path, origin) from None
     except json.JSONDecodeError as e:
         cut = " where the file ends (cut off?)" if e.pos >= len(e.doc.rstrip()) else ""
         raise bad_file(path, f"is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}{cut}", origin) from e

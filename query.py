@@ -75,8 +75,8 @@ def read_cache(path, videos):
         if not (isinstance(video, torch.Tensor) and isinstance(mask, torch.Tensor) and len(video) == len(mask) == len(videos)):
             raise ValueError(f"{type(video).__name__} features and a {type(mask).__name__} mask for {len(videos)} videos")
     except Exception as e:  # RuntimeError (not a zip: cut off), EOFError, KeyError, TypeError, ValueError
-        why = (str(e).strip() or type(e).__name__).splitlines()[0]
-        print(f"WARNING: the video feature cache {path} is damaged ({why[:120]}); encoding the videos again",
+        why = (str(e).strip() or type(e).__name__).splitlines()[0].split(". ")[0]
+        print(f"WARNING: the video feature cache {path} is damaged ({why}); encoding the videos again",
               file=sys.stderr, flush=True)
         return None
     return video, mask
