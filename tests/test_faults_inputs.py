@@ -1,0 +1,64 @@
+"""Flags whose fault is the machine's or the file system's (--device, --output_dir) and CLIP's text context: one
+`error:` line before anything is made (docs/faults.md); and --allow_missing keeps each clip's own twin."""
+import os
+import shutil
+
+import pytest
+import torch
+
+import data
+from fault_runs import error, flags
+from messages import assert_tells
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest; `setup` is conftest's too
+
+
+@pytest.mark.parametrize("device", ["mps", "gpu", "cuda:7", "cuda", "cuda:-1"])
+def test_a_device_this_machine_lacks_names_the_ones_it_has(setup, tmp_path, device, capsys):
+    if device.startswith("cuda") and device != "cuda:-1" and torch.cuda.device_count() > int(device[5:] or 0):
+        pytest.skip(f"this machine has {device}")
+    if device == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has mps")
+    line = error(capsys, flags(setup, tmp_path / "out", "--device", device))
+    assert_tells(line, f"--device {device}", "cpu")
+    assert not (tmp_path / "out").exists()
+
+
+def test_max_words_over_clips_context(setup, tmp_path, capsys):
+    assert_tells(error(capsys, flags(setup, tmp_path / "out", "--max_words", "78")), "--max_words 78", "77")
+    assert not (tmp_path / "out").exists()  # refused before the run folder is made
+    assert_tells(error(capsys, ["--method", "ump", "--data", "msrvtt", "--max_words", "100", "--output_dir",
+                                str(tmp_path / "out")]), "--max_words 100", "77")  # ViT-B/32's, nothing loaded
+
+
+def test_output_dir_that_is_a_file_or_read_only(setup, tmp_path, capsys, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    for where in (tmp_path / "file", tmp_path / "file" / "run"):
+        assert_tells(error(capsys, flags(setup, where)), f"--output_dir {where}", "file", "another --output_dir")
+    assert (tmp_path / "file").read_text() == "x"
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    if os.access(locked, os.W_OK):  # root writes anyway: a read-only mount as access(2) reports it (EROFS)
+        real = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode: real(p, mode) and str(p) != str(locked))
+    for where in (locked, locked / "a" / "run"):
+        assert_tells(error(capsys, flags(setup, where)), f"--output_dir {where}", str(locked), "not writable")
+    assert os.listdir(locked) == []
+    locked.chmod(0o755)
+    assert_tells(error(capsys, flags(setup, " ")), "--output_dir", "empty")
+
+
+def test_allow_missing_keeps_each_clips_own_twin(setup, tmp_path, capsys):
+    """Two test clips gone: the others keep their own twins (by id, never by position), a lone clip has none."""
+    syn = shutil.copytree(setup / "synthetic", tmp_path / "synthetic")
+    full = data.read_split("msrvtt", "test", str(syn), str(syn / "videos"))
+    gone = [full.videos[0], full.videos[3]]  # one of two pairs each
+    for v in gone:
+        os.remove(v)
+    split = data.read_split("msrvtt", "test", str(syn), str(syn / "videos"), allow_missing=True)
+    assert len(split.videos) == len(full.videos) - 2 and "--allow_missing" in capsys.readouterr().err
+    name = lambda videos, j: None if j is None else os.path.basename(videos[j])
+    for j, v in enumerate(split.videos):
+        twin = name(full.videos, full.twin[full.videos.index(v)])
+        assert name(split.videos, split.twin[j]) == (None if os.path.join(syn, "videos", twin) in gone else twin)
