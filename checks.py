@@ -9,6 +9,7 @@ import os
 import torch
 
 import clip
+import data
 import synthetic
 
 
@@ -37,15 +38,21 @@ def output_problem(path):
     """--output_dir -> why a run could not write there (a file, a read-only folder), or None; nothing is made."""
     if not path.strip():
         return "--output_dir is empty: name the run's folder"
-    if os.path.exists(path) and not os.path.isdir(path):
-        return f"--output_dir {path} is a file, not a folder: choose another --output_dir"
+    if os.path.lexists(path) and not os.path.isdir(path):
+        return f"--output_dir {path} is a file (or a link to nothing), not a folder: choose another --output_dir"
     existing = os.path.abspath(path)
-    while not os.path.exists(existing):  # the folder the run would be made in
+    while not os.path.lexists(existing):  # the folder the run would be made in
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-        why = "is a file" if not os.path.isdir(existing) else "is not writable (a read-only mount or folder?)"
+        why = ("is a file (or a link to nothing)" if not os.path.isdir(existing) else
+               "is not writable (a read-only mount or folder?)")
         return f"--output_dir {path}: {existing} {why}; choose another --output_dir"
     return None
+
+
+def max_seed():
+    """The first --seed whose dropout seeds (data.dropout_seed, every epoch, batch and rank) pass 2**64."""
+    return next(s for s in range(10 ** 6) if data.dropout_seed(s + 1, 0, 0, 0) > 2 ** 64)
 
 
 def flag_problems(args, uses_clip):
@@ -69,6 +76,8 @@ def flag_problems(args, uses_clip):
             (args.weight_decay >= 0 and 0 <= args.grad_clip < math.inf and rate(args.eps) and
              all(0 <= b < 1 for b in args.betas), "--weight_decay and --grad_clip >= 0, --eps > 0, --betas in [0, 1)"),
             (min(args.num_workers, args.max_steps, args.seed) >= 0, "--num_workers, --max_steps, --seed: >= 0"),
+            (data.dropout_seed(args.seed + 1, 0, 0, 0) <= 2 ** 64, f"--seed {args.seed}: the training order's seeds "
+             f"(data.dropout_seed) would overflow torch's 64 bits; pass a --seed below {max_seed()}"),
             (min(args.log_every, args.batch_size_val) >= 1, "--log_every, --batch_size_val: >= 1"),
             (uses_clip or args.size or args.data == "folder",  # a folder query: the checkpoint's size
              f"{args.method} has no CLIP model to take the frame size from: pass --size"),
@@ -85,8 +94,10 @@ def flag_problems(args, uses_clip):
             (not args.query or args.checkpoint or args.method == "zeroshot", f"--query with --method {args.method} "
              "needs --checkpoint (a trained run's checkpoint.pt), or use --method zeroshot"),
             (not args.query or args.top_k >= 1, f"--top_k {args.top_k}: >= 1"),
-            (not args.checkpoint or os.path.isfile(args.checkpoint), f"--checkpoint {args.checkpoint}: no such file"),
-            (not args.init or os.path.isfile(args.init), f"--init {args.init}: no such file")) if not ok]
+            (args.query is None or args.query.strip(), "--query is empty: give the caption to search for"),
+            *[(not path or os.path.isfile(path), f"--{flag} {path}: " + ("a folder; name the checkpoint file in it "
+               "(checkpoint.pt)" if path and os.path.isdir(path) else "no such file")) for flag, path in
+              (("checkpoint", args.checkpoint), ("init", args.init))]) if not ok]
 
 
 def clip_stand_in(name):
@@ -100,6 +111,10 @@ def clip_stand_in(name):
 
 def check_method(args, given, method, log):
     """What the flags mean for this method: an error for a run that cannot work, a WARNING for a flag it ignores."""
+    vision = next((m for m in method.modules() if isinstance(m, clip.VisionTransformer)), None)
+    if method.uses_clip and vision and args.size not in (None, vision.input_resolution):  # its position embedding
+        raise RunError(f"--size {args.size}: the CLIP of {args.method} takes {vision.input_resolution} px frames (one "
+                       f"position embedding per patch); pass --size {vision.input_resolution} or leave --size out")
     groups = [g for g in method.param_groups(args.weight_decay) if g["params"]]
     clip_groups, trains = [g.get("clip", False) for g in groups], bool(groups)
     if args.eval_only and trains and not args.checkpoint:

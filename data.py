@@ -249,6 +249,8 @@ def read_split(data, split, data_path=None, video_path=None, allow_missing=False
             raise DataError("the synthetic set needs its directory: synthetic.ensure_synthetic() returns it")
         video_path = video_path or os.path.join(data_path, "videos")
     ids, pairs, caption_file, twin_of = READERS[data](data_path, split, origin)
+    if not ids:  # a JSON object or list without entries
+        raise bad_file(caption_file, f"lists no {split} videos", origin)
     # an empty caption is a query without words (tokens [SOT, EOT]): dropped, and said (none in the real files)
     empty = sum(not c.strip() for _, c in pairs)
     if empty:

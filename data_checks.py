@@ -104,6 +104,8 @@ def read_csv(path, columns, origin):
             raise bad_file(path, f"is not valid CSV at line {reader.reader.line_num} ({e}; cut off?)", origin) from e
         except UnicodeError:
             raise not_text(path, origin) from None
+    if not rows:
+        raise bad_file(path, "has a header line but no rows (cut off?)", origin)
     return rows
 
 
