@@ -62,3 +62,29 @@ def test_allow_missing_keeps_each_clips_own_twin(setup, tmp_path, capsys):
     for j, v in enumerate(split.videos):
         twin = name(full.videos, full.twin[full.videos.index(v)])
         assert name(split.videos, split.twin[j]) == (None if os.path.join(syn, "videos", twin) in gone else twin)
+
+
+ODD = [  # (flags, facts) of the fault pass (docs/faults.md): each was a traceback, or a run that did something else
+    (["--size", "16"], ["--size 16", "32 px", "--size 32"]),  # the tiny CLIP's 32 px position embedding
+    (["--seed", "1234"], ["--seed 1234", "below 180"]),  # dropout seeds past 2**64 at the first step
+    (["--query", " "], ["--query", "empty"]),  # "" trained a run instead of querying
+    (["--eval_only", "--checkpoint", "DIR"], ["--checkpoint", "a folder", "checkpoint.pt"]),
+]
+
+
+@pytest.mark.parametrize("extra, facts", ODD, ids=[" ".join(e) for e, _ in ODD])
+def test_odd_flags(setup, tmp_path, extra, facts, capsys):
+    extra = [str(tmp_path) if x == "DIR" else x for x in extra]
+    assert_tells(error(capsys, flags(setup, tmp_path / "out", *extra)), *facts)
+    assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")  # a --clip file: checked once loaded
+
+
+def test_dangling_output_dir_link_and_a_split_without_videos(setup, tmp_path, capsys):
+    os.symlink(tmp_path / "gone", tmp_path / "link")
+    assert_tells(error(capsys, flags(setup, tmp_path / "link")), f"--output_dir {tmp_path / 'link'}", "link to nothing")
+    syn = shutil.copytree(setup / "synthetic", tmp_path / "synthetic")
+    test_csv = os.path.join(syn, "MSRVTT_JSFUSION_test.csv")
+    open(test_csv, "w").write("key,vid_key,video_id,sentence\n")
+    with pytest.raises(data.DataError) as e:
+        data.read_split("msrvtt", "test", syn)
+    assert_tells(str(e.value), test_csv, "no rows")
