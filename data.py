@@ -252,9 +252,9 @@ def read_split(data, split, data_path=None, video_path=None, allow_missing=False
     if not ids:  # a JSON object or list without entries
         raise bad_file(caption_file, f"lists no {split} videos", origin)
     # an empty caption is a query without words (tokens [SOT, EOT]): dropped, and said (none in the real files)
-    empty = sum(not c.strip() for _, c in pairs)
+    empty = sum(not _SPECIAL.sub(" ", c).strip() for _, c in pairs)  # "<|endoftext|>" alone too: sanitize()
     if empty:
-        pairs = [(v, c) for v, c in pairs if c.strip()]
+        pairs = [(v, c) for v, c in pairs if _SPECIAL.sub(" ", c).strip()]
         print(f"WARNING: {caption_file}: {empty} empty {split} caption{'s' if empty > 1 else ''} dropped; "
               f"{len(pairs)} left", file=sys.stderr, flush=True)
     ids = list(dict.fromkeys(ids))

@@ -88,3 +88,13 @@ def test_dangling_output_dir_link_and_a_split_without_videos(setup, tmp_path, ca
     with pytest.raises(data.DataError) as e:
         data.read_split("msrvtt", "test", syn)
     assert_tells(str(e.value), test_csv, "no rows")
+
+
+def test_a_caption_of_special_tokens_only_is_an_empty_caption(setup, tmp_path, capsys):
+    syn = shutil.copytree(setup / "synthetic", tmp_path / "synthetic")
+    test_csv = os.path.join(syn, "MSRVTT_JSFUSION_test.csv")
+    text = open(test_csv).read().splitlines()
+    open(test_csv, "w").write("\n".join([text[0], text[1].rsplit(",", 2)[0] + ",<|endoftext|> ,video25", *text[2:]]))
+    with pytest.raises(data.DataError) as e:  # 1k-A: one caption per video, so its video has none left
+        data.read_split("msrvtt", "test", syn)
+    assert_tells(str(e.value), test_csv, "no non-empty caption") and "1 empty test caption" in capsys.readouterr().err
