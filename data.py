@@ -79,7 +79,7 @@ def _read_msrvtt(root, split, origin, train_csv="9k"):
         path = need_file(root, "MSRVTT_JSFUSION_test.csv", origin)
         rows = read_csv(path, ("video_id", "sentence"), origin)
         check_unique([r["video_id"] for _, r in rows], [n for n, _ in rows], path, origin)
-        twin = {r["video_id"]: r["twin"] for _, r in rows} if rows and "twin" in rows[0][1] else None
+        twin = {r["video_id"]: r["twin"].strip() or None for _, r in rows} if "twin" in rows[0][1] else None  # blank: none
         return [r["video_id"] for _, r in rows], [(r["video_id"], r["sentence"]) for _, r in rows], path, twin
     if split != "train":
         raise DataError(f"MSR-VTT has splits train/test, not {split!r}")
@@ -258,9 +258,13 @@ def read_split(data, split, data_path=None, video_path=None, allow_missing=False
         print(f"WARNING: {caption_file}: {empty} empty {split} caption{'s' if empty > 1 else ''} dropped; "
               f"{len(pairs)} left", file=sys.stderr, flush=True)
     ids = list(dict.fromkeys(ids))
-    strays = sorted(set((twin_of or {}).values()) - set(ids))
+    strays = sorted({t for t in (twin_of or {}).values() if t} - set(ids))
     if strays:
         raise bad_file(caption_file, f"names twins that are not {split} videos: {', '.join(strays[:5])}", origin)
+    selves = [v for v, t in (twin_of or {}).items() if v == t]
+    if selves:  # its pair would always tie: 50% whatever the model
+        raise bad_file(caption_file, f"names {', '.join(selves[:5])} as {'its' if len(selves) == 1 else 'their'} own "
+                       "twin: the twin column names another test clip, or is blank", origin)
     captioned = {v for v, _ in pairs}
     uncaptioned = [v for v in ids if v not in captioned]
     if uncaptioned:

@@ -98,3 +98,18 @@ def test_a_caption_of_special_tokens_only_is_an_empty_caption(setup, tmp_path, c
     with pytest.raises(data.DataError) as e:  # 1k-A: one caption per video, so its video has none left
         data.read_split("msrvtt", "test", syn)
     assert_tells(str(e.value), test_csv, "no non-empty caption") and "1 empty test caption" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("twin, facts", [("", None), ("video24", ["video24", "own twin"])])
+def test_a_blank_twin_is_none_and_a_clip_is_not_its_own_twin(setup, tmp_path, twin, facts):
+    syn = shutil.copytree(setup / "synthetic", tmp_path / "synthetic")
+    test_csv = os.path.join(syn, "MSRVTT_JSFUSION_test.csv")
+    text = open(test_csv, newline="").read()
+    open(test_csv, "w", newline="").write(text.replace(",video25\r\n", f",{twin}\r\n", 1))  # video24's row
+    if facts is None:
+        split = data.read_split("msrvtt", "test", syn)
+        assert split.twin[0] is None and split.twin[2] == 3
+    else:
+        with pytest.raises(data.DataError) as e:
+            data.read_split("msrvtt", "test", syn)
+        assert_tells(str(e.value), test_csv, *facts)
