@@ -107,7 +107,7 @@ def test_a_blank_twin_is_none_and_a_clip_is_not_its_own_twin(setup, tmp_path, tw
     text = open(test_csv, newline="").read()
     open(test_csv, "w", newline="").write(text.replace(",video25\r\n", f",{twin}\r\n", 1))  # video24's row
     if facts is None:
-        split = data.read_split("msrvtt", "test", syn)
+        split = data.read_split("msrvtt", "test", syn, os.path.join(syn, "videos"))
         assert split.twin[0] is None and split.twin[2] == 3
     else:
         with pytest.raises(data.DataError) as e:
