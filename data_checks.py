@@ -342,5 +342,5 @@ def check_videos(split, frame_cache=None, workers=0, report=None, show=5):
             f" (and {len(bad) - show} more: `python frame_cache.py --check --out bad_videos.txt ...` lists them all)"
             if len(bad) > show else "")
     raise DataError(f"{len(bad)} of {len(split.videos)} {split.name} videos cannot be read: {shown}{rest}. "
-                    "Re-download or re-encode them, or move them out of --video_path and pass --allow_missing "
-                    "to use the others")
+                    "Re-download or re-encode them, or move them out of --video_path" +
+                    (" and pass --allow_missing to use the others" if split.name != "folder" else ""))

@@ -174,6 +174,12 @@ def main(argv=None):
         if run.get("method", args.method) != args.method:  # its tensors and method flags are another method's
             raise checks.RunError(f"--checkpoint {args.checkpoint} holds a {run['method']} model (its run's --method): "
                                   f"pass --method {run['method']}")
+        differ = {k: v for k, v in run.get("kwargs", {}).items() if k in given and args.kwargs.get(k) != v}
+        if differ:  # the model would not be the one its tensors were trained in
+            raise checks.RunError(f"--checkpoint {args.checkpoint} was trained with " + ", ".join(
+                f"--{k} {v}" for k, v in differ.items()) + f", not {', '.join(f'--{k} {args.kwargs[k]}' for k in differ)}"
+                ": leave the method's flags out (the checkpoint's are used)")
+        args.kwargs.update({k: v for k, v in run.get("kwargs", {}).items() if k in args.kwargs})
         if folder and ck:
             args, tiny_clip_data = run_settings(args, run)
         probe = methods.probe(args, cls, given, print, tiny=tiny_clip_data is not None if folder else None)

@@ -64,7 +64,7 @@ def test_damaged_cache_is_said_and_rebuilt(colour_folder, tmp_path, capsys, dama
     assert path.read_bytes() != b"" and len(caches(tmp_path)) == 1
 
 
-def test_a_checkpoint_of_another_method_is_named(setup, colour_folder, tmp_path, capsys):
+def test_a_checkpoint_of_another_method_or_method_flags_is_named(setup, colour_folder, tmp_path, capsys):
     ck = tmp_path / "ump.pt"
     torch.save(dict(model={}, args=dict(method="ump", data="synthetic", data_path=None, clip=str(setup / "clip.pt"),
                                         frames=2, words=16, size=32, kwargs=dict(K_d=1))), ck)
@@ -72,4 +72,7 @@ def test_a_checkpoint_of_another_method_is_named(setup, colour_folder, tmp_path,
         line = error(capsys, ["--method", "dgl", *where, "--checkpoint", str(ck), "--query", "a red one",
                               "--output_dir", str(tmp_path / "out"), "--clip", str(setup / "clip.pt")])
         assert_tells(line, f"--checkpoint {ck}", "ump", "--method ump")
+        line = error(capsys, ["--method", "ump", "--K_d", "2", *where, "--checkpoint", str(ck), "--query", "a red one",
+                              "--output_dir", str(tmp_path / "out"), "--clip", str(setup / "clip.pt")])
+        assert_tells(line, f"--checkpoint {ck}", "--K_d 1", "--K_d 2")  # another model than the one it trained
     assert not (tmp_path / "out").exists()
