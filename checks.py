@@ -34,19 +34,20 @@ def device_problem(name):
     return f"--device {name}: not on this machine, which has {here}"
 
 
-def output_problem(path):
-    """--output_dir -> why a run could not write there (a file, a read-only folder), or None; nothing is made."""
+def folder_problem(flag, path):
+    """--output_dir, --cache_dir -> why a run could not write there (a file, a read-only folder), or None; nothing
+    is made."""
     if not path.strip():
-        return "--output_dir is empty: name the run's folder"
+        return f"{flag} is empty: name a folder"
     if os.path.lexists(path) and not os.path.isdir(path):
-        return f"--output_dir {path} is a file (or a link to nothing), not a folder: choose another --output_dir"
+        return f"{flag} {path} is a file (or a link to nothing), not a folder: choose another {flag}"
     existing = os.path.abspath(path)
     while not os.path.lexists(existing):  # the folder the run would be made in
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
         why = ("is a file (or a link to nothing)" if not os.path.isdir(existing) else
                "is not writable (a read-only mount or folder?)")
-        return f"--output_dir {path}: {existing} {why}; choose another --output_dir"
+        return f"{flag} {path}: {existing} {why}; choose another {flag}"
     return None
 
 
@@ -88,7 +89,9 @@ def flag_problems(args, uses_clip):
             (args.checkpoint is None or args.eval_only, "--checkpoint is what --eval_only evaluates; to continue a run "
              "pass --resume, to start from weights --init"),
             (device_problem(args.device) is None, device_problem(args.device)),
-            (output_problem(args.output_dir) is None, output_problem(args.output_dir)),
+            *[(folder_problem(flag, path) is None, folder_problem(flag, path)) for flag, path in
+              (("--output_dir", args.output_dir), ("--cache_dir", args.cache_dir))  # a read-only cache that holds
+              if path is not None and (flag == "--output_dir" or not os.path.isdir(path))],  # the tiny CLIP serves
             (args.data != "folder" or args.query, "--data folder is for --query only: a folder of videos has no "
              "captions to train or evaluate on"),
             (not args.query or args.checkpoint or args.method == "zeroshot", f"--query with --method {args.method} "

@@ -113,3 +113,10 @@ def test_a_blank_twin_is_none_and_a_clip_is_not_its_own_twin(setup, tmp_path, tw
         with pytest.raises(data.DataError) as e:
             data.read_split("msrvtt", "test", syn)
         assert_tells(str(e.value), test_csv, *facts)
+
+
+def test_cache_dir_that_is_a_file(setup, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    line = error(capsys, ["--method", "zeroshot", "--data_path", str(setup / "synthetic"), "--cache_dir",
+                          str(tmp_path / "file"), "--output_dir", str(tmp_path / "out")])
+    assert_tells(line, f"--cache_dir {tmp_path / 'file'}", "not a folder")
