@@ -9,6 +9,7 @@ import os
 import torch
 
 import clip
+import data
 import synthetic
 
 
@@ -20,13 +21,52 @@ class RunError(ValueError):
         self.status = status
 
 
+def device_problem(name):
+    """--device -> what is wrong with it on this machine (a name torch does not know, a GPU it lacks), or None."""
+    gpus, mps = torch.cuda.device_count(), torch.backends.mps.is_available()
+    here = ", ".join(["cpu"] + [f"cuda (cuda:0 to cuda:{gpus - 1})"] * (gpus > 0) + ["mps"] * mps)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        return f"--device {name} is not a device; this machine has {here}"
+    if device.type == "cpu" or device.type == "cuda" and (device.index or 0) < gpus or device.type == "mps" and mps:
+        return None
+    return f"--device {name}: not on this machine, which has {here}"
+
+
+def folder_problem(flag, path):
+    """--output_dir, --cache_dir -> why a run could not write there (a file, a read-only folder), or None; nothing
+    is made."""
+    if not path.strip():
+        return f"{flag} is empty: name a folder"
+    if os.path.lexists(path) and not os.path.isdir(path):
+        return f"{flag} {path} is a file (or a link to nothing), not a folder: choose another {flag}"
+    existing = os.path.abspath(path)
+    while not os.path.lexists(existing):  # the folder the run would be made in
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        why = ("is a file (or a link to nothing)" if not os.path.isdir(existing) else
+               "is not writable (a read-only mount or folder?)")
+        return f"{flag} {path}: {existing} {why}; choose another {flag}"
+    return None
+
+
+def max_seed():
+    """The first --seed whose dropout seeds (data.dropout_seed, every epoch, batch and rank) pass 2**64."""
+    return next(s for s in range(10 ** 6) if data.dropout_seed(s + 1, 0, 0, 0) > 2 ** 64)
+
+
 def flag_problems(args, uses_clip):
     """Ranges and combinations of train.py's flags -> what is wrong with them, each saying how to fix it."""
     rate = lambda x: x is not None and 0 < x < math.inf
     world = int(os.environ.get("WORLD_SIZE", 1))
+    tiny = synthetic.uses_tiny_clip(args.clip, args.data)
+    context = clip.CONFIGS.get("synthetic" if tiny else args.clip or "ViT-B/32", clip.CONFIGS["ViT-B/32"])["context_length"]
     return [message for ok, message in (
             (args.frames >= 1, f"--max_frames {args.frames}: a clip needs at least 1 frame"),
             (args.words >= 3, f"--max_words {args.words}: [SOT] and [EOT] take 2 tokens, so >= 3 keep a word"),
+            (not uses_clip or args.words <= context, f"--max_words {args.words}: CLIP's text context is {context} "
+             f"tokens; pass --max_words {context} or less"),
             (args.batch_size >= 1 and args.accum >= 1 and args.batch_size % (world * args.accum) == 0,
              f"--batch_size {args.batch_size}: >= 1, divisible by ranks x --gradient_accumulation_steps "
              f"({world} x {args.accum})"),
@@ -37,6 +77,8 @@ def flag_problems(args, uses_clip):
             (args.weight_decay >= 0 and 0 <= args.grad_clip < math.inf and rate(args.eps) and
              all(0 <= b < 1 for b in args.betas), "--weight_decay and --grad_clip >= 0, --eps > 0, --betas in [0, 1)"),
             (min(args.num_workers, args.max_steps, args.seed) >= 0, "--num_workers, --max_steps, --seed: >= 0"),
+            (data.dropout_seed(args.seed + 1, 0, 0, 0) <= 2 ** 64, f"--seed {args.seed}: the training order's seeds "
+             f"(data.dropout_seed) would overflow torch's 64 bits; pass a --seed below {max_seed()}"),
             (min(args.log_every, args.batch_size_val) >= 1, "--log_every, --batch_size_val: >= 1"),
             (uses_clip or args.size or args.data == "folder",  # a folder query: the checkpoint's size
              f"{args.method} has no CLIP model to take the frame size from: pass --size"),
@@ -46,14 +88,19 @@ def flag_problems(args, uses_clip):
              "--eval_only: not with --resume or --stage pretrain"),
             (args.checkpoint is None or args.eval_only, "--checkpoint is what --eval_only evaluates; to continue a run "
              "pass --resume, to start from weights --init"),
-            (not args.device.startswith("cuda") or torch.cuda.is_available(), f"--device {args.device}: no CUDA here"),
+            (device_problem(args.device) is None, device_problem(args.device)),
+            *[(folder_problem(flag, path) is None, folder_problem(flag, path)) for flag, path in
+              (("--output_dir", args.output_dir), ("--cache_dir", args.cache_dir))  # a read-only cache that holds
+              if path is not None and (flag == "--output_dir" or not os.path.isdir(path))],  # the tiny CLIP serves
             (args.data != "folder" or args.query, "--data folder is for --query only: a folder of videos has no "
              "captions to train or evaluate on"),
             (not args.query or args.checkpoint or args.method == "zeroshot", f"--query with --method {args.method} "
              "needs --checkpoint (a trained run's checkpoint.pt), or use --method zeroshot"),
             (not args.query or args.top_k >= 1, f"--top_k {args.top_k}: >= 1"),
-            (not args.checkpoint or os.path.isfile(args.checkpoint), f"--checkpoint {args.checkpoint}: no such file"),
-            (not args.init or os.path.isfile(args.init), f"--init {args.init}: no such file")) if not ok]
+            (args.query is None or args.query.strip(), "--query is empty: give the caption to search for"),
+            *[(not path or os.path.isfile(path), f"--{flag} {path}: " + ("a folder; name the checkpoint file in it "
+               "(checkpoint.pt)" if path and os.path.isdir(path) else "no such file")) for flag, path in
+              (("checkpoint", args.checkpoint), ("init", args.init))]) if not ok]
 
 
 def clip_stand_in(name):
@@ -67,6 +114,10 @@ def clip_stand_in(name):
 
 def check_method(args, given, method, log):
     """What the flags mean for this method: an error for a run that cannot work, a WARNING for a flag it ignores."""
+    vision = next((m for m in method.modules() if isinstance(m, clip.VisionTransformer)), None)
+    if method.uses_clip and vision and args.size not in (None, vision.input_resolution):  # its position embedding
+        raise RunError(f"--size {args.size}: the CLIP of {args.method} takes {vision.input_resolution} px frames (one "
+                       f"position embedding per patch); pass --size {vision.input_resolution} or leave --size out")
     groups = [g for g in method.param_groups(args.weight_decay) if g["params"]]
     clip_groups, trains = [g.get("clip", False) for g in groups], bool(groups)
     if args.eval_only and trains and not args.checkpoint:

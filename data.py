@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 import clip
 from frames import crop_flip, sample_frames
 from data_checks import (DataError, bad_file, caption_text, captions_of, check_unique, get_key, load_json,
-                         load_pickle, need_file, read_csv, read_list)
+                         load_pickle, need_file, not_text, read_csv, read_list, text_encoding)
 from data_checks import check_frame_cache
 
 DATASETS = ("synthetic", "msrvtt", "msrvtt7k", "msvd", "vatex", "didemo", "activitynet", "lsmdc", "webvid", "folder")
@@ -79,7 +79,7 @@ def _read_msrvtt(root, split, origin, train_csv="9k"):
         path = need_file(root, "MSRVTT_JSFUSION_test.csv", origin)
         rows = read_csv(path, ("video_id", "sentence"), origin)
         check_unique([r["video_id"] for _, r in rows], [n for n, _ in rows], path, origin)
-        twin = {r["video_id"]: r["twin"] for _, r in rows} if rows and "twin" in rows[0][1] else None
+        twin = {r["video_id"]: r["twin"].strip() or None for _, r in rows} if "twin" in rows[0][1] else None  # blank: none
         return [r["video_id"] for _, r in rows], [(r["video_id"], r["sentence"]) for _, r in rows], path, twin
     if split != "train":
         raise DataError(f"MSR-VTT has splits train/test, not {split!r}")
@@ -168,15 +168,18 @@ def _read_lsmdc(root, split, origin):
     name = {"train": "LSMDC16_annos_training.csv", "val": "LSMDC16_annos_val.csv",
             "test": "LSMDC16_challenge_1000_publictect.csv"}[split]
     path, pairs, lines = need_file(root, name, origin), [], []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):  # clip_id \t 4 timestamps \t sentence; ids repeat in training
-            parts = line.rstrip("\r\n").split("\t")
-            if line.strip() and len(parts) < 6:
-                raise bad_file(path, f"line {n} has {len(parts)} tab-separated fields, expected 6 (clip id, 4 "
-                               "timestamps, sentence)", origin)
-            if line.strip():
-                pairs.append((parts[0], "\t".join(parts[5:])))
-                lines.append(n)
+    try:
+        with open(path, encoding=text_encoding(path)) as f:
+            for n, line in enumerate(f, 1):  # clip_id \t 4 timestamps \t sentence; ids repeat in training
+                parts = line.rstrip("\r\n").split("\t")
+                if line.strip() and len(parts) < 6:
+                    raise bad_file(path, f"line {n} has {len(parts)} tab-separated fields, expected 6 (clip id, 4 "
+                                   "timestamps, sentence)", origin)
+                if line.strip():
+                    pairs.append((parts[0], "\t".join(parts[5:])))
+                    lines.append(n)
+    except UnicodeError:
+        raise not_text(path, origin) from None
     if not pairs:
         raise bad_file(path, "is empty", origin)
     if split == "test":  # 1,000 clips, one sentence each
@@ -246,16 +249,22 @@ def read_split(data, split, data_path=None, video_path=None, allow_missing=False
             raise DataError("the synthetic set needs its directory: synthetic.ensure_synthetic() returns it")
         video_path = video_path or os.path.join(data_path, "videos")
     ids, pairs, caption_file, twin_of = READERS[data](data_path, split, origin)
+    if not ids:  # a JSON object or list without entries
+        raise bad_file(caption_file, f"lists no {split} videos", origin)
     # an empty caption is a query without words (tokens [SOT, EOT]): dropped, and said (none in the real files)
-    empty = sum(not c.strip() for _, c in pairs)
+    empty = sum(not _SPECIAL.sub(" ", c).strip() for _, c in pairs)  # "<|endoftext|>" alone too: sanitize()
     if empty:
-        pairs = [(v, c) for v, c in pairs if c.strip()]
+        pairs = [(v, c) for v, c in pairs if _SPECIAL.sub(" ", c).strip()]
         print(f"WARNING: {caption_file}: {empty} empty {split} caption{'s' if empty > 1 else ''} dropped; "
               f"{len(pairs)} left", file=sys.stderr, flush=True)
     ids = list(dict.fromkeys(ids))
-    strays = sorted(set((twin_of or {}).values()) - set(ids))
+    strays = sorted({t for t in (twin_of or {}).values() if t} - set(ids))
     if strays:
         raise bad_file(caption_file, f"names twins that are not {split} videos: {', '.join(strays[:5])}", origin)
+    selves = [v for v, t in (twin_of or {}).items() if v == t]
+    if selves:  # its pair would always tie: 50% whatever the model
+        raise bad_file(caption_file, f"names {', '.join(selves[:5])} as {'its' if len(selves) == 1 else 'their'} own "
+                       "twin: the twin column names another test clip, or is blank", origin)
     captioned = {v for v, _ in pairs}
     uncaptioned = [v for v in ids if v not in captioned]
     if uncaptioned:

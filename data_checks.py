@@ -10,6 +10,7 @@ names every unreadable one at once, before training, rather than one per crashed
 run that reads it: refused when its manifest is missing or damaged, its entries stale or its frames smaller
 than the run's, warned about when it cannot serve as is.
 """
+import codecs
 import csv
 import hashlib
 import json
@@ -46,13 +47,38 @@ def need_file(root, name, origin):
     return path
 
 
+def text_encoding(path):
+    """How an annotation file is decoded: UTF-8, or what its byte-order mark says (a spreadsheet's UTF-8 mark is
+    dropped, Windows' UTF-16 is read as such). Windows line ends are read as line ends by every reader."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return "utf-16" if head in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE) else "utf-8-sig"
+
+
+def not_text(path, origin):
+    """The DataError of a file that does not decode (text_encoding): where its first bad byte is, and the fix."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    encoding = text_encoding(path)
+    try:
+        raw.decode(encoding)
+        return bad_file(path, "changed while it was read", origin)
+    except UnicodeDecodeError as e:
+        bad = raw[e.start:e.end]
+        line = raw.count(b"\n", 0, e.start) + 1
+        guess = f", {bad.decode('cp1252', 'replace')!r} in Latin-1/cp1252" if encoding != "utf-16" else ""
+        return bad_file(path, f"is not {'UTF-16' if encoding == 'utf-16' else 'UTF-8'} text: line {line}, byte offset {e.start} is "
+                        f"{bad[:4].hex(' ')}{guess}. Re-save it as UTF-8 (e.g. iconv -f cp1252 -t utf-8 FILE > "
+                        f"FILE.utf8, then use FILE.utf8 under the original name)", origin)
+
+
 def read_list(path, origin):
     """A list file, one video id a line -> (ids, their line numbers); blank lines are skipped."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding=text_encoding(path)) as f:
             entries = [(n, line.strip()) for n, line in enumerate(f, 1) if line.strip()]
-    except UnicodeDecodeError as e:
-        raise bad_file(path, f"is not UTF-8 text (byte {e.start})", origin) from e
+    except UnicodeError:
+        raise not_text(path, origin) from None
     if not entries:
         raise bad_file(path, "is empty (no video ids)", origin)
     return [v for _, v in entries], [n for n, _ in entries]
@@ -60,7 +86,7 @@ def read_list(path, origin):
 
 def read_csv(path, columns, origin):
     """-> [(line number, row dict)]; every named column must exist and every row have the header's fields."""
-    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark is no column
+    with open(path, newline="", encoding=text_encoding(path)) as f:  # a byte-order mark is no column
         reader = csv.DictReader(f, strict=True)  # strict: a quote left open (a file cut off) is an error
         try:
             header = reader.fieldnames
@@ -78,8 +104,10 @@ def read_csv(path, columns, origin):
                 rows.append((reader.line_num, row))
         except csv.Error as e:
             raise bad_file(path, f"is not valid CSV at line {reader.reader.line_num} ({e}; cut off?)", origin) from e
-        except UnicodeDecodeError as e:
-            raise bad_file(path, f"is not UTF-8 text (byte {e.start})", origin) from e
+        except UnicodeError:
+            raise not_text(path, origin) from None
+    if not rows:
+        raise bad_file(path, "has a header line but no rows (cut off?)", origin)
     return rows
 
 
@@ -99,10 +127,10 @@ def load_json(path, origin, unique_keys=False):
     if os.path.getsize(path) == 0:
         raise bad_file(path, "is empty (0 bytes)", origin)
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding=text_encoding(path)) as f:
             return json.load(f, object_pairs_hook=_unique_keys if unique_keys else None)
-    except UnicodeDecodeError as e:
-        raise bad_file(path, f"is not UTF-8 text (byte {e.start})", origin) from e
+    except UnicodeError:
+        raise not_text(path, origin) from None
     except json.JSONDecodeError as e:
         cut = " where the file ends (cut off?)" if e.pos >= len(e.doc.rstrip()) else ""
         raise bad_file(path, f"is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}{cut}", origin) from e
@@ -398,5 +426,5 @@ def check_videos(split, frame_cache=None, workers=0, report=None, show=5):
             f" (and {len(bad) - show} more: `python frame_cache.py --check --out bad_videos.txt ...` lists them all)"
             if len(bad) > show else "")
     raise DataError(f"{len(bad)} of {len(split.videos)} {split.name} videos cannot be read: {shown}{rest}. "
-                    "Re-download or re-encode them, or move them out of --video_path and pass --allow_missing "
-                    "to use the others")
+                    "Re-download or re-encode them, or move them out of --video_path" +
+                    (" and pass --allow_missing to use the others" if split.name != "folder" else ""))

@@ -14,6 +14,7 @@ encodes its text.
 import argparse
 import glob
 import hashlib
+import io
 import json
 import os
 import sys
@@ -61,35 +62,65 @@ def video_cache_keys(split, args):
     return prefix, *keys
 
 
+def read_cache(path, videos):
+    """-> (video features, video_mask) from the cache file of these videos, or None: no such file, another video
+    list, or a damaged file (cut off by a crash or a full disk: said, and encoded again)."""
+    if not os.path.isfile(path):
+        return None
+    try:  # a cache is disposable: whatever is wrong with it, the videos are encoded again
+        cached = torch.load(path, map_location="cpu", weights_only=True)
+        if cached["videos"] != videos:
+            return None
+        video, mask = cached["video"], cached["mask"]
+        if not (isinstance(video, torch.Tensor) and isinstance(mask, torch.Tensor) and len(video) == len(mask) == len(videos)):
+            raise ValueError(f"{type(video).__name__} features and a {type(mask).__name__} mask for {len(videos)} videos")
+    except Exception as e:  # RuntimeError (not a zip: cut off), EOFError, KeyError, TypeError, ValueError
+        why = (str(e).strip() or type(e).__name__).splitlines()[0].split(". ")[0]
+        print(f"WARNING: the video feature cache {path} is damaged ({why}); encoding the videos again",
+              file=sys.stderr, flush=True)
+        return None
+    return video, mask
+
+
 @torch.no_grad()
 def video_features(method, split, args, device, amp, log=print):
-    """-> (video features, video_mask) of every video of the split, from the cache file or encoded (and cached)."""
+    """-> (video features, video_mask) of every video of the split, and keep(): None when they came from the
+    cache file, else the function that caches them (called once the results are printed: a failed write only
+    costs the next query's time)."""
     prefix, model_key, videos_key = video_cache_keys(split, args)
     path = f"{prefix}-{model_key}-{videos_key}.pt"
-    if os.path.isfile(path):
-        cached = torch.load(path, map_location="cpu", weights_only=True)
-        if cached["videos"] == split.videos:
-            log(f"video features of {len(split.videos)} videos from {path}")
-            return cached["video"].to(device), cached["mask"].to(device)
+    cached = read_cache(path, list(split.videos))
+    if cached:
+        log(f"video features of {len(split.videos)} videos from {path}")
+        return cached[0].to(device), cached[1].to(device), None
     was_training = method.training
     method.eval()
     t0 = time.time()
     video, mask = retrieval.encode(method, split, "videos", args, device, amp)
     method.train(was_training)
-    for old in glob.glob(glob.escape(prefix) + "-*.pt"):  # made before the checkpoint changed: never hit again
-        if not old.startswith(f"{prefix}-{model_key}-"):
-            os.remove(old)
-    cache = dict(video=video.cpu(), mask=mask.cpu(), videos=list(split.videos))
-    files.atomic_write(path, lambda tmp: torch.save(cache, tmp))
-    log(f"encoded {len(split.videos)} videos in {time.time() - t0:.1f} s; cached in {path}")
-    return video, mask
+    log(f"encoded {len(split.videos)} videos in {time.time() - t0:.1f} s")
+
+    def keep():
+        cache = io.BytesIO()  # serialised first: the file write below fails with an OSError, not torch's RuntimeError
+        torch.save(dict(video=video.cpu(), mask=mask.cpu(), videos=list(split.videos)), cache)
+        try:
+            for old in glob.glob(glob.escape(prefix) + "-*.pt"):  # made before the checkpoint changed: never hit again
+                if not old.startswith(f"{prefix}-{model_key}-"):
+                    os.remove(old)
+            files.atomic_write(path, lambda tmp: open(tmp, "wb").write(cache.getbuffer()))
+        except OSError as e:  # a read-only mount or a full disk beside the checkpoint
+            print(f"WARNING: the video features were not cached ({path}: {e.strerror or e}); the next query encodes "
+                  f"the {len(split.videos)} videos again", file=sys.stderr, flush=True)
+            return
+        log(f"video features cached in {path}")
+    return video, mask, keep
 
 
 @torch.no_grad()
 def search(method, query, split, args, device, amp, picture=None, log=print):
     """The args.top_k videos of the split for a caption: -> [(video path, score)], best first; printed, and drawn
     into `picture` (a PNG path) when given."""
-    video, mask = video_features(method, split, args, device, amp, log)
+    video, mask, keep = video_features(method, split, args, device, amp, log)
     was_training = method.training
     method.eval()
     with amp:
@@ -103,6 +134,8 @@ def search(method, query, split, args, device, amp, picture=None, log=print):
         + (", its caption)" if described else ")"))
     for k, (v, s) in enumerate(hits):
         log(f"{k + 1:>4}  {s:8.3f}  {split.videos[v]}" + (f"  {described[v]!r}" if v in described else ""))
+    if keep:
+        keep()
     if picture:
         pictures.write_query(picture, query, hits, split,
                              f"{args.method}: the top {len(hits)} of {len(split.videos)} videos of {split.name}")
@@ -110,11 +143,10 @@ def search(method, query, split, args, device, amp, picture=None, log=print):
     return [(split.videos[v], s) for v, s in hits]
 
 
-def run_settings(args, log=print):
+def run_settings(args, run, log=print):
     """--data folder has no recipe: the model as the checkpoint's run built it (backbone, frames, words, frame
-    size, method flags), whatever the command line says -> (those settings, the synthetic set its tiny CLIP was
-    trained on, or None)."""
-    run = checkpoints.read(args.checkpoint, "--checkpoint", keys=("model", "args"))["args"]
+    size, method flags), whatever the command line says. run: the checkpoint's args -> (those settings, the
+    synthetic set its tiny CLIP was trained on, or None)."""
     tiny = synthetic.uses_tiny_clip(run["clip"], run["data"])
     tiny_clip_data = synthetic.ensure_synthetic(run["data_path"]) if tiny else None
     backbone = "the tiny CLIP" if tiny_clip_data else f"--clip {run['clip'] or 'ViT-B/32'}"
@@ -136,9 +168,21 @@ def main(argv=None):
     amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
     try:
         tiny_clip_data = None  # the synthetic set the tiny CLIP is trained on (synthetic.tiny_clip)
-        if args.data == "folder" and args.checkpoint:
-            args, tiny_clip_data = run_settings(args)
-        probe = methods.probe(args, cls, given, print, tiny=tiny_clip_data is not None if args.data == "folder" else None)
+        folder = args.data == "folder"
+        ck = args.checkpoint and checkpoints.read(args.checkpoint, "--checkpoint", ("model", "args") if folder else ("model",))
+        run = ck["args"] if ck and isinstance(ck.get("args"), dict) else {}
+        if run.get("method", args.method) != args.method:  # its tensors and method flags are another method's
+            raise checks.RunError(f"--checkpoint {args.checkpoint} holds a {run['method']} model (its run's --method): "
+                                  f"pass --method {run['method']}")
+        differ = {k: v for k, v in run.get("kwargs", {}).items() if k in given and args.kwargs.get(k) != v}
+        if differ:  # the model would not be the one its tensors were trained in
+            raise checks.RunError(f"--checkpoint {args.checkpoint} was trained with " + ", ".join(
+                f"--{k} {v}" for k, v in differ.items()) + f", not {', '.join(f'--{k} {args.kwargs[k]}' for k in differ)}"
+                ": leave the method's flags out (the checkpoint's are used)")
+        args.kwargs.update({k: v for k, v in run.get("kwargs", {}).items() if k in args.kwargs})
+        if folder and ck:
+            args, tiny_clip_data = run_settings(args, run)
+        probe = methods.probe(args, cls, given, print, tiny=tiny_clip_data is not None if folder else None)
         if args.data == "synthetic":
             args.data_path = synthetic.ensure_synthetic(args.data_path)
             tiny_clip_data = args.data_path if synthetic.uses_tiny_clip(args.clip, args.data) else None
@@ -147,8 +191,7 @@ def main(argv=None):
         clip_model = methods.load_clip(args, tiny_clip_data, print) if cls.uses_clip else None
         args.size = args.size or (clip_model.visual.input_resolution if clip_model else None)
         method = methods.build(args, cls, clip_model, device, print, given if probe is None else None)
-        if args.checkpoint:
-            ck = checkpoints.read(args.checkpoint, "--checkpoint", keys=("model",))
+        if ck:
             checkpoints.load_trainable(method, ck, args.checkpoint)
         os.makedirs(args.output_dir, exist_ok=True)
         return search(method, args.query, split, args, device, amp, os.path.join(args.output_dir, "query.png"))
