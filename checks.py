@@ -9,7 +9,6 @@ import os
 import torch
 
 import clip
-import data
 import synthetic
 
 
@@ -51,11 +50,6 @@ def folder_problem(flag, path):
     return None
 
 
-def max_seed():
-    """The first --seed whose dropout seeds (data.dropout_seed, every epoch, batch and rank) pass 2**64."""
-    return next(s for s in range(10 ** 6) if data.dropout_seed(s + 1, 0, 0, 0) > 2 ** 64)
-
-
 def flag_problems(args, uses_clip):
     """Ranges and combinations of train.py's flags -> what is wrong with them, each saying how to fix it."""
     rate = lambda x: x is not None and 0 < x < math.inf
@@ -77,8 +71,6 @@ def flag_problems(args, uses_clip):
             (args.weight_decay >= 0 and 0 <= args.grad_clip < math.inf and rate(args.eps) and
              all(0 <= b < 1 for b in args.betas), "--weight_decay and --grad_clip >= 0, --eps > 0, --betas in [0, 1)"),
             (min(args.num_workers, args.max_steps, args.seed) >= 0, "--num_workers, --max_steps, --seed: >= 0"),
-            (data.dropout_seed(args.seed + 1, 0, 0, 0) <= 2 ** 64, f"--seed {args.seed}: the training order's seeds "
-             f"(data.dropout_seed) would overflow torch's 64 bits; pass a --seed below {max_seed()}"),
             (min(args.log_every, args.batch_size_val) >= 1, "--log_every, --batch_size_val: >= 1"),
             (uses_clip or args.size or args.data == "folder",  # a folder query: the checkpoint's size
              f"{args.method} has no CLIP model to take the frame size from: pass --size"),

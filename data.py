@@ -499,8 +499,6 @@ def worker_init(_):
     torch.set_num_threads(1)
 
 
-
-
 def make_loader(dataset, *, batch_size, shuffle, num_workers, distributed=False, drop_last=False, seed=0):
     """DataLoader with pinned memory and persistent workers; a DistributedSampler under DDP (the caller
     calls loader.sampler.set_epoch(epoch))."""
@@ -533,7 +531,8 @@ class EpochSampler(Sampler):
         return (self.batches - self.start) * self.b
 
     def __iter__(self):
-        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * EPOCH_STRIDE + self.epoch))
+        seed = (self.seed * EPOCH_STRIDE + self.epoch) % 2 ** 64  # torch's seeds are 64 bits
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(seed))
         mine = perm[:self.batches * self.world * self.b].view(self.batches, self.world, self.b)[self.start:, self.rank]
         return iter([(self.epoch, int(i)) for i in mine.flatten()])
 
@@ -549,13 +548,13 @@ class SeededItems(Dataset):
 
     def __getitem__(self, key):
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * SEED_STRIDE + key[0]) * ITEM_STRIDE + key[1])
+            torch.manual_seed(((self.seed * SEED_STRIDE + key[0]) * ITEM_STRIDE + key[1]) % 2 ** 64)
             return self.dataset[key[1]]
 
 
 def dropout_seed(seed, epoch, batch, rank):
     """The torch seed of micro-batch `batch` of `epoch` on `rank` (dropout, masks): the same in a resumed run."""
-    return ((seed * SEED_STRIDE + epoch) * ITEM_STRIDE + batch) * RANK_STRIDE + rank
+    return (((seed * SEED_STRIDE + epoch) * ITEM_STRIDE + batch) * RANK_STRIDE + rank) % 2 ** 64
 
 
 def one_caption_per_video(split):

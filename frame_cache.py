@@ -140,6 +140,7 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=1, help="processes decoding or checking videos")
     p.add_argument("--allow_missing", action="store_true")
     a = p.parse_args(argv)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C stops a build (`cmd &` starts it ignored)
     if not (a.check or a.cache):
         p.error("pass --cache DIR to build the frame cache, or --check to find unreadable videos")
     try:
