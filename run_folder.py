@@ -287,8 +287,9 @@ class Stop:
     signal (130, 143). A second signal, or one before training, exits at once; the last checkpoint stays. Under
     torchrun, the ranks agree on stopping (reason) and wait for rank 0's evaluation (wait_for_rank_0)."""
 
-    def __init__(self):
-        self.signal, self.armed, self.pid, self.waiting = 0, False, os.getpid(), None
+    def __init__(self, timeout=None):  # timeout: the training collectives' (--dist_timeout)
+        self.signal, self.armed, self.pid, self.waiting, self.agreeing = 0, False, os.getpid(), None, None
+        self.timeout = timeout
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def handle(self, signum, frame):
@@ -301,12 +302,17 @@ class Stop:
         self.signal = signum
         print(f"\n{name}: finishing this step, then writing a checkpoint (again: quit now)", file=sys.stderr, flush=True)
 
-    def reason(self, step, max_steps, device):
-        """What stops the run after `step`: a signal on any rank (ranks get it at different steps), --max_steps."""
-        flag = torch.tensor(self.signal, device=device)
-        if dist.is_initialized():
-            dist.all_reduce(flag, dist.ReduceOp.MAX)
-        return signal.Signals(int(flag)).name if flag else "--max_steps" if step == max_steps else None
+    def reason(self, step, max_steps, device=None):
+        """What stops the run after `step`: a signal on any rank (ranks get it at different steps), --max_steps.
+        The ranks agree on the host, over gloo within the training timeout (reading a device all-reduce back
+        would wait for the step's kernels); device: unused."""
+        flag = self.signal
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            self.agreeing = self.agreeing or dist.new_group(backend="gloo", timeout=self.timeout)
+            flag = torch.tensor(flag)
+            dist.all_reduce(flag, dist.ReduceOp.MAX, group=self.agreeing)
+            flag = int(flag)
+        return signal.Signals(flag).name if flag else "--max_steps" if step == max_steps else None
 
     def wait_for_rank_0(self):
         """The other ranks wait here while rank 0 evaluates, in a gloo group of their own without a practical
@@ -322,3 +328,11 @@ class Stop:
     def restore(self):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+
+
+def data_failure(e, step, ckpt, resume, rank=0):
+    """The line for a DataLoader failure in training, once rank 0 has checkpointed the steps done."""
+    why = (str(e).strip() or type(e).__name__).splitlines()[-1]  # a worker's error: its last line
+    kept = f"the {step} finished steps are kept in {ckpt}" if rank == 0 else f"the last checkpoint {ckpt} is kept"
+    return (f"the training data loader failed in step {step + 1} ({why}; a worker killed by the OOM killer or a "
+            f"crash shows as a dead worker or a broken connection); {kept}: continue with `{resume}`")

@@ -27,6 +27,7 @@ stops at once (exit 1). Deviations:
 """
 import math
 import os
+import signal
 import sys
 import time
 from collections import namedtuple
@@ -73,10 +74,11 @@ def setup(args):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=timedelta(minutes=args.dist_timeout))
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # the patch embedding's fastest kernel, found once
     amp_dtype = flags.amp_dtype(args.precision, device)
     amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    return Env(device, world, rank, amp, amp_dtype, scaler, run_folder.Stop())
+    return Env(device, world, rank, amp, amp_dtype, scaler, run_folder.Stop(timedelta(minutes=args.dist_timeout)))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -85,23 +87,31 @@ def setup(args):
 @dataclass
 class Position:
     """What checkpoint.pt keeps of the loop: steps, epochs and this epoch's micro-batches done, the losses since
-    the last log row (a resumed row equals an uninterrupted one), that row, the steps fp16's scaler skipped."""
+    the last log row (a resumed row equals an uninterrupted one), that row, the steps fp16's scaler skipped, the
+    first non-finite step (0: none). Between reads (settle) the losses, skipped and bad are on the device."""
     step: int = 0
     epoch: int = 0
     batch: int = 0
     window: list = field(default_factory=list)
     last: dict = None
     skipped: int = 0
+    bad: int = 0
 
 
-def diverged(what, step, opt):
+def first_bad(bad, x, step):  # the first 1-based step whose x is not finite, on the device: no sync
+    return bad + (bad == 0) * ~torch.isfinite(x) * (step + 1)
+
+
+def diverged(what, step, opt, path):
     lrs = ", ".join(sorted({f"{g['lr']:.3g}" for g in opt.param_groups}))
-    fail(f"non-finite {what} at step {step + 1} (lr {lrs}): try a lower --lr (or --clip_lr), a longer "
-         f"--warmup_proportion or --grad_clip 1.0; nothing of this step was applied or saved", 1)
+    kept = f"{path} is from before it" if os.path.exists(path) else "no checkpoint was written"
+    fail(f"non-finite {what} at step {step} (lr now {lrs}): try a lower --lr (or --clip_lr), a longer "
+         f"--warmup_proportion or --grad_clip 1.0; nothing from step {step} on was saved ({kept})", 1)
 
 
 def forward_backward(model, batch, pos, env, args):
-    """One micro-batch: forward under autocast, scaled backward (DDP reduces at the step's last) -> losses."""
+    """One micro-batch: forward under autocast, scaled backward (DDP reduces at the step's last) -> losses, on
+    the device until the next read."""
     method = model.module.method if env.world > 1 else model.method
     video = method.normalize_pixels(batch["video"].to(env.device, non_blocking=True))
     text, mask = (batch[k].to(env.device, non_blocking=True) for k in ("text", "video_mask"))
@@ -111,22 +121,20 @@ def forward_backward(model, batch, pos, env, args):
         else:
             parts = dict(loss=contrastive_loss(method, *model(text, video, mask), mask))
         env.scaler.scale(parts["loss"] / args.accum).backward()
-    return {k: torch.as_tensor(x).item() for k, x in parts.items()}
+    pos.bad = first_bad(pos.bad, parts["loss"], pos.step)
+    return {k: torch.as_tensor(x).detach() for k, x in parts.items()}
 
 
 def optimizer_step(model, opt, pos, env, args):
-    """Unscale, clip, step (a non-finite gradient stops the run), clamp the temperature as CLIP4Clip does."""
+    """Unscale, clip, step, clamp the temperature as CLIP4Clip does; a non-finite gradient is marked (settle)."""
     env.scaler.unscale_(opt)
     norm = torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], args.grad_clip or math.inf)
-    if not env.scaler.is_enabled() and not math.isfinite(norm):  # fp16: the scaler skips such steps itself
-        diverged("gradient", pos.step, opt)
-    scale = env.scaler.get_scale() if env.scaler.is_enabled() else None  # fp16 only
+    if env.scaler.is_enabled():  # fp16: the scaler skips a step whose gradient (so its norm) is not finite
+        pos.skipped = pos.skipped + ~torch.isfinite(norm)
+    else:
+        pos.bad = first_bad(pos.bad, norm, pos.step)
     env.scaler.step(opt)
     env.scaler.update()
-    if scale is not None and env.scaler.get_scale() < scale:  # an inf/NaN gradient: step skipped, scale halved
-        pos.skipped += 1
-        if env.scaler.get_scale() < 1:  # the gradient overflows fp16 even unscaled: it will not recover
-            diverged("fp16 gradient", pos.step, opt)
     opt.zero_grad(set_to_none=True)
     method = model.module.method if env.world > 1 else model.method
     if method.logit_scale.requires_grad:
@@ -134,9 +142,49 @@ def optimizer_step(model, opt, pos, env, args):
     pos.step += 1
 
 
-def train_epoch(pos, model, loader, opt, env, args, saver, record):
+def settle(pos, env, opt, saver):
+    """The loop's one read of the device, at a log row and before a checkpoint: the window's losses, the first
+    non-finite step, fp16's skipped steps, at once. A non-finite step or an fp16 scale below 1 (its gradient
+    overflows even unscaled) stops the run here: it reaches no log row and no checkpoint."""
+    keys = list(pos.window[0]) if pos.window else []
+    flat = [x[k] for x in pos.window for k in keys] + [pos.bad, pos.skipped]
+    *losses, bad, skipped = torch.stack([torch.as_tensor(v, device=env.device).double() for v in flat]).tolist()
+    pos.window = [dict(zip(keys, losses[i:i + len(keys)])) for i in range(0, len(losses), len(keys) or 1)]
+    pos.bad, pos.skipped = int(bad), int(skipped)
+    if pos.bad:
+        nan = any(not math.isfinite(x["loss"]) for x in pos.window)
+        diverged("loss" if nan else "gradient", pos.bad, opt, saver.path)
+    if env.scaler.is_enabled() and env.scaler.get_scale() < 1:
+        diverged("fp16 gradient", pos.step, opt, saver.path)
+
+
+def batches(loader, failed):
+    """The loader's batches; a DataLoader failure (a worker killed by the OOM killer or a decoder crash) goes to
+    failed(error) here, between steps: DataLoader's own SIGCHLD handler would raise it mid-step."""
+    it, chld = iter(loader), signal.getsignal(signal.SIGCHLD)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # not SIG_IGN, which reaps the workers next() checks on
+    try:
+        yield from it
+    except Exception as e:
+        failed(e)
+    finally:
+        signal.signal(signal.SIGCHLD, chld)
+
+
+def data_failed(e, pos, env, opt, args, saver, resume):
+    """Checkpoint the steps done at the last optimizer step (--resume redoes an unfinished one), then say it."""
+    undone = pos.batch % args.accum
+    pos.batch -= undone
+    del pos.window[len(pos.window) - undone:]
+    settle(pos, env, opt, saver)
+    saver.save(asdict(pos))
+    fail(run_folder.data_failure(e, pos.step, saver.path, resume, env.rank), 1)
+
+
+def train_epoch(pos, model, loader, opt, env, args, saver, record, resume=None):
     """Epoch pos.epoch from micro-batch pos.batch on, moving pos -> what stopped it early (a signal, --max_steps),
-    or None at its end. saver: checkpoints.Checkpoints; record(**row): a log.jsonl row."""
+    or None at its end. saver: checkpoints.Checkpoints; record(**row): a log.jsonl row; resume: the command."""
+    resume = resume or run_folder.resume_command(sys.argv[1:], env.world)
     n_micro = loader.sampler.batches  # micro-batches per epoch
     total = n_micro // args.accum * args.epochs
     tty, master = sys.stderr.isatty(), env.rank == 0  # a bar on a terminal; plain lines into a file
@@ -144,15 +192,13 @@ def train_epoch(pos, model, loader, opt, env, args, saver, record):
                disable=not (master and tty), leave=False, dynamic_ncols=True)
     t_log = t_fetch = time.time()
     wait, seen, timed, why = 0.0, 0, 0, None
-    for batch in loader:
+    for batch in batches(loader, lambda e: data_failed(e, pos, env, opt, args, saver, resume)):
         wait += time.time() - t_fetch
         # dropout and masks: a function of the position, whatever ran before (evaluation, loaders, a resume)
         torch.manual_seed(data.dropout_seed(args.seed, pos.epoch, pos.batch, env.rank))
         if pos.batch % args.accum == 0:
             set_lr(opt, pos.step, total, args.warmup)
         pos.window.append(forward_backward(model, batch, pos, env, args))
-        if not math.isfinite(pos.window[-1]["loss"]):
-            diverged("loss", pos.step, opt)
         pos.batch, seen, timed, t_fetch = pos.batch + 1, seen + len(batch["text"]) * env.world, timed + 1, time.time()
         if pos.batch % args.accum:
             continue
@@ -160,6 +206,7 @@ def train_epoch(pos, model, loader, opt, env, args, saver, record):
         bar.update(1)
         if pos.step % args.log_every == 0 or pos.step == 1 or pos.batch == n_micro:  # 1: see it start
             dt = time.time() - t_log
+            settle(pos, env, opt, saver)
             pos.last = {k: sum(x[k] for x in pos.window) / len(pos.window) for k in pos.window[-1]}
             row = dict(event="train", step=pos.step, epoch=pos.epoch + pos.batch / n_micro, **pos.last,
                        lr=opt.param_groups[0]["lr"], step_time=dt * args.accum / timed, clips_per_s=seen / dt,
@@ -178,6 +225,7 @@ def train_epoch(pos, model, loader, opt, env, args, saver, record):
         if pos.batch < n_micro:  # the epoch's end is checkpointed by the caller
             why = env.stop.reason(pos.step, args.max_steps, env.device)
             if why or saver.due(pos.step):
+                settle(pos, env, opt, saver)
                 saver.save(asdict(pos))
             if why:
                 break
@@ -195,7 +243,7 @@ def train(args, method, split, test, env, folder, argv, log):
                             eps=args.eps)
     pretrain, ckpt = args.stage == "pretrain", os.path.join(args.output_dir, "checkpoint.pt")
     model = Forward(method, pretrain)
-    model = DDP(model, device_ids=[env.device] if env.device.type == "cuda" else None) if env.world > 1 else model
+    model = DDP(model, device_ids=[env.device] if env.device.type == "cuda" else None, gradient_as_bucket_view=True) if env.world > 1 else model
     pos = Position()
     if args.resume:
         ck = folder.resumed if folder else checkpoints.read(ckpt, "--resume")
