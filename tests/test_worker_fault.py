@@ -4,6 +4,7 @@ gives the command that resumes, exit 1; that command's run ends equal to the uni
 import os
 import shlex
 import signal
+import subprocess
 import sys
 
 import pytest
@@ -57,3 +58,29 @@ def test_a_killed_worker_keeps_the_finished_steps_and_the_printed_command_resume
     for name, w in state(tmp_path / "whole")["model"].items():
         assert torch.equal(w, state(out)["model"][name]), name
     assert not (out / "lock").exists()
+
+
+def test_a_worker_death_reaches_the_loop_between_steps_only():
+    """DataLoader's SIGCHLD handler raises wherever the main process is; train.batches holds it off during a step
+    (a step cut half-way could not be checkpointed) and gives a failure of the loader to its callback."""
+    def raising(signum, frame):
+        raise RuntimeError("DataLoader worker (pid 1) is killed by signal: Killed.")
+
+    class Loader:  # as DataLoader's iter(): a handler for its workers' deaths, then batches, then a failure
+        def __iter__(self):
+            signal.signal(signal.SIGCHLD, raising)
+            return self.batches()
+
+        def batches(self):
+            yield from range(2)
+            raise OSError("read error")
+
+    before, failures, seen = signal.getsignal(signal.SIGCHLD), [], []
+    try:
+        for x in train.batches(Loader(), failures.append):
+            subprocess.run(["true"])  # a child process ends mid-step: SIGCHLD
+            seen.append(x)
+        assert seen == [0, 1] and [str(e) for e in failures] == ["read error"]
+        assert signal.getsignal(signal.SIGCHLD) is raising  # the loader's handler is back after the epoch
+    finally:
+        signal.signal(signal.SIGCHLD, before)
