@@ -4,6 +4,7 @@ calls. train.settle, the loop's one read (a log row, a checkpoint), is left out,
 on a GPU too: the optimizer's step counters (torch/optim) and the data pipeline (in the main process here). A
 sync inside C++ (nonzero, boolean-mask indexing) is not seen on a CPU. Then what the deferred reads keep: a
 non-finite step still stops the run before any checkpoint, an fp16 scale below 1 still stops it."""
+import argparse
 import traceback
 from contextlib import nullcontext
 
@@ -12,6 +13,7 @@ import torch
 
 import checkpoints
 import clip
+import data
 import simvtp
 import train
 from fault_runs import error, flags
@@ -97,3 +99,14 @@ def test_an_fp16_scale_below_1_stops_at_the_read(tmp_path, capsys):
         train.settle(pos, env, opt, saver)
     assert_tells(capsys.readouterr().err, "non-finite fp16 gradient", "step 7")
     assert pos.skipped == 16 and pos.window == [dict(loss=1.0)]  # read back as numbers
+
+
+def test_a_gpu_run_without_a_frame_cache_says_its_data_wait_and_the_fix(setup, capsys):
+    args = train.parse_args(flags(setup, "out", "--num_workers", "4", "--batch_size", "8"))[0]
+    line = data.decode_wait(0.185, 128, args)  # MSR-VTT's 185 ms a clip (docs/data.md), 128 clips a step
+    assert_tells(line, "185 ms", "128 clips", "4 workers", "5.92 s", "python frame_cache.py --cache",
+                 f"--data synthetic --data_path {setup / 'synthetic'}", "--frame_cache", "docs/data.md")
+    split = data.read_split("synthetic", "train", str(setup / "synthetic"), None)
+    for pinned in (False, True):  # printed only where pinned: on a GPU
+        data.train_loader(split, argparse.Namespace(**{**vars(args), "num_workers": 0, "size": 32}), 1, 0, pinned)
+        assert ("data: decoding on the fly" in capsys.readouterr().out) == pinned

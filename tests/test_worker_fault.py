@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import data
+import run_folder
 import train
 from fault_runs import error, flags, losses, state
 from messages import assert_tells
@@ -61,7 +62,7 @@ def test_a_killed_worker_keeps_the_finished_steps_and_the_printed_command_resume
 
 
 def test_a_worker_death_reaches_the_loop_between_steps_only():
-    """DataLoader's SIGCHLD handler raises wherever the main process is; train.batches holds it off during a step
+    """DataLoader's SIGCHLD handler raises wherever the main process is; run_folder.batches holds it off during a step
     (a step cut half-way could not be checkpointed) and gives a failure of the loader to its callback."""
     def raising(signum, frame):
         raise RuntimeError("DataLoader worker (pid 1) is killed by signal: Killed.")
@@ -77,7 +78,7 @@ def test_a_worker_death_reaches_the_loop_between_steps_only():
 
     before, failures, seen = signal.getsignal(signal.SIGCHLD), [], []
     try:
-        for x in train.batches(Loader(), failures.append):
+        for x in run_folder.batches(Loader(), failures.append):
             subprocess.run(["true"])  # a child process ends mid-step: SIGCHLD
             seen.append(x)
         assert seen == [0, 1] and [str(e) for e in failures] == ["read error"]
