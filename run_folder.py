@@ -340,14 +340,12 @@ def divergence(what, step, opt, path):
             f"--warmup_proportion or --grad_clip 1.0; nothing from step {step} on was saved ({kept})")
 
 
-def data_failure(e, step, ckpt, resume, world, rank):
-    """The line for a DataLoader failure in training, once rank 0 has checkpointed the steps done. resume: the
-    command, or None for this process's own with --resume."""
+def data_failure(e, step, ckpt, resume, rank):
+    """The line for a DataLoader failure in training, once rank 0 has checkpointed the steps done."""
     why = (str(e).strip() or type(e).__name__).splitlines()[-1]  # a worker's error: its last line
     kept = f"the {step} finished steps are kept in {ckpt}" if rank == 0 else f"the last checkpoint {ckpt} is kept"
     return (f"the training data loader failed in step {step + 1} ({why}; a worker killed by the OOM killer or a "
-            f"crash shows as a dead worker or a broken connection); {kept}: continue with "
-            f"`{resume or resume_command(sys.argv[1:], world)}`")
+            f"crash shows as a dead worker or a broken connection); {kept}: continue with `{resume}`")
 
 
 class Progress:

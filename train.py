@@ -143,23 +143,23 @@ def settle(pos, env, opt, saver):
         fail(run_folder.divergence(what, pos.bad or pos.step, opt, saver.path), 1)
 
 
-def data_failed(e, pos, env, opt, args, saver, resume):
+def data_failed(e, pos, env, opt, args, saver):
     """Checkpoint the steps done (--resume redoes the unfinished one's micro-batches), then say it."""
     undone = pos.batch % args.accum
     pos.batch -= undone
     del pos.window[len(pos.window) - undone:]
     settle(pos, env, opt, saver)
     saver.save(asdict(pos))
-    fail(run_folder.data_failure(e, pos.step, saver.path, resume, env.world, env.rank), 1)
+    fail(run_folder.data_failure(e, pos.step, saver.path, saver.resume, env.rank), 1)
 
 
-def train_epoch(pos, model, loader, opt, env, args, saver, record, resume=None):
+def train_epoch(pos, model, loader, opt, env, args, saver, record):
     """Epoch pos.epoch from micro-batch pos.batch on, moving pos -> what stopped it early (a signal, --max_steps),
-    or None at its end. saver: checkpoints.Checkpoints; record(**row): a log.jsonl row; resume: its command."""
+    or None at its end. saver: checkpoints.Checkpoints; record(**row): a log.jsonl row."""
     n_micro = loader.sampler.batches  # micro-batches per epoch
     total = n_micro // args.accum * args.epochs
     bar, why = run_folder.Progress(pos.epoch, n_micro // args.accum, pos.batch // args.accum, total, not env.rank), None
-    for batch in run_folder.batches(loader, lambda e: data_failed(e, pos, env, opt, args, saver, resume)):
+    for batch in run_folder.batches(loader, lambda e: data_failed(e, pos, env, opt, args, saver)):
         bar.fetched()
         # dropout and masks: a function of the position, whatever ran before (evaluation, a resume)
         torch.manual_seed(data.dropout_seed(args.seed, pos.epoch, pos.batch, env.rank))
