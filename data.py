@@ -585,20 +585,16 @@ def train_loader(split, args, world, rank, pin_memory=False):
     items = SeededItems(ds, args.seed)
     loader = DataLoader(items, batch_size=rank_batch, sampler=sampler, num_workers=args.num_workers,
                         pin_memory=pin_memory, persistent_workers=args.num_workers > 0, worker_init_fn=worker_init)
-    if pin_memory and not args.frame_cache and rank == 0:  # a GPU, decoding on the fly: what it waits for
-        start = time.perf_counter()
-        for i in range(min(3, len(ds))):
-            items[0, i]  # under its own seed: the run's random numbers are untouched
-        print(decode_wait((time.perf_counter() - start) / min(3, len(ds)), rank_batch * args.accum, args), flush=True)
+    if pin_memory and not args.frame_cache and rank == 0:  # a GPU decoding on the fly (items: seeded, no draw)
+        start, n = time.perf_counter(), len([items[0, i] for i in range(min(3, len(ds)))])  # timed from start
+        print(decode_wait((time.perf_counter() - start) / n, rank_batch * args.accum, args), flush=True)
     return ds, loader, sampler, steps_per_epoch
 
 
 def decode_wait(seconds, clips, args):
-    """The start-up line of a GPU run without --frame_cache: a clip's decoding time (measured) x clips per step
-    / workers = the data wait per step to expect, and the command that builds a frame cache."""
-    workers = max(args.num_workers, 1)
+    """A GPU run's start-up line without --frame_cache: a clip's decoding x clips a step / workers, and the fix."""
     paths = "".join(f" --{k} {getattr(args, k)}" for k in ("data_path", "video_path") if getattr(args, k))
-    return (f"data: decoding on the fly, {1000 * seconds:.0f} ms a clip here x {clips} clips a step / {workers} "
-            f"workers = {seconds * clips / workers:.2f} s of data wait per step unless the GPU's step is longer; a "
-            f"frame cache decodes once (docs/data.md): python frame_cache.py --cache CACHE --data {args.data}{paths}, "
-            f"then --frame_cache CACHE")
+    return (f"data: decoding on the fly, {1000 * seconds:.0f} ms a clip here x {clips} clips a step / "
+            f"{max(args.num_workers, 1)} workers = {seconds * clips / max(args.num_workers, 1):.2f} s of data wait per "
+            f"step unless the GPU's step is longer; a frame cache (docs/data.md) decodes once: python frame_cache.py "
+            f"--cache CACHE --data {args.data}{paths}, then --frame_cache CACHE")
