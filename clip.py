@@ -464,10 +464,16 @@ def resize_crop(frames, size=224):
     return x[..., top:top + size, left:left + size].contiguous()
 
 
+@lru_cache()
+def channel_constants(device, *rows):
+    """Each row of 3 as a [3, 1, 1] tensor on `device`, made once: a copy to the GPU per call waits for it."""
+    with torch.inference_mode(False):  # usable in training whatever mode made them first
+        return [torch.tensor(r, device=device).view(3, 1, 1) for r in rows]
+
+
 def normalize_pixels(x):
     """uint8 [..., 3, H, W] -> float, CLIP mean/std. Run it on the GPU: uint8 crosses the bus 4x cheaper."""
-    mean = torch.tensor(MEAN, device=x.device).view(3, 1, 1)
-    std = torch.tensor(STD, device=x.device).view(3, 1, 1)
+    mean, std = channel_constants(x.device, MEAN, STD)
     return (x.float() / 255.0 - mean) / std
 
 

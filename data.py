@@ -28,6 +28,7 @@ import multiprocessing as mp
 import os
 import re
 import sys
+import time
 from collections import defaultdict
 from dataclasses import dataclass, replace
 
@@ -580,7 +581,19 @@ def train_loader(split, args, world, rank, pin_memory=False):
     if steps_per_epoch == 0:
         raise DataError(f"{len(ds)} training pairs make no batch of {args.batch_size}: lower --batch_size")
     sampler = EpochSampler(len(ds), rank_batch, steps_per_epoch * args.accum, rank, world, args.seed)
-    loader = DataLoader(SeededItems(ds, args.seed), batch_size=rank_batch, sampler=sampler,
-                        num_workers=args.num_workers, pin_memory=pin_memory,
-                        persistent_workers=args.num_workers > 0, worker_init_fn=worker_init)
+    items = SeededItems(ds, args.seed)
+    loader = DataLoader(items, batch_size=rank_batch, sampler=sampler, num_workers=args.num_workers,
+                        pin_memory=pin_memory, persistent_workers=args.num_workers > 0, worker_init_fn=worker_init)
+    if pin_memory and not args.frame_cache and rank == 0:  # a GPU decoding on the fly (items: seeded, no draw)
+        start, n = time.perf_counter(), len([items[0, i] for i in range(min(3, len(ds)))])  # timed from start
+        print(decode_wait((time.perf_counter() - start) / n, rank_batch * args.accum, args), flush=True)
     return ds, loader, sampler, steps_per_epoch
+
+
+def decode_wait(seconds, clips, args):
+    """A GPU run's start-up line without --frame_cache: a clip's decoding x clips a step / workers, and the fix."""
+    paths = "".join(f" --{k} {getattr(args, k)}" for k in ("data_path", "video_path") if getattr(args, k))
+    return (f"data: decoding on the fly, {1000 * seconds:.0f} ms a clip here x {clips} clips a step / "
+            f"{max(args.num_workers, 1)} workers = {seconds * clips / max(args.num_workers, 1):.2f} s of data wait per "
+            f"step unless the GPU's step is longer; a frame cache (docs/data.md) decodes once: python frame_cache.py "
+            f"--cache CACHE --data {args.data}{paths}, then --frame_cache CACHE")

@@ -21,7 +21,11 @@ LOOP_DEFAULTS = dict(
     output_dir=None, cache_dir=None, init=None, checkpoint=None, size=None, batch_size=None, lr=None, clip_lr=None,
     coef_lr=None, epochs=None, frames=None, words=None, warmup=None, weight_decay=None, grad_clip=None,
     betas=(0.9, 0.999), eps=1e-8,  # torch's AdamW defaults, for a RECIPE that names none
-    accum=1, seed=42, num_workers=2, batch_size_val=64, log_every=20, save_every="30min", max_steps=0,
+    # num_workers: 2 on the CPU; on a GPU the cores of a local rank but its main process's, at most 8 (each
+    # worker holds 2 batches in shared memory). Any count gives the same batches (data.SeededItems).
+    num_workers=min(8, max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
+    if torch.cuda.is_available() else 2,
+    accum=1, seed=42, batch_size_val=64, log_every=20, save_every="30min", max_steps=0,
     device="cuda" if torch.cuda.is_available() else "cpu", precision=None, query=None, top_k=5,
     sampling="segments", augment="none", pairs="caption", dist_timeout=30.0,
     allow_missing=False, resume=False, overwrite=False, eval_only=False, dsl=False, grad_checkpointing=False)

@@ -14,6 +14,7 @@ printed to continue. docs/faults.md lists every fault, what it prints and what i
 import fcntl
 import json
 import os
+import math
 import shlex
 import signal
 import socket
@@ -23,6 +24,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 import checkpoints
 import files
@@ -287,8 +289,9 @@ class Stop:
     signal (130, 143). A second signal, or one before training, exits at once; the last checkpoint stays. Under
     torchrun, the ranks agree on stopping (reason) and wait for rank 0's evaluation (wait_for_rank_0)."""
 
-    def __init__(self):
-        self.signal, self.armed, self.pid, self.waiting = 0, False, os.getpid(), None
+    def __init__(self, minutes=30.0):  # the training collectives' timeout (--dist_timeout)
+        self.signal, self.armed, self.pid, self.waiting, self.agreeing = 0, False, os.getpid(), None, None
+        self.timeout = timedelta(minutes=minutes)
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def handle(self, signum, frame):
@@ -301,12 +304,17 @@ class Stop:
         self.signal = signum
         print(f"\n{name}: finishing this step, then writing a checkpoint (again: quit now)", file=sys.stderr, flush=True)
 
-    def reason(self, step, max_steps, device):
-        """What stops the run after `step`: a signal on any rank (ranks get it at different steps), --max_steps."""
-        flag = torch.tensor(self.signal, device=device)
-        if dist.is_initialized():
-            dist.all_reduce(flag, dist.ReduceOp.MAX)
-        return signal.Signals(int(flag)).name if flag else "--max_steps" if step == max_steps else None
+    def reason(self, step, max_steps, device=None):
+        """What stops the run after `step`: a signal on any rank (ranks get it at different steps), --max_steps.
+        The ranks agree on the host, over gloo within the training timeout (reading a device all-reduce back
+        would wait for the step's kernels); device: unused."""
+        flag = self.signal
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            self.agreeing = self.agreeing or dist.new_group(backend="gloo", timeout=self.timeout)
+            flag = torch.tensor(flag)
+            dist.all_reduce(flag, dist.ReduceOp.MAX, group=self.agreeing)
+            flag = int(flag)
+        return signal.Signals(flag).name if flag else "--max_steps" if step == max_steps else None
 
     def wait_for_rank_0(self):
         """The other ranks wait here while rank 0 evaluates, in a gloo group of their own without a practical
@@ -322,3 +330,74 @@ class Stop:
     def restore(self):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+
+
+def divergence(what, step, opt, path):
+    """The line for a non-finite step, read at a log row or before a checkpoint: steps may have run after it."""
+    lrs = ", ".join(sorted({f"{g['lr']:.3g}" for g in opt.param_groups}))
+    kept = f"{path} is from before it" if os.path.exists(path) else "no checkpoint was written"
+    return (f"non-finite {what} at step {step} (lr now {lrs}): try a lower --lr (or --clip_lr), a longer "
+            f"--warmup_proportion or --grad_clip 1.0; nothing from step {step} on was saved ({kept})")
+
+
+def data_failure(e, step, ckpt, resume, rank):
+    """The line for a DataLoader failure in training, once rank 0 has checkpointed the steps done."""
+    why = (str(e).strip() or type(e).__name__).splitlines()[-1]  # a worker's error: its last line
+    kept = f"the {step} finished steps are kept in {ckpt}" if rank == 0 else f"the last checkpoint {ckpt} is kept"
+    return (f"the training data loader failed in step {step + 1} ({why}; a worker killed by the OOM killer or a "
+            f"crash shows as a dead worker or a broken connection); {kept}: continue with `{resume}`")
+
+
+class Progress:
+    """An epoch's progress on rank 0: a bar on a terminal, a console line per train row where no bar is drawn
+    (output into a file); and the timings of the rows: time per step, clips/s, the share spent waiting for data."""
+
+    def __init__(self, epoch, steps, done, total, master):
+        tty, self.total = sys.stderr.isatty(), total
+        self.bar = tqdm(total=steps, initial=done, desc=f"epoch {epoch + 1}", disable=not (master and tty),
+                        leave=False, dynamic_ncols=True)
+        self.lines = master and not (tty and sys.stdout.isatty())
+        self.update, self.close = self.bar.update, self.bar.close
+        self.start, self.wait, self.clips, self.micro = time.time(), 0.0, 0, 0
+        self.fetching()
+
+    def fetching(self):  # the loop asks for the next batch
+        self.asked = time.time()
+
+    def fetched(self):
+        self.wait += time.time() - self.asked
+
+    def trained(self, clips):  # a micro-batch of `clips` (all ranks)
+        self.clips, self.micro = self.clips + clips, self.micro + 1
+        self.fetching()
+
+    def timings(self, accum, device):
+        """The timings since the last row (read after the device's) and a GPU's peak memory: -> dict for the row;
+        starts the next."""
+        dt = time.time() - self.start
+        row = dict(step_time=dt * accum / self.micro, clips_per_s=self.clips / dt, data_wait=self.wait / dt)
+        if device.type == "cuda":
+            row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+        self.start, self.wait, self.clips, self.micro = time.time(), 0.0, 0, 0
+        return row
+
+    def show(self, row):
+        wait = f"{100 * row['data_wait']:.0f}%"
+        self.bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.1e}", clips_s=f"{row['clips_per_s']:.0f}",
+                             wait=wait)
+        if self.lines:
+            print(f"epoch {math.ceil(row['epoch'])} step {row['step']}/{self.total}: loss {row['loss']:.4f}, lr "
+                  f"{row['lr']:.2e}, {row['clips_per_s']:.0f} clips/s, data wait {wait}", flush=True)
+
+
+def batches(loader, failed):
+    """The loader's batches; a DataLoader failure (a worker killed by the OOM killer or a decoder crash) goes to
+    failed(error) here, between steps: DataLoader's own SIGCHLD handler would raise it mid-step."""
+    it, chld = iter(loader), signal.getsignal(signal.SIGCHLD)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # not SIG_IGN, which reaps the workers next() checks on
+    try:
+        yield from it
+    except Exception as e:
+        failed(e)
+    finally:
+        signal.signal(signal.SIGCHLD, chld)

@@ -85,7 +85,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # Vi
 
 def normalize_pixels(video):
     """uint8 [..., 3, H, W] -> float with ImageNet mean/std (VideoMAE's); train.py uses it instead of CLIP's."""
-    mean, std = (torch.tensor(c, device=video.device).view(3, 1, 1) for c in (IMAGENET_MEAN, IMAGENET_STD))
+    mean, std = clip.channel_constants(video.device, IMAGENET_MEAN, IMAGENET_STD)  # made once per device
     return (video.float() / 255 - mean) / std
 
 

@@ -37,7 +37,6 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 import checkpoints
 import checks
@@ -73,10 +72,11 @@ def setup(args):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=timedelta(minutes=args.dist_timeout))
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # the patch embedding's fastest kernel
     amp_dtype = flags.amp_dtype(args.precision, device)
     amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    return Env(device, world, rank, amp, amp_dtype, scaler, run_folder.Stop())
+    return Env(device, world, rank, amp, amp_dtype, scaler, run_folder.Stop(args.dist_timeout))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -85,24 +85,24 @@ def setup(args):
 @dataclass
 class Position:
     """What checkpoint.pt keeps of the loop: steps, epochs and this epoch's micro-batches done, the losses since
-    the last log row (a resumed row equals an uninterrupted one), that row, the steps fp16's scaler skipped."""
+    the last log row (a resumed row equals an uninterrupted one), that row, the steps fp16's scaler skipped, the
+    first non-finite step (0: none); the last three on the device until settle()."""
     step: int = 0
     epoch: int = 0
     batch: int = 0
     window: list = field(default_factory=list)
     last: dict = None
     skipped: int = 0
+    bad: int = 0
 
 
-def diverged(what, step, opt):
-    lrs = ", ".join(sorted({f"{g['lr']:.3g}" for g in opt.param_groups}))
-    fail(f"non-finite {what} at step {step + 1} (lr {lrs}): try a lower --lr (or --clip_lr), a longer "
-         f"--warmup_proportion or --grad_clip 1.0; nothing of this step was applied or saved", 1)
+def first_bad(bad, x, step):  # the first step (1-based) with a non-finite x; no sync
+    return bad + (bad == 0) * ~torch.isfinite(x) * (step + 1)
 
 
 def forward_backward(model, batch, pos, env, args):
     """One micro-batch: forward under autocast, scaled backward (DDP reduces at the step's last) -> losses."""
-    method = model.module.method if env.world > 1 else model.method
+    method = getattr(model, "module", model).method
     video = method.normalize_pixels(batch["video"].to(env.device, non_blocking=True))
     text, mask = (batch[k].to(env.device, non_blocking=True) for k in ("text", "video_mask"))
     with (model.no_sync() if env.world > 1 and (pos.batch + 1) % args.accum else nullcontext()), env.amp:
@@ -111,27 +111,46 @@ def forward_backward(model, batch, pos, env, args):
         else:
             parts = dict(loss=contrastive_loss(method, *model(text, video, mask), mask))
         env.scaler.scale(parts["loss"] / args.accum).backward()
-    return {k: torch.as_tensor(x).item() for k, x in parts.items()}
+    pos.bad = first_bad(pos.bad, parts["loss"], pos.step)
+    return {k: torch.as_tensor(x).detach() for k, x in parts.items()}
 
 
 def optimizer_step(model, opt, pos, env, args):
-    """Unscale, clip, step (a non-finite gradient stops the run), clamp the temperature as CLIP4Clip does."""
+    """Unscale, clip (marking a non-finite gradient), step, clamp the temperature as CLIP4Clip does."""
     env.scaler.unscale_(opt)
     norm = torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], args.grad_clip or math.inf)
-    if not env.scaler.is_enabled() and not math.isfinite(norm):  # fp16: the scaler skips such steps itself
-        diverged("gradient", pos.step, opt)
-    scale = env.scaler.get_scale() if env.scaler.is_enabled() else None  # fp16 only
+    if env.scaler.is_enabled():  # fp16: the scaler skips such a step
+        pos.skipped = pos.skipped + ~torch.isfinite(norm)
+    else:
+        pos.bad = first_bad(pos.bad, norm, pos.step)
     env.scaler.step(opt)
     env.scaler.update()
-    if scale is not None and env.scaler.get_scale() < scale:  # an inf/NaN gradient: step skipped, scale halved
-        pos.skipped += 1
-        if env.scaler.get_scale() < 1:  # the gradient overflows fp16 even unscaled: it will not recover
-            diverged("fp16 gradient", pos.step, opt)
     opt.zero_grad(set_to_none=True)
-    method = model.module.method if env.world > 1 else model.method
+    method = getattr(model, "module", model).method
     if method.logit_scale.requires_grad:
         method.logit_scale.data.clamp_(max=MAX_LOGIT_SCALE)
     pos.step += 1
+
+
+def settle(pos, env, opt, saver):
+    """The loop's read of the device, at a log row and before a checkpoint. A non-finite step, or an fp16 scale
+    below 1 (overflow even unscaled), stops the run here: before any log row or checkpoint."""
+    pos.window = [{k: float(v) for k, v in x.items()} for x in pos.window]
+    pos.bad, pos.skipped = int(pos.bad), int(pos.skipped)
+    if pos.bad or env.scaler.is_enabled() and env.scaler.get_scale() < 1:
+        finite = all(math.isfinite(x["loss"]) for x in pos.window)
+        what = "fp16 gradient" if not pos.bad else "gradient" if finite else "loss"
+        fail(run_folder.divergence(what, pos.bad or pos.step, opt, saver.path), 1)
+
+
+def data_failed(e, pos, env, opt, args, saver):
+    """Checkpoint the steps done (--resume redoes the unfinished one's micro-batches), then say it."""
+    undone = pos.batch % args.accum
+    pos.batch -= undone
+    del pos.window[len(pos.window) - undone:]
+    settle(pos, env, opt, saver)
+    saver.save(asdict(pos))
+    fail(run_folder.data_failure(e, pos.step, saver.path, saver.resume, env.rank), 1)
 
 
 def train_epoch(pos, model, loader, opt, env, args, saver, record):
@@ -139,49 +158,38 @@ def train_epoch(pos, model, loader, opt, env, args, saver, record):
     or None at its end. saver: checkpoints.Checkpoints; record(**row): a log.jsonl row."""
     n_micro = loader.sampler.batches  # micro-batches per epoch
     total = n_micro // args.accum * args.epochs
-    tty, master = sys.stderr.isatty(), env.rank == 0  # a bar on a terminal; plain lines into a file
-    bar = tqdm(total=n_micro // args.accum, initial=pos.batch // args.accum, desc=f"epoch {pos.epoch + 1}",
-               disable=not (master and tty), leave=False, dynamic_ncols=True)
-    t_log = t_fetch = time.time()
-    wait, seen, timed, why = 0.0, 0, 0, None
-    for batch in loader:
-        wait += time.time() - t_fetch
-        # dropout and masks: a function of the position, whatever ran before (evaluation, loaders, a resume)
+    bar, why = run_folder.Progress(pos.epoch, n_micro // args.accum, pos.batch // args.accum, total, not env.rank), None
+    for batch in run_folder.batches(loader, lambda e: data_failed(e, pos, env, opt, args, saver)):
+        bar.fetched()
+        # dropout and masks: a function of the position, whatever ran before (evaluation, a resume)
         torch.manual_seed(data.dropout_seed(args.seed, pos.epoch, pos.batch, env.rank))
         if pos.batch % args.accum == 0:
             set_lr(opt, pos.step, total, args.warmup)
         pos.window.append(forward_backward(model, batch, pos, env, args))
-        if not math.isfinite(pos.window[-1]["loss"]):
-            diverged("loss", pos.step, opt)
-        pos.batch, seen, timed, t_fetch = pos.batch + 1, seen + len(batch["text"]) * env.world, timed + 1, time.time()
+        pos.batch += 1
+        bar.trained(len(batch["text"]) * env.world)
         if pos.batch % args.accum:
             continue
         optimizer_step(model, opt, pos, env, args)
         bar.update(1)
         if pos.step % args.log_every == 0 or pos.step == 1 or pos.batch == n_micro:  # 1: see it start
-            dt = time.time() - t_log
+            settle(pos, env, opt, saver)  # first: the timings include the device's
             pos.last = {k: sum(x[k] for x in pos.window) / len(pos.window) for k in pos.window[-1]}
             row = dict(event="train", step=pos.step, epoch=pos.epoch + pos.batch / n_micro, **pos.last,
-                       lr=opt.param_groups[0]["lr"], step_time=dt * args.accum / timed, clips_per_s=seen / dt,
-                       data_wait=wait / dt)
+                       lr=opt.param_groups[0]["lr"], **bar.timings(args.accum, env.device))
             if env.scaler.is_enabled():
                 row["skipped_steps"] = pos.skipped  # fp16: the first few are usual
-            if env.device.type == "cuda":
-                row["peak_mem_gb"] = torch.cuda.max_memory_allocated(env.device) / 2 ** 30
             record(**row)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.1e}", clips_s=f"{seen / dt:.0f}",
-                            wait=f"{100 * wait / dt:.0f}%")
-            if master and not (tty and sys.stdout.isatty()):
-                print(f"epoch {pos.epoch + 1} step {pos.step}/{total}: loss {row['loss']:.4f}, lr {row['lr']:.2e}, "
-                      f"{seen / dt:.0f} clips/s, data wait {100 * wait / dt:.0f}%", flush=True)
-            t_log, wait, seen, timed, pos.window = time.time(), 0.0, 0, 0, []
+            bar.show(row)
+            pos.window = []
         if pos.batch < n_micro:  # the epoch's end is checkpointed by the caller
             why = env.stop.reason(pos.step, args.max_steps, env.device)
             if why or saver.due(pos.step):
+                settle(pos, env, opt, saver)
                 saver.save(asdict(pos))
             if why:
                 break
-        t_fetch = time.time()
+        bar.fetching()
     bar.close()
     return why
 
@@ -195,7 +203,8 @@ def train(args, method, split, test, env, folder, argv, log):
                             eps=args.eps)
     pretrain, ckpt = args.stage == "pretrain", os.path.join(args.output_dir, "checkpoint.pt")
     model = Forward(method, pretrain)
-    model = DDP(model, device_ids=[env.device] if env.device.type == "cuda" else None) if env.world > 1 else model
+    model = DDP(model, device_ids=[env.device] if env.device.type == "cuda" else None,
+                gradient_as_bucket_view=True) if env.world > 1 else model
     pos = Position()
     if args.resume:
         ck = folder.resumed if folder else checkpoints.read(ckpt, "--resume")
