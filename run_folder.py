@@ -304,10 +304,10 @@ class Stop:
         self.signal = signum
         print(f"\n{name}: finishing this step, then writing a checkpoint (again: quit now)", file=sys.stderr, flush=True)
 
-    def reason(self, step, max_steps, device=None):
+    def reason(self, step, max_steps):
         """What stops the run after `step`: a signal on any rank (ranks get it at different steps), --max_steps.
         The ranks agree on the host, over gloo within the training timeout (reading a device all-reduce back
-        would wait for the step's kernels); device: unused."""
+        would wait for the step's kernels)."""
         flag = self.signal
         if dist.is_initialized() and dist.get_world_size() > 1:
             self.agreeing = self.agreeing or dist.new_group(backend="gloo", timeout=self.timeout)

@@ -183,7 +183,7 @@ def train_epoch(pos, model, loader, opt, env, args, saver, record):
             bar.show(row)
             pos.window = []
         if pos.batch < n_micro:  # the epoch's end is checkpointed by the caller
-            why = env.stop.reason(pos.step, args.max_steps, env.device)
+            why = env.stop.reason(pos.step, args.max_steps)
             if why or saver.due(pos.step):
                 settle(pos, env, opt, saver)
                 saver.save(asdict(pos))
@@ -200,7 +200,7 @@ def train(args, method, split, test, env, folder, argv, log):
     train_ds, loader, sampler, steps_per_epoch = data.train_loader(split, args, env.world, env.rank,
                                                                    pin_memory=env.device.type == "cuda")
     opt = torch.optim.AdamW(param_groups(method, args.lr, args.clip_lr, args.weight_decay), betas=args.betas,
-                            eps=args.eps)
+                            eps=args.eps, fused=env.scaler.is_enabled() or None)  # fp16: the scaler's skip on device
     pretrain, ckpt = args.stage == "pretrain", os.path.join(args.output_dir, "checkpoint.pt")
     model = Forward(method, pretrain)
     model = DDP(model, device_ids=[env.device] if env.device.type == "cuda" else None,
@@ -232,7 +232,7 @@ def train(args, method, split, test, env, folder, argv, log):
                 metrics, evaluated = evaluate_epoch(method, test, args, env, pos, record, resume), pos.epoch
             env.stop.wait_for_rank_0()
             log(epoch_line(epoch, args, pos, time.time() - t_epoch, not pretrain and metrics))
-            why = env.stop.reason(pos.step, args.max_steps, env.device) if epoch + 1 < args.epochs else None
+            why = env.stop.reason(pos.step, args.max_steps) if epoch + 1 < args.epochs else None
         if why:
             log(f"stopped by {why} at step {pos.step} (epoch {pos.epoch + 1}, micro-batch {pos.batch}): "
                 f"checkpoint {ckpt}; continue with\n  {resume}")

@@ -23,14 +23,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest; `setup` is conft
 READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__")
 HOST = ("/torch/optim/", "/torch/utils/data/", "/data.py", "/frames.py")  # on the host on a GPU too
 OTHERS = "the method's own syncs, removed by another change (issue 23)"
-FP16 = ("GradScaler.step reads found_inf (.item()) unless the optimizer takes it: AdamW(fused=True) under fp16, "
-        "with the group's fused flag set again after a resume (train.train, checkpoints.restore)")
 CASES = [(m, p) for m in ("full", "ump", "unipt") for p in ("fp32", "bf16", "fp16")] + [
     ("dgl", "fp32"), ("adapter", "fp32"), ("simvtp", "fp32"), ("simvtp-pretrain", "fp32")]
 
 
 def xfail(method, precision):
-    why = FP16 if precision == "fp16" else OTHERS if method[:3] in ("dgl", "ada", "sim") else None
+    why = OTHERS if method[:3] in ("dgl", "ada", "sim") else None
     return [pytest.mark.xfail(strict=True, reason=why)] if why else []
 
 
