@@ -316,6 +316,22 @@ class Stop:
             flag = int(flag)
         return signal.Signals(flag).name if flag else "--max_steps" if step == max_steps else None
 
+    def follow_rank_0(self, make):
+        """-> make() (rank 0's run folder, None elsewhere). Rank 0's verdict is every rank's: where it stops (a
+        finished run exits 0, a refusal 2), the others exit 0 instead of waiting in a collective for it."""
+        go = False
+        try:
+            folder, go = make(), True
+        finally:
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                self.agreeing = self.agreeing or dist.new_group(backend="gloo", timeout=self.timeout)
+                flag = torch.tensor(int(go))
+                dist.broadcast(flag, 0, group=self.agreeing)
+                go = bool(flag)
+        if not go:
+            raise SystemExit(0)  # rank 0 said why
+        return folder
+
     def wait_for_rank_0(self):
         """The other ranks wait here while rank 0 evaluates, in a gloo group of their own without a practical
         timeout: training's collectives keep --dist_timeout (NCCL's 10 minutes would end a long evaluation)."""

@@ -306,7 +306,7 @@ def main(argv=None):
         evaluating = args.eval_only or probe is not None and not any(p.requires_grad for p in probe.parameters())
         # a run that trains owns a folder; a --clip file's run is known to train only once built (below)
         trains = env.rank == 0 and probe is not None and not evaluating
-        folder = run_folder.Folder(args, flags.FLAG_NAMES) if trains else None
+        folder = env.stop.follow_rank_0(lambda: run_folder.Folder(args, flags.FLAG_NAMES) if trains else None)
 
         # data: read (the synthetic set generated) and every test video opened before any CLIP is loaded
         if args.data == "synthetic":
@@ -333,9 +333,11 @@ def main(argv=None):
         if evaluating or n_train == 0:  # zeroshot: nothing trains
             return evaluate_only(method, test, args, env, log, "output_dir" in given)
         checks.check_memory(args, method, env)
-        if env.rank == 0 and not folder:
-            folder = run_folder.Folder(args, flags.FLAG_NAMES)
-            folder.claim(args.overwrite, data_id, log)
+        if probe is None:  # a --clip file's run: known to train only now
+            make = lambda: run_folder.Folder(args, flags.FLAG_NAMES) if env.rank == 0 else None
+            folder = env.stop.follow_rank_0(make)
+            if folder:
+                folder.claim(args.overwrite, data_id, log)
         return train(args, method, train_split, test, env, folder, argv, log)
     except (checks.RunError, data.DataError, clip.ModelFileError) as e:  # the message says the user's fix
         fail(e, getattr(e, "status", 2))

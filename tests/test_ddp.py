@@ -135,3 +135,8 @@ def test_two_nodes_of_one_process_equal_one_process(tmp_path):
               for d in ("one", "nodes")]
     assert len(losses[0]) == 2
     assert_close32(torch.tensor(losses[1]), torch.tensor(losses[0]), FORWARD, "losses")
+    # resumed with nothing left to do: rank 0 says so and exits 0, rank 1 with it (it waited in DDP's first
+    # collective for a rank 0 that had gone; a hang until --dist_timeout, or an error)
+    mp.start_processes(node, args=(free_port(), argv("nodes") + ["--resume", "--dist_timeout", "0.5"]), nprocs=2,
+                       start_method="fork")  # raises if a rank exits non-zero
+    assert torch.load(tmp_path / "nodes" / "checkpoint.pt", weights_only=True)["step"] == 2
