@@ -165,9 +165,9 @@ def global_local_mask(n_g, T, S, video_mask=None):
 
 
 def global_key_mask(video_mask, n_g, S):
-    """The global prompts' keys without the padded frames (deviation 3): [B, 1, 1, n_g + T*S] bool, or None
-    when every frame is real (computed once per video, outside the layer loop: .all() syncs a GPU)."""
-    if video_mask is None or bool(video_mask.all()):
+    """The global prompts' keys without the padded frames (deviation 3): [B, 1, 1, n_g + T*S] bool, all True
+    when every frame is real (built even then: asking whether it is would stall a GPU and break a compiled graph)."""
+    if video_mask is None:
         return None
     B = video_mask.shape[0]
     return torch.cat([video_mask.new_ones(B, n_g), video_mask.repeat_interleave(S, dim=1)], dim=1)[:, None, None]
@@ -270,7 +270,7 @@ class DGL(nn.Module):
         S = x.shape[2]
         g = self.global_prompts.to(x.dtype).expand(B, n_g, W)  # [B, n_g, Wv]
         x = torch.cat([g, x.reshape(B, T * S, W)], dim=1)  # [B, n_g + T*S, Wv]
-        keep = global_key_mask(video_mask, n_g, S)  # None when every frame is real
+        keep = global_key_mask(video_mask, n_g, S)  # [B, 1, 1, N] bool
         blocks = self.clip.visual.transformer.resblocks
 
         def layer(x, block, l):  # one block and its prompts: what --grad_checkpointing reruns in backward

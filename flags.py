@@ -28,7 +28,8 @@ LOOP_DEFAULTS = dict(
     accum=1, seed=42, batch_size_val=64, log_every=20, save_every="30min", max_steps=0,
     device="cuda" if torch.cuda.is_available() else "cpu", precision=None, query=None, top_k=5,
     sampling="segments", augment="none", pairs="caption", dist_timeout=30.0,
-    allow_missing=False, resume=False, overwrite=False, eval_only=False, dsl=False, grad_checkpointing=False)
+    allow_missing=False, resume=False, overwrite=False, eval_only=False, dsl=False, grad_checkpointing=False,
+    compile=False)
 NONE = dict(size="the CLIP model input resolution", clip_lr="none: no CLIP weight trains")  # an unset default
 FLAG_NAMES = dict(frames="--max_frames", words="--max_words", warmup="--warmup_proportion",
                   accum="--gradient_accumulation_steps")  # settings whose flag has another name
@@ -108,6 +109,8 @@ FLAGS = (
      "and the loss stay fp32 (default: bf16 on a CUDA GPU that has it, else fp16 there; fp32 on the CPU)"),
     ("--grad_checkpointing", bool, "keep only each residual block's input and recompute the block in backward: "
      "far less activation memory for ~1/3 more compute, same results (docs/speed.md)"),
+    ("--compile", bool, "torch.compile the training forward (inductor; the first step compiles, minutes on a "
+     "small CPU; docs/speed.md)"),
     ("--query", str, "the caption to search the test videos (or a --data folder's videos) for"),
     ("--top_k", int, "videos --query prints and draws"),
     ("--allow_missing", bool, "use the videos that exist (say so when reporting)"),

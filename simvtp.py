@@ -24,14 +24,14 @@ Replacements: timm's ViT pieces -> the ~60 lines below (same parameter names, SD
 Deliberate deviations:
   1. Vocabulary: CLIP BPE (49408) + one mask id 49408 (vocab_size 49409), 77 text positions, SOT/EOT for
      [CLS]/[SEP]. CLIP pads with id 0 ("!"), so padding is found from the EOT position (argmax), not from id 0, and
-     the pad rows are "!" embeddings (BERT's [PAD] row is 0). Batches are trimmed to their longest caption as the
-     release pads to the longest (its mean pooling counts the pads, so the padded length changes the embedding).
+     the pad rows are "!" embeddings (BERT's [PAD] row is 0). The release pads to the batch's longest caption and its
+     mean pooling counts those pads; we keep all --max_words slots (static shapes: no GPU sync, one compiled graph),
+     key-mask the pads and pool as if trimmed to the longest. The extra slots cost compute: keep --max_words near it.
   2. Init: random (BERT-style N(0, 0.02) text embeddings; xavier as the release elsewhere). The release starts from
      VideoMAE K400 and bert-base-uncased; `convert_official` maps VideoMAE/SimVTP checkpoints (the WordPiece-sized
      word embeddings and MLM head cannot map to BPE and are dropped).
   3. The positive half of the VTM batch is the joint pass of MVM/MLM (the release recomputes it; the two differ only
-     by the embedding dropout's noise): 2B joint rows per step, not 3B. The MLM head scores only the masked
-     positions (same loss; the 49409-wide head is most of a tiny model's step).
+     by the embedding dropout's noise): 2B joint rows per step, not 3B.
   4. Frames are a parameter (the release assumes 16). Padded frames (video_mask False) are ignored by retrieval
      (their tubelets key-masked and left out of the pooling); pretraining ignores video_mask.
   5. Retrieval towers carry no dead weights (the release's video tower holds an unused BERT embedding, its text
@@ -65,7 +65,7 @@ import clip
 RECIPE = dict(  # fine-tuning, scripts/finetune_msrvtt.sh
     lr=7.5e-5, clip_lr=None,  # base 3e-4 x 64/256; no CLIP weights
     epochs=100, batch_size=64, frames=16, size=224,  # size = the release's img_size, passed to the constructor
-    words=77,             # the release pads to the longest caption (trunc 512); we trim to the batch's longest
+    words=77,             # the release pads to the longest caption (trunc 512); we pool as if (deviation 1)
     sampling="window",    # datasets.py loadvideo_decord: 16 frames at stride 4, one random window (dev. 7, 9)
     pairs="video",        # train_9k_miech.json: one caption per video, 9,000 pairs (deviation 8)
     weight_decay=0.05, warmup=0.05, grad_clip=0.0,  # 5 of 100 epochs warmup, cosine; no clipping
@@ -91,8 +91,7 @@ def normalize_pixels(video):
 
 def sincos_table(n, dim):
     """Fixed positions (Transformer sin/cos, dim 2i sin, 2i+1 cos, base 10000) -> [1, n, dim], float64 math."""
-    pos = torch.arange(n, dtype=torch.float64)[:, None]
-    j = torch.arange(dim)
+    pos, j = torch.arange(n, dtype=torch.float64)[:, None], torch.arange(dim)
     angle = pos / torch.pow(10000.0, (2 * (j // 2) / dim).double())
     return torch.where(j % 2 == 0, angle.sin(), angle.cos()).float()[None]
 
@@ -208,17 +207,20 @@ class SimVTPBase(nn.Module):
                              f"(num_frames, size of the model), got {tuple(video.shape)}")
 
     def text_inputs(self, text):
-        """CLIP ids [B, L] -> (ids [B, L'] trimmed to the longest caption, real-token mask [B, L'] bool)."""
+        """CLIP ids [B, L] -> (ids [B, L], real-token mask [B, L] bool). L stays (static shapes, deviation 1)."""
         if text.dim() != 2 or text.dtype.is_floating_point:
             raise ValueError(f"text must be integer token ids [B, L], got {text.dtype} {tuple(text.shape)}")
-        eot = text.argmax(-1)  # EOT (49407) is the largest id the tokenizer emits
-        ids = text[:, :int(eot.max()) + 1].long()
-        if ids.shape[1] > self.context_length or int(ids.max()) >= self.mask_id:
+        long = text.shape[1] > self.context_length  # more slots than positions: trim to the longest (a sync)
+        ids = (text[:, :int(text.argmax(-1).max()) + 1] if long else text).long()
+        free = ids.device.type == "cpu" and not torch.compiler.is_compiling()  # a value check stalls a GPU
+        if ids.shape[1] > self.context_length or free and int(ids.max()) >= self.mask_id:
             raise ValueError(f"captions must have <= {self.context_length} tokens and ids < {self.mask_id}")
-        return ids, torch.arange(ids.shape[1], device=ids.device) <= eot[:, None]
+        return ids, torch.arange(ids.shape[1], device=ids.device) <= ids.argmax(-1)[:, None]  # EOT: the largest id
 
-    def _pool(self, x, valid):  # mean over tokens; pads counted unless pool_pads=False (deviation 1)
-        return x.mean(1) if self.pool_pads else (x * valid[..., None]).sum(1) / valid.sum(1, keepdim=True)
+    def _pool(self, x, valid):  # mean over tokens up to the batch's longest caption, its pads counted (deviation 1),
+        if self.pool_pads:  # as if trimmed to it; pool_pads=False: over the real tokens only
+            valid = (torch.arange(x.shape[1], device=x.device) < valid.sum(1, keepdim=True).amax()).expand_as(valid)
+        return (x * valid[..., None]).sum(1) / valid.sum(1, keepdim=True)
 
     def contrastive_loss(self, t, v):
         """NormSoftmax (loss.py): cosine / tau, CE in both directions, summed."""
@@ -245,6 +247,7 @@ class SimVTPPretraining(SimVTPBase):
         super().__init__(num_frames, size, patch_size, tubelet_size, width, heads, tau, pool_pads, vocab_size,
                          context_length, widths_ok=decoder_width % decoder_heads == 0)
         self.num_masked = int(video_mask_ratio * self.grid ** 2)  # per time slice, int() floor: 176 of 196
+        self.num_visible = self.num_tokens - self.num_masked * self.num_tokens // self.grid ** 2
         self.text_mask_ratio = text_mask_ratio
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(3, 1, 1), persistent=False)
@@ -270,6 +273,10 @@ class SimVTPPretraining(SimVTPBase):
         mask = torch.zeros(batch, self.grid ** 2, dtype=torch.bool, device=device).scatter_(1, cells, True)
         return mask.repeat(1, self.num_tokens // self.grid ** 2)  # [B, N]: slice-major, as the token order
 
+    def split_tokens(self, tube_mask):  # x.take_along_dim(visible, 1) = x[~tube_mask].view(B, N_vis, -1), no sync
+        order = tube_mask.to(torch.uint8).argsort(dim=1, stable=True)  # [B, N]: visible, then hidden, in token order
+        return order[:, :self.num_visible, None], order[:, self.num_visible:, None]  # [B, N_vis, 1], [B, N_mask, 1]
+
     def random_text_mask(self, attn):
         """Each real token (not SOT, EOT or padding) is selected i.i.d. with p = text_mask_ratio. [B, L] bool."""
         pos = torch.arange(attn.shape[1], device=attn.device)
@@ -285,7 +292,7 @@ class SimVTPPretraining(SimVTPBase):
         v = v.permute(0, 1, 4, 6, 2, 5, 7, 3).reshape(B, self.num_tokens, t * p * p, C)  # [B, N, t*p*p, 3]
         v = (v - v.mean(2, keepdim=True)) / (v.var(2, unbiased=True, keepdim=True).sqrt() + 1e-6)
         v = v.reshape(B, self.num_tokens, t * p * p * C)
-        return v[tube_mask].view(B, -1, v.shape[-1])
+        return v.take_along_dim(self.split_tokens(tube_mask)[1], 1)  # [B, N_mask, t*p*p*3], = v[tube_mask]
 
     # ------------------------------------------------------------------ the four heads and their loss
     def _encode(self, x, key_bias=None):  # the unified encoder with its final LN
@@ -294,12 +301,11 @@ class SimVTPPretraining(SimVTPBase):
         return self.encoder.norm(x)
 
     def pretraining_outputs(self, video, ids, attn, tube_mask, text_select, negatives):
-        """All four heads on one batch. video [B, T, 3, H, W] normalised; ids/attn [B, L]; tube_mask [B, N]
-        (True = hidden); text_select [B, L] (True = replace by mask id); negatives [B]: video for pair i's
-        negative (!= i)."""
-        B, N_vis = video.shape[0], self.num_tokens - self.num_masked * self.num_tokens // self.grid ** 2
+        """All four heads on one batch. video [B, T, 3, H, W] normalised; ids/attn [B, L]; tube_mask [B, N] (True =
+        hidden); text_select [B, L] (True = replace by mask id); negatives [B]: pair i's negative video (!= i)."""
+        B, N_vis, (shown, hidden) = video.shape[0], self.num_visible, self.split_tokens(tube_mask)
         x = self.encoder.patch_embed(video) + self.pos_embed  # [B, N, W], positions before masking
-        vis = x[~tube_mask].view(B, N_vis, -1)  # [B, N_vis, W], token order kept
+        vis = x.take_along_dim(shown, 1)  # [B, N_vis, W], token order kept
         t = self.text_embeddings(ids.masked_fill(text_select, self.mask_id))  # [B, L, W]
         text_bias = (~attn).float() * -10000.0  # BERT's extended attention mask
         # (a)+(d) joint passes [visible video ; masked text]: B positives, then B pairs with swapped videos
@@ -307,15 +313,13 @@ class SimVTPPretraining(SimVTPBase):
                              torch.cat([F.pad(text_bias, (N_vis, 0))] * 2))  # [2B, N_vis + L, W]
         # MVM: decoder sees [visible ; mask tokens] with their positions, predicts only the masked tubes
         y = self.encoder_to_decoder(joint[:B, :N_vis])  # [B, N_vis, Wd]
-        pos = self.decoder_pos_embed.expand(B, -1, -1)
-        y = torch.cat([y + pos[~tube_mask].view(B, N_vis, -1),
-                       self.mask_token + pos[tube_mask].view(B, self.num_tokens - N_vis, -1)], 1)  # [B, N, Wd]
+        pos = self.decoder_pos_embed.expand(B, -1, -1)  # [B, N, Wd]; y becomes [B, N, Wd] too
+        y = torch.cat([y + pos.take_along_dim(shown, 1), self.mask_token + pos.take_along_dim(hidden, 1)], 1)
         for blk in self.decoder.blocks:
             y = clip.checkpointed(self.decoder.blocks, blk, y)
         pixel_pred = self.decoder.head(self.decoder.norm(y[:, N_vis:]))  # [B, N_mask, 3*t*p*p]
-        # MLM: one Linear on the joint encoder's text rows, scored only where a word was masked (CE ignores
-        # the rest; skipping them saves most of the V = 49409-wide head)
-        mlm_logits = self.text_cls(joint[:B, N_vis:][text_select])  # [n_masked_words, V]
+        # MLM: one Linear on the joint encoder's text rows; the loss reads those of the masked words
+        mlm_logits = self.text_cls(joint[:B, N_vis:])  # [B, L, V]
         # VTC: (b) visible video alone, (c) masked text alone, mean pooled
         vtc_video = self._encode(vis).mean(1)
         vtc_text = self._pool(self._encode(t, text_bias), attn)
@@ -328,8 +332,7 @@ class SimVTPPretraining(SimVTPBase):
         """-> dict(loss = mvm + mlm + vtc + vtm, and the four terms). Masks and VTM negatives are drawn here
         unless given (tests, oracle). video_mask is not used in pretraining (deviation 4)."""
         self._check_video(video)
-        ids, attn = self.text_inputs(text)
-        B = video.shape[0]
+        (ids, attn), B = self.text_inputs(text), video.shape[0]
         if B < 2 or ids.shape[0] != B:
             raise ValueError(f"need >= 2 clips (VTC/VTM negatives) and one caption per clip, got {B}, {len(ids)}")
         tube_mask = self.random_tube_mask(B, video.device) if tube_mask is None else tube_mask
@@ -338,12 +341,10 @@ class SimVTPPretraining(SimVTPBase):
             negatives = (torch.arange(B, device=video.device) + torch.randint(1, B, (B,), device=video.device)) % B
         out = self.pretraining_outputs(video, ids, attn, tube_mask, text_select, negatives)
         mvm = F.mse_loss(out["pixel_pred"], self.pixel_targets(video, tube_mask))
-        # mean CE over the masked words; Bernoulli masking can select none in a batch: 0, not NaN
-        logits = out["mlm_logits"]
-        mlm = F.cross_entropy(logits, ids[text_select]) if len(logits) else logits.sum() * 0
+        ce = F.cross_entropy(out["mlm_logits"].flatten(0, 1), ids.flatten(), reduction="none")  # [B*L]
+        mlm = (ce * text_select.flatten()).sum() / text_select.sum().clamp(min=1)  # masked words; none: 0, not NaN
         vtc = self.contrastive_loss(out["vtc_text"], out["vtc_video"])
-        vtm_labels = torch.cat([torch.ones(B), torch.zeros(B)]).long().to(video.device)
-        vtm = F.cross_entropy(out["vtm_logits"], vtm_labels)
+        vtm = F.cross_entropy(out["vtm_logits"], torch.arange(2 * B, device=video.device).lt(B).long())  # 1s, then 0s
         return dict(loss=mvm + mlm + vtc + vtm, mvm=mvm, mlm=mlm, vtc=vtc, vtm=vtm)
 
 
@@ -373,7 +374,7 @@ class SimVTP(SimVTPBase):
         valid = video_mask.view(B, T // self.tubelet_size, self.tubelet_size).any(-1)  # [B, T/t] tubelet has a frame
         valid = valid[:, :, None].expand(-1, -1, self.grid ** 2).reshape(B, self.num_tokens)  # [B, N]
         x = self.video_encoder.patch_embed(video) + self.pos_embed  # [B, N, W]
-        key_bias = (~valid).float() * -10000.0 if not valid.all() else None
+        key_bias = (~valid).float() * -10000.0  # zeros when no frame is padded
         for blk in self.video_encoder.blocks:
             x = clip.checkpointed(self.video_encoder.blocks, blk, x, key_bias)
         x = (x * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp(min=1)  # = mean when no padding
@@ -463,7 +464,7 @@ def visualize(model, video, text, path, scale=4):
     rec[tube] = (out["pixel_pred"].reshape(-1, t * p * p, C) * sd[tube] + mu[tube]).clamp(0, 1)
     rows = [x.reshape(B, T // t, g, g, t, p, p, C).permute(0, 1, 4, 2, 5, 3, 6, 7).reshape(B, T, H, W, C)
             for x in (tok, tok.masked_fill(tube[..., None, None], 0.5), rec)]  # frames, masked input, reconstruction
-    pred = ids.masked_scatter(select, out["mlm_logits"][:, :model.mask_id].argmax(-1))  # never the mask id
+    pred = torch.where(select, out["mlm_logits"][..., :model.mask_id].argmax(-1), ids)  # never the mask id
     dec, blocks = clip._tokenizer().decode, []
     for b in range(B):
         grid = torch.cat([torch.cat(list(r[b]), 1) for r in rows], 0)  # [3H, T*W, C]

@@ -195,8 +195,8 @@ def train_epoch(pos, model, loader, opt, env, args, saver, record):
 
 
 def train(args, method, split, test, env, folder, argv, log):
-    """The optimizer (AdamW over the trainable parameters; DDP reduces their gradients), --resume's state, then
-    the epochs: each one's checkpoint, then its evaluation (which may fail without losing the epoch)."""
+    """AdamW; DDP, then --compile (PyTorch's order); --resume; the epochs, each checkpointed, then
+    evaluated (a failed evaluation keeps the epoch)."""
     train_ds, loader, sampler, steps_per_epoch = data.train_loader(split, args, env.world, env.rank,
                                                                    pin_memory=env.device.type == "cuda")
     opt = torch.optim.AdamW(param_groups(method, args.lr, args.clip_lr, args.weight_decay), betas=args.betas,
@@ -205,6 +205,7 @@ def train(args, method, split, test, env, folder, argv, log):
     model = Forward(method, pretrain)
     model = DDP(model, device_ids=[env.device] if env.device.type == "cuda" else None,
                 gradient_as_bucket_view=True) if env.world > 1 else model
+    model = torch.compile(model) if args.compile else model
     pos = Position()
     if args.resume:
         ck = folder.resumed if folder else checkpoints.read(ckpt, "--resume")

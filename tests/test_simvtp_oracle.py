@@ -69,8 +69,8 @@ def test_pretraining_matches_official(ref):
     with torch.no_grad():
         o = m.pretraining_outputs(video, ids, attn, tube, select, negatives)
     for k, theirs in p["outputs"].items():  # measured <= 7.2e-7 (|output| <= 3.1)
-        if k != "vtm_labels":
-            assert_close32(o[k], theirs, FORWARD, k)
+        if k != "vtm_labels":  # our MLM head scores every text row, theirs the masked words
+            assert_close32(o[k][select] if k == "mlm_logits" else o[k], theirs, FORWARD, k)
     losses = m.pretraining_loss(video, None, x["text"], tube_mask=tube, text_select=select, negatives=negatives)
     for ours, theirs in [("loss", "loss"), ("mvm", "loss_v"), ("mlm", "loss_t"), ("vtc", "loss_vtc"),
                          ("vtm", "loss_vtm")]:  # measured 0, 2.4e-7, 4.8e-7, 0, 1.2e-7 (loss 9.30)
