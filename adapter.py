@@ -242,9 +242,8 @@ class CrossModalAdapter(nn.Module):
             raise ValueError(f"similarity expects text [Nt, E], frames [Nv, T, E], mask [Nv, T]; got "
                              f"{tuple(text_feats.shape)}, {tuple(video_feats.shape)}, {tuple(video_mask.shape)}")
         mask = video_mask.bool()
-        # checked on the CPU, where it is free (on a GPU it stalls every step; an empty row gives NaN logits there,
-        # which stop a run); not inside a compiled graph
-        if mask.device.type == "cpu" and not torch.compiler.is_compiling() and not mask.any(dim=1).all():
+        # checked where it is free (on a GPU an empty row gives NaN logits, which stop a run)
+        if clip.value_checks(mask) and not mask.any(dim=1).all():
             raise ValueError("every video needs at least one valid frame (a row of video_mask is all False)")
         with torch.autocast(text_feats.device.type, enabled=False):  # fp32 scores x100, as the release
             t, f, scale = text_feats.float(), video_feats.float(), self.logit_scale.exp()

@@ -133,6 +133,12 @@ def checkpointed(blocks, fn, *args):
     return fn(*args)
 
 
+def value_checks(t):
+    """Whether to check the values of `t` in a forward (an assertion on a mask or ids): where that is free, on the
+    CPU outside a compiled graph. On a GPU reading a value back stalls the step; torch.compile breaks the graph."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def set_grad_checkpointing(model, on=True):
     """train.py --grad_checkpointing: every block loop in `model` (clip.py's and the methods') checkpoints."""
     for m in model.modules():

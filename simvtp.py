@@ -212,8 +212,7 @@ class SimVTPBase(nn.Module):
             raise ValueError(f"text must be integer token ids [B, L], got {text.dtype} {tuple(text.shape)}")
         long = text.shape[1] > self.context_length  # more slots than positions: trim to the longest (a sync)
         ids = (text[:, :int(text.argmax(-1).max()) + 1] if long else text).long()
-        free = ids.device.type == "cpu" and not torch.compiler.is_compiling()  # a value check stalls a GPU
-        if ids.shape[1] > self.context_length or free and int(ids.max()) >= self.mask_id:
+        if ids.shape[1] > self.context_length or clip.value_checks(ids) and int(ids.max()) >= self.mask_id:
             raise ValueError(f"captions must have <= {self.context_length} tokens and ids < {self.mask_id}")
         return ids, torch.arange(ids.shape[1], device=ids.device) <= ids.argmax(-1)[:, None]  # EOT: the largest id
 
