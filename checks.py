@@ -134,8 +134,8 @@ def check_method(args, given, method, log):
 # What autograd keeps per clip (and its caption), MiB, without and with --grad_checkpointing: ViT-B/32 (SimVTP: its
 # ViT-B/16), 224 px, the recipe's frames (12; SimVTP 16) and words, bf16 autocast, random weights; `python bench.py
 # memory` on a CPU, 2026-12-06 (docs/speed.md). fp32 keeps at most twice as much.
-ACTIVATION_MIB = {"full": (240.8, 11.4), "ump": (311.0, 12.9), "dgl": (227.2, 12.4), "adapter": (192.3, 11.4),
-                  "unipt": (41.2, 41.2), "simvtp": (514.5, 61.3), "simvtp-pretrain": (303.3, 61.2)}
+ACTIVATION_MIB = {"full": (240.8, 11.4), "ump": (311.0, 12.9), "dgl": (227.3, 12.4), "adapter": (192.3, 11.4),
+                  "unipt": (41.2, 41.2), "simvtp": (526.8, 62.9), "simvtp-pretrain": (355.8, 81.6)}
 MEASURED_AT = 12 * 50 * 768 * 12  # frames x tokens per frame x width x layers of ViT-B/32's image tower
 SIMVTP_TOKENS = 1568  # SimVTP's video tokens per clip as measured: 16 frames in 2-frame tubelets of 14 x 14 patches
 
