@@ -122,7 +122,9 @@ def check_method(args, given, method, log):
                             ("clip", not method.uses_clip, "it has its own encoders"),
                             ("cache_dir", not method.uses_clip or not synthetic.uses_tiny_clip(args.clip, args.data),
                              "it holds the tiny CLIP of the synthetic default only"),
-                            ("dsl", args.stage == "pretrain", "pretraining has no evaluation")):
+                            ("dsl", args.stage == "pretrain", "pretraining has no evaluation"),
+                            ("grad_checkpointing", not trains or args.method == "unipt",
+                             "no backward runs through its blocks (UniPT's CLIP runs without autograd)")):
         if flag in given and idle:
             stage = " --stage pretrain" * (args.stage == "pretrain")
             log(f"WARNING: --{flag} has no effect for --method {args.method}{stage}: {why}")

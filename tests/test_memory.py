@@ -11,6 +11,7 @@ import clip
 import dgl
 import meanp
 import train
+from fault_runs import flags
 from messages import assert_tells
 from train import Env
 
@@ -86,3 +87,10 @@ def test_train_py_checkpoints_every_block_with_the_flag(setup, tmp_path, monkeyp
                 "--max_words", "16", "--max_steps", "1", "--grad_checkpointing"])
     assert len(calls) == 4  # 2 blocks per tower of the tiny CLIP, one training step
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["args"]["grad_checkpointing"] is True
+
+
+def test_grad_checkpointing_says_when_it_does_nothing(setup, tmp_path, capsys):
+    train.main(flags(setup, tmp_path / "u", "--grad_checkpointing", "--max_steps", "1", method="unipt"))
+    assert_tells(capsys.readouterr().out, "WARNING: --grad_checkpointing has no effect for --method unipt", "autograd")
+    train.main(flags(setup, tmp_path / "m", "--grad_checkpointing", "--max_steps", "1", method="ump"))
+    assert "--grad_checkpointing has no effect" not in capsys.readouterr().out
