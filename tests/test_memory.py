@@ -11,7 +11,7 @@ import clip
 import dgl
 import meanp
 import train
-from fault_runs import flags
+import fault_runs
 from messages import assert_tells
 from train import Env
 
@@ -90,7 +90,7 @@ def test_train_py_checkpoints_every_block_with_the_flag(setup, tmp_path, monkeyp
 
 
 def test_grad_checkpointing_says_when_it_does_nothing(setup, tmp_path, capsys):
-    train.main(flags(setup, tmp_path / "u", "--grad_checkpointing", "--max_steps", "1", method="unipt"))
+    train.main(fault_runs.flags(setup, tmp_path / "u", "--grad_checkpointing", "--max_steps", "1", method="unipt"))
     assert_tells(capsys.readouterr().out, "WARNING: --grad_checkpointing has no effect for --method unipt", "autograd")
-    train.main(flags(setup, tmp_path / "m", "--grad_checkpointing", "--max_steps", "1", method="ump"))
+    train.main(fault_runs.flags(setup, tmp_path / "m", "--grad_checkpointing", "--max_steps", "1", method="ump"))
     assert "--grad_checkpointing has no effect" not in capsys.readouterr().out
