@@ -64,6 +64,14 @@ class QuickGELU(nn.Module):
 BF16_FLASH_CPU = "AVX512" in torch.backends.cpu.get_cpu_capability()
 
 
+def sdpa(q, k, v, **kwargs):
+    """F.scaled_dot_product_attention, bf16 on a CPU without AVX-512 through the math kernel (above); the method
+    files' own attention calls go through here too."""
+    slow = q.dtype == torch.bfloat16 and q.device.type == "cpu" and not BF16_FLASH_CPU
+    with sdpa_kernel(SDPBackend.MATH) if slow else nullcontext():
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
 class MultiheadAttention(nn.Module):
     """nn.MultiheadAttention's packed parameters (in_proj_weight [3W, W], out_proj), batch-first, SDPA.
 
@@ -88,9 +96,7 @@ class MultiheadAttention(nn.Module):
                 mask = mask.to(q.dtype)  # SDPA wants an additive mask in the query's dtype
             if mask.dim() == 3:
                 mask = mask.unsqueeze(1)  # [B, 1, N, N]: one mask shared by the heads
-        with sdpa_kernel(SDPBackend.MATH) if q.dtype == torch.bfloat16 and q.device.type == "cpu" and not BF16_FLASH_CPU \
-                else nullcontext():
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
+        y = sdpa(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
         y = y.transpose(1, 2).reshape(B, N, W)  # [B, N, W]
         return self.out_proj(y)
 

@@ -183,15 +183,14 @@ def global_local_attention(attn, h, n_g, T, keep=None):
     S, H = (N - n_g) // T, attn.heads
     qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias)  # [B, N, 3W]
     q, k, v = qkv.unflatten(-1, (3, H, W // H)).unbind(2)  # [B, N, H, d] each
-    g = F.scaled_dot_product_attention(q[:, :n_g].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                       attn_mask=keep)  # [B, H, n_g, d]
+    g = clip.sdpa(q[:, :n_g].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=keep)  # [B, H, n_g, d]
 
     def with_globals(t):  # [B, N, H, d] -> [B*T, H, n_g + S, d]: each frame's keys are [G; its own tokens]
         frames = t[:, n_g:].unflatten(1, (T, S))  # [B, T, S, H, d]
         return torch.cat([t[:, None, :n_g].expand(-1, T, -1, -1, -1), frames], dim=2).flatten(0, 1).transpose(1, 2)
 
-    f = F.scaled_dot_product_attention(q[:, n_g:].unflatten(1, (T, S)).flatten(0, 1).transpose(1, 2),
-                                       with_globals(k), with_globals(v))  # [B*T, H, S, d]
+    f = clip.sdpa(q[:, n_g:].unflatten(1, (T, S)).flatten(0, 1).transpose(1, 2),
+                  with_globals(k), with_globals(v))  # [B*T, H, S, d]
     y = torch.cat([g.transpose(1, 2).reshape(B, n_g, W), f.transpose(1, 2).reshape(B, T * S, W)], dim=1)
     return attn.out_proj(y)  # [B, N, W]
 

@@ -113,7 +113,7 @@ class Attention(nn.Module):
         qkv = F.linear(x, self.qkv.weight, bias).view(B, N, 3, self.heads, C // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [B, h, N, C/h]
         mask = None if key_bias is None else key_bias[:, None, None, :].to(q.dtype)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # scale (C/h)^-0.5
+        x = clip.sdpa(q, k, v, attn_mask=mask)  # scale (C/h)^-0.5
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 

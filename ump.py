@@ -126,7 +126,7 @@ def encoder_layer_last_rows(G, x, pad, k):
     q = heads(F.linear(x[:, -k:], w_q, b_q))  # [N, h, k, D/h]
     key, value = map(heads, F.linear(x, w_kv, b_kv).chunk(2, dim=-1))  # [N, h, n, D/h] each
     mask = None if pad is None else ~pad[:, None, None, :]  # [N, 1, 1, n], True = attend
-    a = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, dropout_p=attn.dropout if G.training else 0.0)
+    a = clip.sdpa(q, key, value, attn_mask=mask, dropout_p=attn.dropout if G.training else 0.0)
     y = G.norm1(x[:, -k:] + G.dropout1(attn.out_proj(a.transpose(1, 2).flatten(2))))  # [N, k, D]
     return G.norm2(y + G.dropout2(G.linear2(G.dropout(G.activation(G.linear1(y))))))  # [N, k, D]
 
