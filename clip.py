@@ -58,15 +58,12 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
-# PyTorch's fused CPU attention in bf16 packs operands with AVX-512 instructions and raises ("pack_vnni2 is only
-# supported when avx512 is supported") on a CPU without them (or under ATEN_CPU_CAPABILITY=avx2/default): there,
-# bf16 attention takes the math kernel, which computes the same function.
 BF16_FLASH_CPU = "AVX512" in torch.backends.cpu.get_cpu_capability()
 
 
 def sdpa(q, k, v, **kwargs):
-    """F.scaled_dot_product_attention, bf16 on a CPU without AVX-512 through the math kernel (above); the method
-    files' own attention calls go through here too."""
+    """F.scaled_dot_product_attention (the methods' calls too); bf16 on a CPU without AVX-512 (or at ATEN_CPU_
+    CAPABILITY=avx2/default), where the fused kernel raises "pack_vnni2", takes the math kernel: the same function."""
     slow = q.dtype == torch.bfloat16 and q.device.type == "cpu" and not BF16_FLASH_CPU
     with sdpa_kernel(SDPBackend.MATH) if slow else nullcontext():
         return F.scaled_dot_product_attention(q, k, v, **kwargs)
@@ -129,20 +126,17 @@ class ResidualAttentionBlock(nn.Module):
 
 
 def checkpointed(blocks, fn, *args):
-    """fn(*args), one residual block of the loop over `blocks`. Under set_grad_checkpointing(model) while
-    `blocks` trains and autograd records, activation checkpointing: only fn's inputs are kept, and backward runs
-    fn again (one block's activations alive at a time) with the RNG state restored, so dropout draws the same
-    masks and the result and gradients equal the plain call (tests/test_checkpointing.py). Pass what changes
-    from block to block as arguments: a closure over the loop variable would rerun the last block."""
+    """fn(*args), one residual block of the loop over `blocks`; under set_grad_checkpointing while training, only
+    fn's inputs are kept and backward reruns fn with the RNG state restored: same dropout, same results
+    (tests/test_checkpointing.py). Pass what changes per block as arguments (a closure would rerun the last)."""
     if getattr(blocks, "grad_checkpointing", False) and blocks.training and torch.is_grad_enabled():
         return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True)
     return fn(*args)
 
 
 def value_checks(t):
-    """Whether to check the values of `t` in a forward (an assertion on a mask or ids): where that is free, on the
-    CPU outside a compiled graph. On a GPU reading a value back stalls the step; torch.compile breaks the graph."""
-    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+    """Whether a forward may assert on the values of `t`: on the CPU outside a compiled graph, where it is free."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()  # a GPU would stall, a graph break
 
 
 def set_grad_checkpointing(model, on=True):
@@ -289,8 +283,7 @@ def causal_mask(length, device=None):
 
 class ModelFileError(RuntimeError):
     """A CLIP model file that cannot be used (missing, not downloadable, wrong SHA256, cut off, not a CLIP
-    checkpoint); the message names the file, what it should be and how to fix it. train.py prints it as one
-    `error:` line."""
+    checkpoint); the message names the file, what it should be and the fix (train.py: one `error:` line)."""
 
 
 CLIP_FILE = "a CLIP checkpoint: an OpenAI .pt (TorchScript archive) or a state dict of clip.CLIP"
@@ -344,9 +337,8 @@ def sha256_of(path):
 
 
 def _download(name, root):
-    """The verified file of model `name` in root: the cached one if its SHA256 matches, else a fresh download.
-    A cached file that does not match is replaced only by a verified download (temporary file, SHA256, rename):
-    when the download fails it stays where it is, and the error says so."""
+    """The verified file of model `name` in root: the cached one if its SHA256 matches, else a fresh download
+    (temporary file, SHA256, rename); a failed download leaves a mismatching cached file in place, and says so."""
     file, sha = _MODELS[name]
     target, url = os.path.join(root, file), _URL.format(sha=sha, file=file)
     stale = None  # the SHA256 of a cached file that does not match
@@ -466,8 +458,7 @@ def resize_crop(frames, size=224):
     if x.shape[-1] == 3 and x.shape[1] != 3:
         x = x.permute(0, 3, 1, 2)  # [N, 3, H, W]
     H, W = x.shape[-2:]
-    short, long = min(H, W), max(H, W)
-    new_long = int(size * long / short)  # PIL's truncation
+    new_long = int(size * max(H, W) / min(H, W))  # PIL's truncation
     h, w = (size, new_long) if H <= W else (new_long, size)
     if (h, w) != (H, W):
         x = F.interpolate(x.float(), size=(h, w), mode="bicubic", antialias=True, align_corners=False)
@@ -598,8 +589,7 @@ def tokenize(texts, context_length=77, truncate=False):
         if len(ids) > context_length:
             if not truncate:
                 raise RuntimeError(f"input {text!r} is too long for context length {context_length}")
-            ids = ids[:context_length]
-            ids[-1] = EOT
+            ids = ids[:context_length - 1] + [EOT]
         result[i, :len(ids)] = torch.tensor(ids, dtype=torch.int32)
     return result
 
