@@ -34,7 +34,7 @@ from checks import RunError
 # What --resume may change: how long, how often, where, how fast. Every other flag must equal the checkpoint's.
 RESUME_MAY_CHANGE = ("epochs", "max_steps", "save_every", "log_every", "num_workers", "batch_size_val", "device",
                      "precision", "dist_timeout", "dsl", "output_dir", "data_path", "video_path", "frame_cache",
-                     "cache_dir", "resume", "grad_checkpointing")
+                     "cache_dir", "resume", "grad_checkpointing", "compile")
 
 
 class Folder:
