@@ -58,10 +58,10 @@ def load_trainable(method, ck, path):
 def restore(ck, path, method, opt, scaler):
     """--resume: the checkpoint into the method, the optimizer and the scaler -> the loop's position (a dict)."""
     load_trainable(method, ck, path)
-    kernels = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in opt.param_groups]
-    opt.load_state_dict(ck["optimizer"])
-    for g, own in zip(opt.param_groups, kernels):  # this run's kernels (fused AdamW in fp16), not the saved run's
-        g.update(own)
+    saved = ck["optimizer"]  # with this run's kernels (fused AdamW in fp16): they also decide where torch puts
+    groups = [{**g, **{k: own[k] for k in ("fused", "foreach") if k in own}}  # each step count (a fused step's on
+              for g, own in zip(saved["param_groups"], opt.param_groups)]  # the device, else on the host)
+    opt.load_state_dict({**saved, "param_groups": groups})
     if scaler.is_enabled() and ck["scaler"]:  # fp16 on: its scale goes on; a run saved in fp32/bf16 starts a new one
         scaler.load_state_dict(ck["scaler"])
     return {k: ck[k] for k in ("step", "epoch", "batch", "window", "last", "skipped") if k in ck}

@@ -321,11 +321,11 @@ def check_frame_cache(cache_dir, videos, size, frames):
     manifest, files, stale = cache_files(cache_dir, videos)
     if stale:
         raise DataError(f"{len(stale)} of {len(videos)} videos, e.g. {stale[0]}, {stale_problem(cache_dir, manifest)}")
-    if manifest["size"] < size:
+    if size and manifest["size"] < size:  # size None: not known yet (a --clip file), checked once it is
         raise DataError(f"frame cache {cache_dir} holds {manifest['size']} px frames, this run uses {size} px: "
                         f"they would be upscaled. Build one at this size (python frame_cache.py --cache NEW_DIR "
                         f"--size {size} ...) or pass --size {manifest['size']}")
-    if manifest["size"] > size:
+    if size and manifest["size"] > size:
         _warn(f"frame cache {cache_dir} holds {manifest['size']} px frames, this run uses {size} px: "
               f"every load resizes them (slower); a cache made with --size {size} is read as is")
     counts = {os.path.join(cache_dir, c["file"]): c["frames"] for c in manifest["clips"].values()}

@@ -27,3 +27,9 @@ def atomic_write(path, write, suffix=""):
         pass
     finally:
         os.close(fd)
+
+
+def write_bytes(path, data):
+    """A plain write whose every error is raised (closing the file flushes it: a full disk shows there)."""
+    with open(path, "wb") as f:
+        f.write(data)

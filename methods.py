@@ -50,6 +50,12 @@ def construct(cls, clip_model, args):
         raise checks.RunError(f"--method {args.method}: {e}") from None
 
 
+def frame_size(args, probe):
+    """The run's frame size before CLIP loads: --size, else the probe's image tower's (None: known once loaded)."""
+    towers = probe.modules() if probe is not None else ()
+    return args.size or next((m.input_resolution for m in towers if isinstance(m, clip.VisionTransformer)), None)
+
+
 def probe(args, cls, given, log, tiny=None):
     """Every check of the method and the flags before anything slow, on the method built over a meta-device
     stand-in of its CLIP towers (checks.clip_stand_in) -> that method, or None when it cannot be built so (--clip

@@ -107,7 +107,7 @@ def video_features(method, split, args, device, amp, log=print):
             for old in glob.glob(glob.escape(prefix) + "-*.pt"):  # made before the checkpoint changed: never hit again
                 if not old.startswith(f"{prefix}-{model_key}-"):
                     os.remove(old)
-            files.atomic_write(path, lambda tmp: open(tmp, "wb").write(cache.getbuffer()))
+            files.atomic_write(path, lambda tmp: files.write_bytes(tmp, cache.getbuffer()))
         except OSError as e:  # a read-only mount or a full disk beside the checkpoint
             print(f"WARNING: the video features were not cached ({path}: {e.strerror or e}); the next query encodes "
                   f"the {len(split.videos)} videos again", file=sys.stderr, flush=True)

@@ -317,7 +317,8 @@ def main(argv=None):
         if test:
             data_checks.check_videos(test, args.frame_cache)  # 1 ms each: a bad one would fail every evaluation
         if train_split and args.frame_cache:  # a stale or foreign cache: refused before the folder and CLIP
-            data_checks.check_frame_cache(args.frame_cache, train_split.videos, args.size or 0, args.frames)
+            data_checks.check_frame_cache(args.frame_cache, train_split.videos, methods.frame_size(args, probe),
+                                          args.frames)
         data_id = checkpoints.data_identity(train_split, test)
         if folder:  # the data are found: the folder is the run's
             folder.claim(args.overwrite, data_id, log)

@@ -11,6 +11,7 @@ import pytest
 import data
 import data_checks
 import frame_cache
+import train
 from fault_runs import error, flags
 from messages import assert_tells, one_error
 
@@ -105,3 +106,15 @@ def test_a_changed_training_video_stops_training_before_its_folder_is_made(setup
         os.utime(changed, ns=(st.st_atime_ns, st.st_mtime_ns))  # the session's set, as it was
     assert_tells(line, changed, "changed", str(cache))
     assert not out.exists()  # refused before the run folder (and any CLIP) was made
+
+
+def test_a_cache_of_smaller_frames_is_refused_without_a_false_warning(setup, tmp_path, capsys):
+    cache, out = tmp_path / "cache", tmp_path / "run"
+    splits = [data.read_split("synthetic", s, str(setup / "synthetic")) for s in ("train", "test")]
+    videos = sorted({v for s in splits for v in s.videos})
+    frame_cache.build_frame_cache(videos, str(cache), size=16, fps=0, workers=0)
+    with pytest.raises(SystemExit):  # no --size: the CLIP file's 32 px, known once it is loaded
+        train.main(flags(setup, out, "--frame_cache", str(cache)))
+    err = capsys.readouterr().err  # refused once the file is loaded; it said "this run uses 0 px" before
+    assert_tells(one_error(err), "16 px", "32 px")
+    assert "WARNING" not in err and not (out / "checkpoint.pt").exists()
