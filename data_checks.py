@@ -209,7 +209,6 @@ def check_unique(ids, lines, path, origin):
                        "twice and shifts the metrics; delete the repeated lines", origin)
 
 
-
 # ----------------------------------------------------------------------------------------------------
 # The frame cache as a run reads it: its layout, its manifest, whether it fits the run. An entry's file name
 # holds a key of its video's identity (real path, size, modification time) and of the settings its frames were
@@ -405,11 +404,8 @@ def find_unreadable(videos, frame_cache=None, workers=0):
 def write_video_list(path, bad):
     """The list of bad videos, one `path<TAB>what is wrong` a line, written atomically."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(f"{v}\t{why}\n" for v, why in bad)
-    files.atomic_write(path, write)
+    text = "".join(f"{v}\t{why}\n" for v, why in bad)
+    files.atomic_write(path, lambda tmp: files.write_bytes(tmp, text.encode()))
 
 
 def check_videos(split, frame_cache=None, workers=0, report=None, show=5):

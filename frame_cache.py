@@ -60,10 +60,8 @@ def _worker_init():
 
 
 def _write_manifest(cache_dir, settings, clips, building):
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(dict(settings, building=building, clips=clips), f)
-    files.atomic_write(os.path.join(cache_dir, MANIFEST), write)
+    text = json.dumps(dict(settings, building=building, clips=clips))
+    files.atomic_write(os.path.join(cache_dir, MANIFEST), lambda tmp: files.write_bytes(tmp, text.encode()))
 
 
 def _remove_dead_temporaries(cache_dir):

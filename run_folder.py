@@ -125,7 +125,8 @@ class Folder:
         """-> (record(**row), whether `step` has its eval row). A new run starts log.jsonl; --resume keeps the
         rows up to the checkpoint's step (the rest is redone, exactly) and adds a `resume` row."""
         rows = [r for r in self.rows if r.get("step", 0) <= step]
-        files.atomic_write(self.log_path, lambda tmp: write_text(tmp, "".join(json.dumps(r) + "\n" for r in rows)))
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+        files.atomic_write(self.log_path, lambda tmp: files.write_bytes(tmp, text.encode()))
         self.log = open(self.log_path, "a")
         resumed = dict(changed=self.changed, dropped_rows=self.lines - len(rows)) if self.resumed else {}
         self.record(event="resume" if self.resumed else "start", step=step, time=time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -231,7 +232,7 @@ def write_eval(path, args, metrics):
     record = dict(event="eval", **rounded(metrics), args={k: v for k, v in vars(args).items() if k != "kwargs"})
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        files.atomic_write(path, lambda tmp: write_text(tmp, json.dumps(record, indent=1)))
+        files.atomic_write(path, lambda tmp: files.write_bytes(tmp, json.dumps(record, indent=1).encode()))
     except OSError as e:
         print(f"WARNING: could not write the record {path} ({e}); the metrics printed above are the evaluation's",
               file=sys.stderr, flush=True)
@@ -251,11 +252,6 @@ def summary(args, train_ds, metrics, evaluated):
     if args.stage == "pretrain":
         lines.append(f"{args.method} pretraining checkpoint: {ckpt}; fine-tune from it with --init {ckpt}")
     return "\n".join(lines + [f"run folder {args.output_dir}: checkpoint {ckpt}, log {log_path}"])
-
-
-def write_text(path, text):
-    with open(path, "w") as f:
-        f.write(text)
 
 
 def alive(pid):
